@@ -1,0 +1,1 @@
+"""charlm: reproducible character-level RNN language models on DVC."""

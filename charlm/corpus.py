@@ -1,0 +1,99 @@
+"""Reading raw corpora into items (one string each) and repairing AG News escape debris.
+
+Prepared corpora are UTF-8 text files with one item per line, so later stages read them with one
+`read_text` and never re-parse CSV. Items therefore never contain a newline.
+"""
+from __future__ import annotations
+
+import csv
+import html
+import io
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from charlm.errors import CharlmError
+
+AG_NEWS_COLUMNS = ("label", "title", "description")
+
+# AG News lost the '&' of HTML entities, usually to a space: "Europe #39;s", "said  quot;no quot;".
+# An entity is only repaired when it follows a space, an '&' or the start, so "#1;" in prose stays.
+_ENTITY = re.compile(r"(?:^|[ &])(#\d{2,4}|#x[0-9a-fA-F]{2,4}|quot|amp|lt|gt|apos|nbsp);")
+_FULL_ENTITY = re.compile(r"&(#\d{2,4}|#x[0-9a-fA-F]{2,4}|[a-zA-Z]{2,8});")
+# Only real HTML markup is dropped; Reuters tickers such as <TXN.N> are content and stay.
+_TAG = re.compile(r"</?(?:a|b|i|p|br|em|strong|font|span|div|img|u)\b[^<>]*>", re.IGNORECASE)
+_SPACE = re.compile(r"\s+")
+
+
+def clean(text: str) -> str:
+    """Repair AG News debris and normalise whitespace. Text without debris only has its spacing normalised."""
+    text = text.replace("\\$", "$")            # an escaped dollar sign: "\$1 billion"
+    text = text.replace("\\", " ")              # the CSV's newline escape: "second\team"
+    text = _ENTITY.sub(_unescape, text)
+    text = _FULL_ENTITY.sub(_unescape, text)
+    text = _TAG.sub(" ", text)
+    return _SPACE.sub(" ", text).strip()
+
+
+def _unescape(match: re.Match) -> str:
+    out = html.unescape(f"&{match.group(1)};")
+    # Leave anything that does not decode to one printable character, e.g. "#10;" in prose.
+    return out if len(out) == 1 and out.isprintable() else match.group(0)
+
+
+def flatten(text: str) -> str:
+    """Keep an item on one line without changing anything else."""
+    return text.replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
+
+
+def decode(raw: bytes, path: Path) -> str:
+    if not raw.strip():
+        raise CharlmError(f"{path}: the file is empty; check the download URL or the input file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise CharlmError(f"{path}: line {line}: bytes {raw[e.start:e.start + 4]!r} are not UTF-8; "
+                          f"convert the file to UTF-8") from None
+    if "\x00" in text:
+        line = text[: text.index("\x00")].count("\n") + 1
+        raise CharlmError(f"{path}: line {line}: NUL byte, this is not a text file; check the input file")
+    return text.removeprefix("\ufeff")
+
+
+def read_ag_news(path: Path, fields: list[str], clean_text: bool, separator: str) -> list[str]:
+    """Parse an AG News CSV (no header; label, title, description) into items, checking every row."""
+    text = decode(Path(path).read_bytes(), path)
+    try:
+        # Every field is read as a string: a title such as "NaN" or "1" must stay text.
+        df = pd.read_csv(io.StringIO(text), header=None, dtype=str, keep_default_na=False,
+                         quoting=csv.QUOTE_MINIMAL, engine="c", skip_blank_lines=True)
+    except pd.errors.ParserError as e:
+        raise CharlmError(f"{path}: malformed CSV ({_first_line(e)}); each row must be "
+                          f'"label","title","description"') from None
+    except pd.errors.EmptyDataError:
+        raise CharlmError(f"{path}: the file has no rows; check the download URL or the input file") from None
+    if df.shape[1] != 3:
+        raise CharlmError(f"{path}: row 1 has {df.shape[1]} columns, expected 3 (label, title, description); "
+                          f"is this an AG News CSV? For plain text use prepare.format: lines")
+    df.columns = AG_NEWS_COLUMNS
+    bad = ~df["label"].isin(["1", "2", "3", "4"])
+    if bad.any():
+        row = int(bad.to_numpy().argmax())
+        raise CharlmError(f"{path}: row {row + 1}: label {df['label'].iat[row]!r} is outside 1..4; "
+                          f"is this an AG News CSV? For plain text use prepare.format: lines")
+    columns = [df[f].tolist() for f in fields]
+    fix = clean if clean_text else flatten
+    return [fix(separator.join(parts)) for parts in zip(*columns)]
+
+
+def read_lines(path: Path, clean_text: bool) -> list[str]:
+    """Plain UTF-8 text, one item per line (a char-rnn style input.txt)."""
+    text = decode(Path(path).read_bytes(), path)
+    lines = text.splitlines()
+    return [_SPACE.sub(" ", line).strip() for line in lines] if clean_text else lines
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__

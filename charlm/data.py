@@ -1,0 +1,134 @@
+"""Packed token streams and the minibatch iterator that train reads them with.
+
+A split is one contiguous stream: `<eos> item1 <eos> item2 <eos> ... itemN <eos>`. Every item is thus
+preceded by `<eos>`, the same context the evaluation protocol gives the first character of an item.
+
+Training windows are `seq_len + 1` tokens starting at multiples of `seq_len`; a window is only ever an
+offset, never a copy. Each epoch visits every window once in an order drawn from `(seed, epoch)`, cut into
+equal-size minibatches (the last partial batch of an epoch is dropped). Memory is O(stream), and one
+minibatch is gathered at a time.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from charlm.errors import CharlmError
+from charlm.io import read_json, read_npy
+from charlm.vocab import Vocab
+
+FORMAT = "charlm-packed/1"
+SPLITS = ("train", "val", "test")
+_CHUNK = 1 << 20  # characters encoded at a time, so temporaries stay small next to the corpus
+
+
+def encode_items(vocab: Vocab, text: str) -> np.ndarray:
+    """Encode newline-separated items into one stream that starts and ends with <eos>."""
+    body = text if text.endswith("\n") else text + "\n"
+    out = np.empty(len(body) + 1, dtype=vocab.dtype)
+    out[:1] = vocab.encode("\n")
+    for i in range(0, len(body), _CHUNK):
+        chunk = body[i:i + _CHUNK]
+        out[1 + i:1 + i + len(chunk)] = vocab.encode(chunk)
+    return out
+
+
+def split_items(items: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Carve a validation split out by item: a seeded, exact-size random subset; order is kept in both."""
+    n_val = int(round(len(items) * val_fraction))
+    if val_fraction > 0 and n_val == 0 and len(items) > 1:
+        n_val = 1
+    is_val = np.zeros(len(items), dtype=bool)
+    is_val[np.random.default_rng(seed).permutation(len(items))[:n_val]] = True
+    train = [s for s, v in zip(items, is_val) if not v]
+    val = [s for s, v in zip(items, is_val) if v]
+    return train, val
+
+
+def sha256(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).view(np.uint8)).hexdigest()
+
+
+def n_windows(stream_len: int, seq_len: int) -> int:
+    return max(stream_len - 1, 0) // seq_len
+
+
+class Batches:
+    """Equal-size `(inputs, targets)` minibatches of shuffled windows, addressed by `(epoch, index)`.
+
+    With `world > 1` each rank takes a disjoint slice of every global batch, so the union of the ranks'
+    batches equals the single-process batch of size `batch_size * world`.
+    """
+
+    def __init__(self, stream: np.ndarray, seq_len: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        self.stream, self.seq_len, self.batch_size = stream, seq_len, batch_size
+        self.seed, self.rank, self.world = seed, rank, world
+        self.n_windows = n_windows(len(stream), seq_len)
+        self.per_epoch = self.n_windows // (batch_size * world)
+        if self.per_epoch == 0:
+            raise CharlmError(
+                f"the training stream has {self.n_windows} windows of pack.seq_len={seq_len}, fewer than one "
+                f"batch of train.batch_size={batch_size}" + (f" x {world} processes" if world > 1 else "")
+                + "; lower train.batch_size or pack.seq_len, or use a larger corpus")
+        self._offsets = np.arange(seq_len + 1)
+        self._order_epoch, self._order = -1, None
+
+    def order(self, epoch: int) -> np.ndarray:
+        if epoch != self._order_epoch:
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
+            self._order_epoch = epoch
+        return self._order
+
+    def starts(self, epoch: int, index: int) -> np.ndarray:
+        """Start offsets of this rank's windows in batch `index` of `epoch`."""
+        if not 0 <= index < self.per_epoch:
+            raise IndexError(index)
+        b, g = self.batch_size, self.batch_size * self.world
+        return self.order(epoch)[index * g + self.rank * b:index * g + (self.rank + 1) * b] * self.seq_len
+
+    def batch(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+        windows = self.stream[self.starts(epoch, index)[:, None] + self._offsets].astype(np.int64)
+        return windows[:, :-1], windows[:, 1:]
+
+
+def eval_windows(stream: np.ndarray, seq_len: int, batch_size: int):
+    """All windows of a stream in order, in batches (the last may be smaller): for validation loss."""
+    starts = np.arange(n_windows(len(stream), seq_len)) * seq_len
+    offsets = np.arange(seq_len + 1)
+    for i in range(0, len(starts), batch_size):
+        windows = stream[starts[i:i + batch_size, None] + offsets].astype(np.int64)
+        yield windows[:, :-1], windows[:, 1:]
+
+
+@dataclass
+class Packed:
+    meta: dict
+    streams: dict[str, np.ndarray]
+
+
+def load_packed(directory: str | Path = "data/packed") -> Packed:
+    directory = Path(directory)
+    fix = "rerun `dvc repro pack`"
+    meta = read_json(directory / "meta.json", "packed-data metadata", fix)
+    if meta.get("format") != FORMAT:
+        raise CharlmError(f"{directory / 'meta.json'}: unknown format {meta.get('format')!r}; {fix}")
+    streams = {}
+    for split in SPLITS:
+        path = directory / f"{split}.npy"
+        stream = read_npy(path, fix)
+        expected = meta["splits"][split]["tokens"]
+        if stream.ndim != 1 or len(stream) != expected:
+            raise CharlmError(f"{path}: holds {stream.shape} tokens, meta.json says {expected}; {fix}")
+        streams[split] = stream
+    return Packed(meta, streams)
+
+
+def item_bounds(stream: np.ndarray, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(start, length) of every item in a stream, excluding the <eos> around it."""
+    eos = np.flatnonzero(stream == eos_id)
+    starts, lengths = eos[:-1] + 1, np.diff(eos) - 1
+    keep = lengths > 0
+    return starts[keep], lengths[keep]

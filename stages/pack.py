@@ -1,0 +1,51 @@
+"""pack: encode each split into one token stream and record the window layout.
+
+Reads `pack` from params.yaml. Writes data/packed/{train,val,test}.npy (one stream each, smallest integer
+dtype) and data/packed/meta.json (written last: its presence means the directory is complete).
+The validation split is carved out of train by item with `pack.seed`; the same seed orders training windows
+(see charlm/data.py).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from charlm import params
+from charlm.data import FORMAT, encode_items, n_windows, sha256, split_items
+from charlm.errors import CharlmError, run_main
+from charlm.io import write_json, write_npy
+from charlm.vocab import Vocab
+
+PREPARED, OUT = Path("data/prepared"), Path("data/packed")
+
+
+def main() -> None:
+    p = params.load(params.PackParams)
+    vocab = Vocab.load("data/vocab.json")
+    items = (PREPARED / "train.txt").read_text(encoding="utf-8").splitlines()
+    train, val = split_items(items, p.val_fraction, p.seed)
+    del items
+    texts = {"train": train, "val": val, "test": (PREPARED / "test.txt").read_text(encoding="utf-8").splitlines()}
+    streams, splits = {}, {}
+    for split, lines in texts.items():
+        streams[split] = stream = encode_items(vocab, "\n".join(lines))
+        texts[split] = None  # free the text before encoding the next split
+        splits[split] = {"items": len(lines), "tokens": int(len(stream)),
+                         "windows": n_windows(len(stream), p.seq_len), "sha256": sha256(stream)}
+    # Check everything before writing anything, so a failed pack leaves no partial output.
+    if splits["train"]["windows"] == 0:
+        raise CharlmError(f"the train split has {splits['train']['tokens']} tokens, too few for one window of "
+                          f"pack.seq_len={p.seq_len}; lower pack.seq_len or use a larger corpus")
+    if p.val_fraction > 0 and splits["val"]["windows"] == 0:
+        raise CharlmError(f"the validation split ({splits['val']['tokens']} tokens) is shorter than one window "
+                          f"of pack.seq_len={p.seq_len}; raise pack.val_fraction or lower pack.seq_len")
+    for split, stream in streams.items():
+        write_npy(OUT / f"{split}.npy", stream)
+    meta = {"format": FORMAT, "seq_len": p.seq_len, "seed": p.seed, "val_fraction": p.val_fraction,
+            "vocab_size": len(vocab), "dtype": vocab.dtype.name, "splits": splits}
+    write_json(OUT / "meta.json", meta)
+    for split, s in splits.items():
+        print(f"pack: {split}: {s['items']:,} items, {s['tokens']:,} tokens, {s['windows']:,} windows")
+
+
+if __name__ == "__main__":
+    run_main(main, "pack")

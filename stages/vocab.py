@@ -1,0 +1,45 @@
+"""vocab: build the character vocabulary from the train split and report test coverage.
+
+Reads `vocab` from params.yaml. Writes data/vocab.json: ids, counts, dropped characters, and how many test
+characters become <unk>.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from charlm import params
+from charlm.errors import CharlmError, run_main
+from charlm.vocab import Vocab, count_chars
+
+PREPARED, OUT = Path("data/prepared"), Path("data/vocab.json")
+
+
+def main() -> None:
+    p = params.load(params.VocabParams)
+    train = (PREPARED / "train.txt").read_text(encoding="utf-8")
+    counts = count_chars(train)
+    vocab = Vocab.build(counts, p.min_count)
+    if not vocab.chars:
+        raise CharlmError(f"no character occurs vocab.min_count={p.min_count} times in the train split; "
+                          f"lower vocab.min_count")
+    test_counts = count_chars((PREPARED / "test.txt").read_text(encoding="utf-8"))
+    test_chars = sum(n for c, n in test_counts.items() if c != "\n")
+    test_unk = sum(n for c, n in test_counts.items() if c != "\n" and c not in vocab.itos)
+    train_chars = sum(n for c, n in counts.items() if c != "\n")
+    stats = {
+        "min_count": p.min_count,
+        "train_items": counts.get("\n", 0),
+        "train_chars": train_chars,
+        "train_unk_chars": sum(n for c, n in counts.items() if c != "\n" and n < p.min_count),
+        "test_chars": test_chars,
+        "test_unk_chars": test_unk,
+        "test_unk_rate": round(test_unk / max(test_chars, 1), 8),
+        "test_unseen": sorted({c for c in test_counts if c != "\n" and c not in vocab.itos}, key=ord),
+    }
+    vocab.save(OUT, counts, stats)
+    print(f"vocab: {len(vocab)} symbols ({len(vocab.chars)} characters + 3 specials), "
+          f"test <unk> rate {stats['test_unk_rate']:.5%}")
+
+
+if __name__ == "__main__":
+    run_main(main, "vocab")
