@@ -1,0 +1,78 @@
+"""Saving and safely loading models and training checkpoints.
+
+Both are plain `torch.save` dicts of tensors, numbers and strings. They are loaded with
+`torch.load(weights_only=True)`, so a file pulled from a shared remote cannot run code when opened:
+a pickle that references anything but plain data is refused.
+"""
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+from charlm.errors import CharlmError
+from charlm.io import atomic_path
+from charlm.model import CharRNN
+from charlm.vocab import Vocab
+
+MODEL_FORMAT = "charlm-model/1"
+DEFAULT_MODEL = Path("models/model.pt")
+
+
+def save(path: str | Path, obj: dict) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def load(path: str | Path, fix: str, map_location="cpu") -> dict:
+    """torch.load with weights_only=True and a one-line error for each way a file can be bad."""
+    path = Path(path)
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CharlmError(f"{path}: not found; {fix}") from None
+    except IsADirectoryError:
+        raise CharlmError(f"{path}: is a directory, not a model file; {fix}") from None
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else "unpickling failed"
+        raise CharlmError(f"{path}: refused to load, the file holds more than tensors and plain data "
+                          f"({reason}); only use files written by charlm. {fix}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, KeyError, OSError) as e:
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise CharlmError(f"{path}: corrupt or truncated ({reason}); {fix}") from None
+    if not isinstance(obj, dict):
+        raise CharlmError(f"{path}: not a charlm file (holds a {type(obj).__name__}); {fix}")
+    return obj
+
+
+def model_record(model: CharRNN, vocab: Vocab, info: dict) -> dict:
+    """A self-describing model: config, vocabulary and weights in one file."""
+    return {"format": MODEL_FORMAT, "config": dict(model.config), "vocab": list(vocab.chars),
+            "info": info, "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+
+
+def load_model(path: str | Path = DEFAULT_MODEL, device: str | torch.device = "cpu",
+               fix: str = "run `dvc repro train` or pass the path of a trained model"):
+    """Return (model in eval mode, vocab, info) from a model file or a training checkpoint."""
+    obj = load(path, fix)
+    if obj.get("format") != MODEL_FORMAT:
+        raise CharlmError(f"{path}: not a charlm model (format {obj.get('format')!r}); {fix}")
+    try:
+        vocab = Vocab(obj["vocab"])
+        config = dict(obj["config"])
+        if config["vocab_size"] != len(vocab):
+            raise ValueError(f"config says {config['vocab_size']} symbols, vocabulary has {len(vocab)}")
+        model = CharRNN(**config)
+        model.load_state_dict(obj["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        reason = str(e).strip().splitlines()[0][:200]
+        raise CharlmError(f"{path}: model file does not match its own config or vocabulary ({reason}); {fix}") from None
+    return model.to(device).eval(), vocab, obj.get("info", {})
+
+
+def pick_device(choice: str, key: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise CharlmError(f"{key} is 'cuda' but this machine has no usable CUDA device; set {key}: auto or cpu")
+    return torch.device("cuda" if choice in ("auto", "cuda") and torch.cuda.is_available() else "cpu")

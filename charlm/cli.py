@@ -1,0 +1,105 @@
+"""The `charlm` command: ad-hoc generation from a trained model.
+
+    charlm generate --prompt "Today " --temperature 0.8 --length 300 [--model PATH] [--seed N]
+                    [--top-k K] [--top-p P] [-n COUNT] [--no-stop-at-eos] [--device auto|cpu|cuda]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import warnings
+
+from charlm.errors import run_main
+from charlm.vocab import EOS_ID
+
+
+def _number(kind, lo=None, hi=None, lo_open=False, what=""):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        bad = (isinstance(value, float) and not math.isfinite(value)) or (lo is not None and (
+            value <= lo if lo_open else value < lo)) or (hi is not None and value > hi)
+        if bad:
+            raise argparse.ArgumentTypeError(f"{text} is outside {what}")
+        return value
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="charlm", description="Character-level RNN language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate text from a trained model, streaming it to stdout",
+                       description="Generate text from a trained charlm model. With -n 1 the characters stream "
+                                   "to stdout as they are produced; with -n > 1 the samples are drawn as one batch "
+                                   "and printed one after another.")
+    g.add_argument("--prompt", default="", help="text to start from (default: empty, a whole new item); "
+                   "characters missing from the vocabulary are read as <unk> with a warning")
+    g.add_argument("--temperature", type=_number(float, 0, what=">= 0"), default=0.8,
+                   help="softmax temperature; 0 = greedy (default: 0.8)")
+    g.add_argument("--length", type=_number(int, 0, what=">= 0"), default=300,
+                   help="maximum characters to generate after the prompt (default: 300)")
+    g.add_argument("--model", default="models/model.pt", help="model file (default: the pipeline's models/model.pt)")
+    g.add_argument("--seed", type=_number(int, 0, what=">= 0"), default=None,
+                   help="random seed for reproducible samples (default: a random seed)")
+    g.add_argument("--top-k", type=_number(int, 0, what=">= 0"), default=0,
+                   help="sample only from the k most likely characters; 0 = off (default: 0)")
+    g.add_argument("--top-p", type=_number(float, 0, 1, lo_open=True, what="(0, 1]"), default=1.0,
+                   help="nucleus sampling: the smallest set of characters with this probability; 1 = off (default: 1)")
+    g.add_argument("-n", "--count", type=_number(int, 1, what=">= 1"), default=1,
+                   help="number of samples (default: 1)")
+    g.add_argument("--no-stop-at-eos", dest="stop_at_eos", action="store_false",
+                   help="keep going past the end-of-item token (printed as a newline) instead of stopping")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where to run the model (default: auto, CUDA when present)")
+    return parser
+
+
+def generate_command(args) -> None:
+    import random
+
+    from charlm import artifact
+    from charlm.sampling import stream
+
+    device = artifact.pick_device(args.device, "--device")
+    model, vocab, _ = artifact.load_model(args.model, device, fix="train one with `dvc repro` or pass --model PATH")
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        unseen = vocab.unknown(args.prompt)
+    if unseen:
+        print(f"charlm: warning: prompt characters {''.join(unseen)!r} are not in the vocabulary; "
+              f"read as <unk>", file=sys.stderr)
+    out = sys.stdout
+    steps = stream(model, vocab, [args.prompt] * args.count, [args.temperature], args.length, top_k=args.top_k,
+                   top_p=args.top_p, seed=seed, stop_at_eos=args.stop_at_eos)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if args.count == 1:
+            out.write(args.prompt)
+            for (token,) in steps:
+                if token is None or (args.stop_at_eos and token == EOS_ID):
+                    continue
+                out.write(vocab.decode([token]))
+                out.flush()
+            out.write("\n")
+        else:
+            rows: list[list[int]] = [[] for _ in range(args.count)]
+            for step in steps:
+                for row, token in zip(rows, step):
+                    if token is not None and not (args.stop_at_eos and token == EOS_ID):
+                        row.append(token)
+            for row in rows:
+                out.write(args.prompt + vocab.decode(row) + "\n")
+    out.flush()
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    run_main(lambda: generate_command(args), "charlm")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""The character-level language model: embedding (or one-hot) -> stacked LSTM/GRU/RNN -> linear head."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.nn.utils.rnn import pack_padded_sequence, pad_sequence
+
+CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+
+
+class CharRNN(nn.Module):
+    def __init__(self, vocab_size: int, cell: str = "lstm", hidden: int = 256, layers: int = 2,
+                 dropout: float = 0.0, embedding: int = 32):
+        super().__init__()
+        self.config = dict(vocab_size=vocab_size, cell=cell, hidden=hidden, layers=layers,
+                           dropout=dropout, embedding=embedding)
+        if embedding > 0:
+            self.embed = nn.Embedding(vocab_size, embedding)
+        else:
+            # One-hot input as an identity lookup table: same maths, no one_hot().float() per step.
+            self.embed = nn.Embedding.from_pretrained(torch.eye(vocab_size), freeze=True)
+        width = embedding or vocab_size
+        self.rnn = CELLS[cell](width, hidden, layers, batch_first=True, dropout=dropout if layers > 1 else 0.0)
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(hidden, vocab_size)
+
+    def forward(self, x: torch.Tensor, state=None):
+        """x: (batch, time) token ids -> logits (batch, time, vocab), final recurrent state."""
+        out, state = self.rnn(self.embed(x), state)
+        return self.head(self.drop(out)), state
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy in nats per character."""
+        logits, _ = self(x)
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
+
+    @torch.no_grad()
+    def prime(self, prompts: list[list[int]]):
+        """Run prompts of different lengths in one batch; return next-token logits (batch, vocab) and state."""
+        device = self.head.weight.device
+        lengths = torch.tensor([len(p) for p in prompts])
+        x = pad_sequence([torch.tensor(p, dtype=torch.long) for p in prompts], batch_first=True).to(device)
+        packed = pack_padded_sequence(self.embed(x), lengths, batch_first=True, enforce_sorted=False)
+        out, state = self.rnn(packed)
+        # The packed output is sorted by length; take each prompt's last step in the original order.
+        out, _ = torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=True)
+        last = out[torch.arange(len(prompts), device=device), (lengths - 1).to(device)]
+        return self.head(last), state
+
+    @torch.no_grad()
+    def step(self, token: torch.Tensor, state):
+        """One character per stream: token (batch,) -> logits (batch, vocab), new state. O(1) per character."""
+        out, state = self.rnn(self.embed(token[:, None]), state)
+        return self.head(out[:, 0]), state
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,106 @@
+"""Stateful, batched text generation: feed each prompt once, then one step per character.
+
+Every stream in the batch has its own temperature (0 = greedy). Logits are shifted by their max before
+scaling, so any temperature is numerically safe. <pad> and <unk> are never emitted.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Iterator
+
+import torch
+
+from charlm.model import CharRNN
+from charlm.vocab import EOS_ID, PAD_ID, UNK_ID, Vocab
+
+
+def filter_top(z: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set logits outside the top-k and outside the top-p nucleus to -inf (at least one token survives)."""
+    if 0 < top_k < z.size(-1):
+        kth = torch.topk(z, top_k, dim=-1).values[..., -1:]
+        z = z.masked_fill(z < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_z, order = torch.sort(z, dim=-1, descending=True)
+        probs = torch.softmax(sorted_z, dim=-1)
+        # Drop a token when the tokens ranked above it already hold top_p of the mass.
+        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        z = z.masked_fill(drop, float("-inf"))
+    return z
+
+
+def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: int = 0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw one token per row. logits (batch, vocab), temperature (batch,): 0 means argmax."""
+    never = torch.tensor([PAD_ID, UNK_ID], device=logits.device)
+    logits = logits.float().index_fill(-1, never, float("-inf"))
+    greedy = logits.argmax(-1)
+    z = logits - logits.max(-1, keepdim=True).values  # max is 0 now: exp() cannot overflow
+    z = z / temperature.clamp_min(1e-6)[:, None]
+    z = filter_top(z, top_k, top_p)
+    drawn = torch.multinomial(torch.softmax(z, dim=-1), 1, generator=generator)[:, 0]
+    return torch.where(temperature > 0, drawn, greedy)
+
+
+def encode_prompt(vocab: Vocab, prompt: str) -> list[int]:
+    """<eos> then the prompt: generation starts where an item starts. Unseen characters become <unk>."""
+    unseen = vocab.unknown(prompt)
+    if unseen:
+        warnings.warn(f"prompt {prompt!r}: characters {''.join(unseen)!r} are not in the vocabulary; "
+                      f"they are read as <unk>", stacklevel=2)
+    return [EOS_ID] + vocab.ids(prompt)
+
+
+@contextlib.contextmanager
+def single_stream_backend(device: torch.device, batch: int):
+    """oneDNN's RNN kernels lose to the native ones for a few CPU streams at a time (see BENCHMARKS.md)."""
+    previous = torch.backends.mkldnn.enabled
+    if device.type == "cpu" and batch <= 4:
+        torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = previous
+
+
+@torch.no_grad()
+def stream(model: CharRNN, vocab: Vocab, prompts: list[str], temperatures: list[float], length: int,
+           top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True) -> Iterator[list[int | None]]:
+    """Yield, for each generated position, one token id per stream (None once a stream has stopped).
+
+    Streams are the pairs prompt x temperature, in that order. Memory is O(batch), whatever the length.
+    """
+    device = model.head.weight.device
+    pairs = [(p, t) for p in prompts for t in temperatures]
+    if not pairs or length <= 0:
+        return
+    encoded = {p: encode_prompt(vocab, p) for p in dict.fromkeys(prompts)}
+    temps = torch.tensor([t for _, t in pairs], dtype=torch.float32, device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    alive = torch.ones(len(pairs), dtype=torch.bool, device=device)
+    with single_stream_backend(device, len(pairs)):
+        logits, state = model.prime([encoded[p] for p, _ in pairs])
+        for _ in range(length):
+            token = sample(logits, temps, top_k, top_p, gen)
+            out = torch.where(alive, token, -1).tolist()
+            yield [i if i >= 0 else None for i in out]
+            if stop_at_eos:
+                alive &= token != EOS_ID
+                if not alive.any():
+                    return
+            logits, state = model.step(token, state)
+
+
+def generate(model: CharRNN, vocab: Vocab, prompts: list[str], temperatures: list[float], length: int,
+             **kwargs) -> list[dict]:
+    """All samples as records {prompt, temperature, text, stopped_at_eos}."""
+    pairs = [(p, t) for p in prompts for t in temperatures]
+    ids: list[list[int]] = [[] for _ in pairs]
+    for step in stream(model, vocab, prompts, temperatures, length, **kwargs):
+        for row, i in zip(ids, step):
+            if i is not None:
+                row.append(i)
+    stop = kwargs.get("stop_at_eos", True)
+    return [{"prompt": p, "temperature": t, "text": p + vocab.decode(r[:-1] if stop and r and r[-1] == EOS_ID else r),
+             "stopped_at_eos": bool(stop and r and r[-1] == EOS_ID)} for (p, t), r in zip(pairs, ids)]

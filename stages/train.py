@@ -1,0 +1,280 @@
+"""train: fit the character model on the packed train stream; validate in bits per character.
+
+Reads `model` and `train` from params.yaml, data/packed/ and data/vocab.json. Writes models/model.pt
+(config, vocabulary and weights in one file), dvclive/ (metrics and plots) and reports/train_samples.md.
+
+Resumable checkpoints go to checkpoints/train.pt. That file is deliberately not a DVC output: DVC deletes
+outputs before it reruns a stage, and the checkpoint must survive a killed run. A checkpoint holds model,
+optimizer, scheduler, scaler, step, RNG states and the DVCLive logs so far; the data position is the step
+itself (batches are addressed by step). It is resumed only when its fingerprint (params, data, vocabulary)
+matches this run, so a rerun after a kill continues, and a rerun after a change starts over.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from charlm import artifact, params
+from charlm.data import Batches, eval_windows, load_packed
+from charlm.errors import CharlmError, run_main
+from charlm.io import write_text
+from charlm.model import CharRNN, n_params
+from charlm.sampling import generate
+from charlm.vocab import Vocab
+
+CHECKPOINT = Path("checkpoints/train.pt")
+LIVE_DIR = Path("dvclive")
+SAMPLES = Path("reports/train_samples.md")
+CHECKPOINT_FORMAT = "charlm-checkpoint/1"
+LN2 = math.log(2)
+
+
+def lr_factor(step: int, total: int, p: params.TrainParams) -> float:
+    """Linear warm-up to 1, then cosine or linear decay to min_lr_ratio at the last step."""
+    if step < p.warmup_steps:
+        return (step + 1) / p.warmup_steps
+    if p.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - p.warmup_steps) / max(1, total - p.warmup_steps))
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if p.schedule == "cosine" else 1 - progress
+    return p.min_lr_ratio + (1 - p.min_lr_ratio) * decay
+
+
+@torch.no_grad()
+def validate(model: CharRNN, stream, seq_len: int, batch_size: int, device, autocast) -> float:
+    """Mean loss in nats per character over every window of `stream` (each window from a zero state)."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    for x, y in eval_windows(stream, seq_len, batch_size):
+        x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+        with autocast():
+            logits, _ = model(x)
+        total += F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), reduction="sum")
+        count += y.numel()
+    model.train(was_training)
+    return (total / max(count, 1)).item()
+
+
+def fingerprint(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def snapshot_files(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): p.read_text(encoding="utf-8") for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def restore_files(root: Path, files: dict[str, str]) -> None:
+    for rel, text in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+
+
+class StopRequested:
+    """SIGINT/SIGTERM set a flag that the loop checks between steps, so the checkpoint is never mid-update."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+
+def main() -> None:
+    mp, tp = params.load(params.ModelParams), params.load(params.TrainParams)
+    device = artifact.pick_device(tp.device, "train.device")
+    vocab = Vocab.load("data/vocab.json")
+    packed = load_packed("data/packed")
+    meta, seq_len = packed.meta, packed.meta["seq_len"]
+    if meta["vocab_size"] != len(vocab):
+        raise CharlmError(f"data/packed was built with {meta['vocab_size']} symbols but data/vocab.json has "
+                          f"{len(vocab)}; rerun `dvc repro pack`")
+    batches = Batches(packed.streams["train"], seq_len, tp.batch_size, meta["seed"])
+    total = batches.per_epoch * tp.epochs if not tp.max_steps else min(batches.per_epoch * tp.epochs, tp.max_steps)
+
+    if tp.deterministic and device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    torch.manual_seed(tp.seed)
+    model = CharRNN(len(vocab), **dataclasses.asdict(mp)).to(device)
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tp.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=tp.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, tp))
+    use_amp = device.type == "cuda" and tp.amp != "none"
+    amp_dtype = torch.bfloat16 if tp.amp == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and tp.amp == "fp16")
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp_dtype) if use_amp else contextlib.nullcontext()
+
+    print_fn = tqdm.write
+    run_id = fingerprint(dataclasses.asdict(mp), dataclasses.asdict(tp), meta, vocab.itos, device.type,
+                         torch.__version__)
+    start, elapsed = 0, {"train_s": 0.0, "step_s": 0.0}
+    resumed = resume(run_id, model, optimizer, scheduler, scaler, device, elapsed, print_fn)
+    if resumed is not None:
+        start = resumed
+    else:
+        write_text(SAMPLES, f"# Samples during training (prompt {tp.sample_prompt!r})\n\n")
+
+    from dvclive import Live  # imported late: it is slow to import and unused when params are invalid
+
+    live = Live(str(LIVE_DIR), resume=resumed is not None, report=None, save_dvc_exp=False, dvcyaml=None)
+    print_fn(f"train: {mp.cell} {mp.layers}x{mp.hidden}, {n_params(model):,} parameters, {device.type}, "
+             f"{total:,} steps of {tp.batch_size}x{seq_len} chars ({batches.per_epoch:,} per epoch)"
+             + (f", resuming at step {start:,}" if start else ""))
+
+    stop = StopRequested()
+    model.train()
+    loss_sum, loss_n = torch.zeros((), device=device), 0
+    t_mark, steps_since_mark = time.perf_counter(), 0
+    t_start = time.perf_counter() - elapsed["train_s"]
+    bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, disable=None, leave=False)
+    done = start
+    for step in range(start, total):
+        x, y = batches.batch(*divmod(step, batches.per_epoch))
+        x, y = torch.from_numpy(x).to(device, non_blocking=True), torch.from_numpy(y).to(device, non_blocking=True)
+        with autocast():
+            loss = model.loss(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if tp.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tp.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        loss_sum += loss.detach()
+        loss_n += 1
+        steps_since_mark += 1
+        done = step + 1
+        bar.update(1)
+
+        if done % tp.log_every == 0 or done == total:
+            train_loss = (loss_sum / loss_n).item()  # the only host sync between logs
+            now = time.perf_counter()
+            elapsed["step_s"] += now - t_mark
+            chars_per_s = steps_since_mark * tp.batch_size * seq_len / max(now - t_mark, 1e-9)
+            live.step = done
+            live.log_metric("train/loss", train_loss)
+            live.log_metric("train/bpc", train_loss / LN2)
+            live.log_metric("lr", scheduler.get_last_lr()[0])
+            live.log_metric("chars_per_s", chars_per_s)
+            bar.set_postfix(loss=f"{train_loss:.3f}", chars_s=f"{chars_per_s:,.0f}")
+            loss_sum.zero_()
+            loss_n = 0
+            t_mark, steps_since_mark = time.perf_counter(), 0
+        periodic_work = False
+        if done % tp.eval_every == 0 or done == total:
+            val_loss = validate(model, packed.streams["val"], seq_len, tp.batch_size, device, autocast)
+            live.step = done
+            live.log_metric("val/loss", val_loss)
+            live.log_metric("val/bpc", val_loss / LN2)
+            print_fn(f"step {done:,}: val loss {val_loss:.4f} nats/char, {val_loss / LN2:.4f} bpc")
+            periodic_work = True
+        if tp.sample_every and (done % tp.sample_every == 0 or done == total):
+            log_sample(model, vocab, tp, done, print_fn)
+            periodic_work = True
+        if done % tp.checkpoint_every == 0 or done == total or stop.requested:
+            elapsed["train_s"] = time.perf_counter() - t_start
+            live.make_summary()
+            save_checkpoint(run_id, done, model, optimizer, scheduler, scaler, elapsed)
+            periodic_work = True
+        if periodic_work:  # keep evaluation and I/O out of the throughput figure
+            t_mark, steps_since_mark = time.perf_counter(), 0
+        if stop.requested:
+            bar.close()
+            raise KeyboardInterrupt(f"checkpoint saved at step {done:,}; rerun to resume")
+    bar.close()
+
+    train_s = time.perf_counter() - t_start if done > start else elapsed["train_s"]
+    chars = total * tp.batch_size * seq_len
+    live.log_metric("train_time_s", round(train_s, 2), plot=False)
+    live.log_metric("train_chars_per_s", round(chars / max(elapsed["step_s"], 1e-9), 1), plot=False)
+    live.log_metric("steps", total, plot=False)
+    live.make_summary()
+    summary = live.summary
+    info = {"steps": total, "seq_len": seq_len, "train_time_s": round(train_s, 2),
+            "val_bpc": summary.get("val", {}).get("bpc"), "params": {"model": dataclasses.asdict(mp),
+                                                                    "train": dataclasses.asdict(tp)}}
+    model.to("cpu")
+    artifact.save("models/model.pt", artifact.model_record(model, vocab, info))
+    print_fn(f"train: done, {total:,} steps in {train_s:,.0f}s, val {info['val_bpc']:.4f} bpc -> models/model.pt")
+
+
+def log_sample(model, vocab, tp: params.TrainParams, step: int, print_fn) -> None:
+    was_training = model.training
+    model.eval()
+    records = generate(model, vocab, [tp.sample_prompt], [0.0, 0.8], tp.sample_length, seed=step)
+    model.train(was_training)
+    text = "".join(f"- T={r['temperature']}: {r['text']!r}\n" for r in records)
+    print_fn(f"step {step:,} samples:\n{text}", end="")
+    write_text(SAMPLES, SAMPLES.read_text(encoding="utf-8") + f"## step {step}\n\n{text}\n")
+
+
+def save_checkpoint(run_id, step, model, optimizer, scheduler, scaler, elapsed) -> None:
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    artifact.save(CHECKPOINT, {
+        "format": CHECKPOINT_FORMAT, "run_id": run_id, "step": step, "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+        "rng": rng, "elapsed": dict(elapsed), "live": snapshot_files(LIVE_DIR),
+        "samples": SAMPLES.read_text(encoding="utf-8") if SAMPLES.exists() else None,
+    })
+
+
+def resume(run_id, model, optimizer, scheduler, scaler, device, elapsed, print_fn) -> int | None:
+    """Load the checkpoint if it belongs to this run; return its step, or None to start fresh."""
+    if not CHECKPOINT.exists():
+        return None
+    try:
+        ck = artifact.load(CHECKPOINT, "it will be replaced", map_location=device)
+    except CharlmError as e:
+        print_fn(f"train: ignoring unusable checkpoint: {e}")
+        return None
+    if ck.get("format") != CHECKPOINT_FORMAT or ck.get("run_id") != run_id:
+        print_fn(f"train: {CHECKPOINT} belongs to other params or data; starting from scratch")
+        return None
+    try:
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        scaler.load_state_dict(ck["scaler"])
+        torch.set_rng_state(ck["rng"]["cpu"].cpu())
+        if "cuda" in ck["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in ck["rng"]["cuda"]])
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise CharlmError(f"{CHECKPOINT}: does not fit this model ({str(e).splitlines()[0][:160]}); "
+                          f"delete it to start over") from None
+    elapsed.update(ck["elapsed"])
+    shutil.rmtree(LIVE_DIR, ignore_errors=True)
+    restore_files(LIVE_DIR, ck["live"])
+    if ck.get("samples") is not None:
+        write_text(SAMPLES, ck["samples"])
+    return int(ck["step"])
+
+
+if __name__ == "__main__":
+    run_main(main, "train")
