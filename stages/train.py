@@ -138,9 +138,7 @@ def main() -> None:
     else:
         write_text(SAMPLES, f"# Samples during training (prompt {tp.sample_prompt!r})\n\n")
 
-    from dvclive import Live  # imported late: it is slow to import and unused when params are invalid
-
-    live = Live(str(LIVE_DIR), resume=resumed is not None, report=None, save_dvc_exp=False, dvcyaml=None)
+    live = stage_live(resume=resumed is not None)
     print_fn(f"train: {mp.cell} {mp.layers}x{mp.hidden}, {n_params(model):,} parameters, {device.type}, "
              f"{total:,} steps of {tp.batch_size}x{seq_len} chars ({batches.per_epoch:,} per epoch)"
              + (f", resuming at step {start:,}" if start else ""))
@@ -221,6 +219,21 @@ def main() -> None:
     model.to("cpu")
     artifact.save("models/model.pt", artifact.model_record(model, vocab, info))
     print_fn(f"train: done, {total:,} steps in {train_s:,.0f}s, val {info['val_bpc']:.4f} bpc -> models/model.pt")
+
+
+def stage_live(resume: bool):
+    """DVCLive for a DVC stage whose dvc.yaml already declares the metrics and plots.
+
+    DVCLive's own DVC integration (saving experiments, writing dvc.yaml) is switched off: DVC runs this stage
+    itself, and that integration crashes in a git repo with no commits yet (scmrepo "Empty git repo").
+    """
+    from dvclive import Live  # imported late: slow to import, and unused when params are invalid
+
+    class StageLive(Live):
+        def _init_dvc(self):
+            pass
+
+    return StageLive(str(LIVE_DIR), resume=resume, report=None, save_dvc_exp=False, dvcyaml=None)
 
 
 def log_sample(model, vocab, tp: params.TrainParams, step: int, print_fn) -> None:

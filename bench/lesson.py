@@ -1,0 +1,96 @@
+"""The lesson's Recipe B, reproduced as a baseline: per-item minibatches, one-hot LSTM(64), Adam at 0.01.
+
+Each minibatch is every 100-character window of ONE news item, built with a Python loop, as in the lesson;
+items shorter than 110 characters are skipped. It trains on charlm's prepared train split and vocabulary,
+for a wall-clock budget, and is scored with charlm's test protocol (stages/evaluate.py), so its test bpc is
+directly comparable with a charlm model's.
+
+    python bench/lesson.py --seconds 900 [--data DIR] [--out models/lesson.pt]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from charlm.data import item_bounds, load_packed
+from charlm.model import CharRNN
+from charlm.vocab import EOS_ID, Vocab
+
+NCHARS = 100
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_scorer():
+    spec = importlib.util.spec_from_file_location("evaluate_stage", ROOT / "stages" / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.score_items
+
+
+def get_batch(vocab: Vocab, text: str):
+    """The lesson's batch: all len(text) - 100 windows of one item, encoded character by character."""
+    ins = torch.zeros(len(text) - NCHARS, NCHARS, dtype=torch.long)
+    outs = torch.zeros(len(text) - NCHARS, NCHARS, dtype=torch.long)
+    for i in range(len(text) - NCHARS):
+        ins[i] = torch.tensor(vocab.ids(text[i:i + NCHARS]))
+        outs[i] = torch.tensor(vocab.ids(text[i + 1:i + NCHARS + 1]))
+    return ins, outs
+
+
+def train_lesson(vocab: Vocab, items: list[str], seconds: float, seed: int = 0) -> tuple[CharRNN, dict]:
+    torch.manual_seed(seed)
+    # One-hot -> LSTM(64) -> linear; CharRNN with embedding=0 is exactly that network.
+    net = CharRNN(len(vocab), "lstm", hidden=64, layers=1, dropout=0.0, embedding=0)
+    optimizer = torch.optim.Adam(net.parameters(), 0.01)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    net.train()
+    t0, steps, chars, passes = time.perf_counter(), 0, 0, 0
+    while time.perf_counter() - t0 < seconds:
+        passes += 1
+        for text in items:
+            if len(text) - NCHARS < 10:
+                continue
+            text_in, text_out = get_batch(vocab, text)
+            optimizer.zero_grad()
+            out, _ = net(text_in)
+            loss = loss_fn(out.view(-1, len(vocab)), text_out.flatten())
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            chars += text_in.numel()
+            if time.perf_counter() - t0 >= seconds:
+                break
+    elapsed = time.perf_counter() - t0
+    return net.eval(), {"steps": steps, "passes": passes, "train_s": round(elapsed, 1),
+                        "chars_per_s": round(chars / elapsed, 1)}
+
+
+def test_bpc(model: CharRNN, data_dir: Path) -> float:
+    stream = np.asarray(load_packed(data_dir / "packed").streams["test"])
+    starts, lengths = item_bounds(stream, EOS_ID)
+    nats, count, _ = load_scorer()(model, stream, starts, lengths, 256, torch.device("cpu"))
+    return nats / count / math.log(2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=900.0, help="training wall-clock budget")
+    parser.add_argument("--data", type=Path, default=Path("data"), help="a pipeline's data/ folder after pack")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    vocab = Vocab.load(args.data / "vocab.json")
+    items = (args.data / "prepared" / "train.txt").read_text(encoding="utf-8").splitlines()
+    model, stats = train_lesson(vocab, items, args.seconds, args.seed)
+    stats["test_bpc"] = round(test_bpc(model, args.data), 4)
+    print(json.dumps(stats))
+
+
+if __name__ == "__main__":
+    main()
