@@ -105,6 +105,7 @@ class TrainParams:
     grad_clip: float = spec(1.0, ge=0.0)
     amp: str = spec("none", choices=("none", "bf16", "fp16"))
     deterministic: bool = spec(False)
+    processes: int = spec(1, ge=1, le=1024)
     eval_every: int = spec(500, ge=1)
     log_every: int = spec(50, ge=1)
     checkpoint_every: int = spec(500, ge=1)
@@ -161,6 +162,8 @@ def read_yaml(path: str | Path = PARAMS_FILE) -> dict:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise CharlmError(f"{path} not found; run from the project root, which holds params.yaml") from None
+    except UnicodeDecodeError as e:
+        raise CharlmError(f"{path}: byte {e.start} is not UTF-8; save the file as UTF-8") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -173,7 +176,7 @@ def read_yaml(path: str | Path = PARAMS_FILE) -> dict:
         raise CharlmError(f"{path}: expected a mapping of sections (download:, prepare:, ...) at the top level")
     unknown = [k for k in data if k not in SECTIONS]
     if unknown:
-        raise CharlmError(f"{path}: unknown section {unknown[0]!r}{_suggest(unknown[0], SECTIONS)}; "
+        raise CharlmError(f"{path}: unknown section {unknown[0]!r}{_suggest(str(unknown[0]), SECTIONS)}; "
                           f"sections are {', '.join(SECTIONS)}")
     return data
 
@@ -187,7 +190,7 @@ def parse(prefix: str, data, cls):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
         if key not in fields:
-            raise CharlmError(f"{PARAMS_FILE}: unknown key {prefix}.{key}{_suggest(str(key), fields)}; "
+            raise CharlmError(f"{PARAMS_FILE}: unknown key {prefix}.{_show(key)}{_suggest(str(key), fields)}; "
                               f"{prefix} takes {', '.join(fields)}")
     values = {}
     for name, f in fields.items():
@@ -228,7 +231,11 @@ def _scalar(key, value, tp):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             hint = " (write 1.0e-3, not 1e-3: YAML reads the latter as a string)" if isinstance(value, str) else ""
             fail(key, value, f"a number{hint}")
-        if not math.isfinite(value):
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:  # an integer too large for a float
+            finite = False
+        if not finite:
             fail(key, value, "a finite number")
         return float(value)
     if tp is str:
@@ -254,6 +261,11 @@ def _check_range(key, value, rules):
 def _suggest(word: str, options) -> str:
     close = difflib.get_close_matches(word, list(options), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _show(key) -> str:
+    """A key as written, or its repr when it is not a plain printable string (keeps the message one line)."""
+    return key if isinstance(key, str) and key.isprintable() else repr(key)
 
 
 def _type_name(value) -> str:

@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -98,16 +99,35 @@ class StopRequested:
         self.requested = True
 
 
+def setup_processes(tp: params.TrainParams) -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) join the process group first."""
+    device = artifact.pick_device(tp.device, "train.device")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    rank = int(os.environ["RANK"])
+    if tp.batch_size % world:
+        raise CharlmError(f"train.batch_size={tp.batch_size} is the global batch and must divide evenly over "
+                          f"{world} processes; pick a multiple of {world}")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
 def main() -> None:
     mp, tp = params.load(params.ModelParams), params.load(params.TrainParams)
-    device = artifact.pick_device(tp.device, "train.device")
+    rank, world, device = setup_processes(tp)
+    lead = rank == 0  # only the lead process logs and writes files
     vocab = Vocab.load("data/vocab.json")
     packed = load_packed("data/packed")
     meta, seq_len = packed.meta, packed.meta["seq_len"]
     if meta["vocab_size"] != len(vocab):
         raise CharlmError(f"data/packed was built with {meta['vocab_size']} symbols but data/vocab.json has "
                           f"{len(vocab)}; rerun `dvc repro pack`")
-    batches = Batches(packed.streams["train"], seq_len, tp.batch_size, meta["seed"])
+    # train.batch_size is the global batch: each process takes a disjoint 1/world of every minibatch.
+    batches = Batches(packed.streams["train"], seq_len, tp.batch_size // world, meta["seed"], rank, world)
     total = batches.per_epoch * tp.epochs if not tp.max_steps else min(batches.per_epoch * tp.epochs, tp.max_steps)
 
     if tp.deterministic and device.type == "cuda":
@@ -116,6 +136,7 @@ def main() -> None:
         torch.backends.cudnn.benchmark = False
     torch.manual_seed(tp.seed)
     model = CharRNN(len(vocab), **dataclasses.asdict(mp)).to(device)
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tp.weight_decay},
@@ -128,19 +149,21 @@ def main() -> None:
     def autocast():
         return torch.autocast(device.type, dtype=amp_dtype) if use_amp else contextlib.nullcontext()
 
-    print_fn = tqdm.write
-    run_id = fingerprint(dataclasses.asdict(mp), dataclasses.asdict(tp), meta, vocab.itos, device.type,
-                         torch.__version__)
+    print_fn = tqdm.write if lead else (lambda *a, **k: None)
+    # The number of processes is left out, so a checkpoint resumes under any world size.
+    run_id = fingerprint(dataclasses.asdict(mp), dataclasses.asdict(tp) | {"processes": None}, meta, vocab.itos,
+                         device.type, torch.__version__)
     start, elapsed = 0, {"train_s": 0.0, "step_s": 0.0}
-    resumed = resume(run_id, model, optimizer, scheduler, scaler, device, elapsed, print_fn)
+    resumed = resume(run_id, model, optimizer, scheduler, scaler, device, elapsed, print_fn, restore_logs=lead)
     if resumed is not None:
         start = resumed
-    else:
+    elif lead:
         write_text(SAMPLES, f"# Samples during training (prompt {tp.sample_prompt!r})\n\n")
 
-    live = stage_live(resume=resumed is not None)
-    print_fn(f"train: {mp.cell} {mp.layers}x{mp.hidden}, {n_params(model):,} parameters, {device.type}, "
-             f"{total:,} steps of {tp.batch_size}x{seq_len} chars ({batches.per_epoch:,} per epoch)"
+    live = stage_live(resume=resumed is not None) if lead else None
+    print_fn(f"train: {mp.cell} {mp.layers}x{mp.hidden}, {n_params(model):,} parameters, {device.type}"
+             + (f" x {world} processes" if world > 1 else "")
+             + f", {total:,} steps of {tp.batch_size}x{seq_len} chars ({batches.per_epoch:,} per epoch)"
              + (f", resuming at step {start:,}" if start else ""))
 
     stop = StopRequested()
@@ -148,13 +171,15 @@ def main() -> None:
     loss_sum, loss_n = torch.zeros((), device=device), 0
     t_mark, steps_since_mark = time.perf_counter(), 0
     t_start = time.perf_counter() - elapsed["train_s"]
-    bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, disable=None, leave=False)
+    bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, disable=None if lead else True,
+               leave=False)
     done = start
     for step in range(start, total):
         x, y = batches.batch(*divmod(step, batches.per_epoch))
         x, y = torch.from_numpy(x).to(device, non_blocking=True), torch.from_numpy(y).to(device, non_blocking=True)
         with autocast():
-            loss = model.loss(x, y)
+            logits, _ = net(x)
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if tp.grad_clip > 0:
@@ -169,7 +194,13 @@ def main() -> None:
         done = step + 1
         bar.update(1)
 
-        if done % tp.log_every == 0 or done == total:
+        at_log = done % tp.log_every == 0 or done == total
+        if world > 1 and at_log:  # agree on stopping, at the same step on every process
+            flag = torch.tensor([float(stop.requested)], device=device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            stop.requested = bool(flag.item())
+        stopping = stop.requested and (world == 1 or at_log)
+        if lead and at_log:
             train_loss = (loss_sum / loss_n).item()  # the only host sync between logs
             now = time.perf_counter()
             elapsed["step_s"] += now - t_mark
@@ -183,6 +214,10 @@ def main() -> None:
             loss_sum.zero_()
             loss_n = 0
             t_mark, steps_since_mark = time.perf_counter(), 0
+        if not lead:
+            if stopping:
+                raise KeyboardInterrupt
+            continue
         periodic_work = False
         if done % tp.eval_every == 0 or done == total:
             val_loss = validate(model, packed.streams["val"], seq_len, tp.batch_size, device, autocast)
@@ -194,17 +229,22 @@ def main() -> None:
         if tp.sample_every and (done % tp.sample_every == 0 or done == total):
             log_sample(model, vocab, tp, done, print_fn)
             periodic_work = True
-        if done % tp.checkpoint_every == 0 or done == total or stop.requested:
+        if done % tp.checkpoint_every == 0 or done == total or stopping:
             elapsed["train_s"] = time.perf_counter() - t_start
             live.make_summary()
             save_checkpoint(run_id, done, model, optimizer, scheduler, scaler, elapsed)
             periodic_work = True
         if periodic_work:  # keep evaluation and I/O out of the throughput figure
             t_mark, steps_since_mark = time.perf_counter(), 0
-        if stop.requested:
+        if stopping:
             bar.close()
             raise KeyboardInterrupt(f"checkpoint saved at step {done:,}; rerun to resume")
     bar.close()
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    if not lead:
+        return
 
     train_s = time.perf_counter() - t_start if done > start else elapsed["train_s"]
     chars = total * tp.batch_size * seq_len
@@ -212,13 +252,21 @@ def main() -> None:
     live.log_metric("train_chars_per_s", round(chars / max(elapsed["step_s"], 1e-9), 1), plot=False)
     live.log_metric("steps", total, plot=False)
     live.make_summary()
-    summary = live.summary
     info = {"steps": total, "seq_len": seq_len, "train_time_s": round(train_s, 2),
-            "val_bpc": summary.get("val", {}).get("bpc"), "params": {"model": dataclasses.asdict(mp),
-                                                                    "train": dataclasses.asdict(tp)}}
+            "val_bpc": live.summary.get("val", {}).get("bpc"),
+            "params": {"model": dataclasses.asdict(mp), "train": dataclasses.asdict(tp)}}
     model.to("cpu")
     artifact.save("models/model.pt", artifact.model_record(model, vocab, info))
     print_fn(f"train: done, {total:,} steps in {train_s:,.0f}s, val {info['val_bpc']:.4f} bpc -> models/model.pt")
+
+
+def relaunch_under_torchrun() -> None:
+    """`train.processes: N` (N > 1) re-executes this script under torchrun with N local processes."""
+    tp = params.load(params.TrainParams)
+    if tp.processes > 1 and "WORLD_SIZE" not in os.environ:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={tp.processes}",
+               __file__]
+        os.execv(sys.executable, cmd)
 
 
 def stage_live(resume: bool):
@@ -258,7 +306,7 @@ def save_checkpoint(run_id, step, model, optimizer, scheduler, scaler, elapsed) 
     })
 
 
-def resume(run_id, model, optimizer, scheduler, scaler, device, elapsed, print_fn) -> int | None:
+def resume(run_id, model, optimizer, scheduler, scaler, device, elapsed, print_fn, restore_logs=True) -> int | None:
     """Load the checkpoint if it belongs to this run; return its step, or None to start fresh."""
     if not CHECKPOINT.exists():
         return None
@@ -282,12 +330,14 @@ def resume(run_id, model, optimizer, scheduler, scaler, device, elapsed, print_f
         raise CharlmError(f"{CHECKPOINT}: does not fit this model ({str(e).splitlines()[0][:160]}); "
                           f"delete it to start over") from None
     elapsed.update(ck["elapsed"])
-    shutil.rmtree(LIVE_DIR, ignore_errors=True)
-    restore_files(LIVE_DIR, ck["live"])
-    if ck.get("samples") is not None:
-        write_text(SAMPLES, ck["samples"])
+    if restore_logs:
+        shutil.rmtree(LIVE_DIR, ignore_errors=True)
+        restore_files(LIVE_DIR, ck["live"])
+        if ck.get("samples") is not None:
+            write_text(SAMPLES, ck["samples"])
     return int(ck["step"])
 
 
 if __name__ == "__main__":
+    run_main(relaunch_under_torchrun, "train")
     run_main(main, "train")
