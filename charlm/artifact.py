@@ -7,7 +7,8 @@ a pickle that references anything but plain data is refused.
 from __future__ import annotations
 
 import pickle
-import zipfile
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -30,21 +31,33 @@ def load(path: str | Path, fix: str, map_location="cpu") -> dict:
     """torch.load with weights_only=True and a one-line error for each way a file can be bad."""
     path = Path(path)
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on odd pickle protocols: a damaged file gets the error
+            obj = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise CharlmError(f"{path}: not found; {fix}") from None
     except IsADirectoryError:
         raise CharlmError(f"{path}: is a directory, not a model file; {fix}") from None
     except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else "unpickling failed"
+        reason = _unpickling_reason(e)
         raise CharlmError(f"{path}: refused to load, the file holds more than tensors and plain data "
                           f"({reason}); only use files written by charlm. {fix}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, KeyError, OSError) as e:
+    except Exception as e:  # damaged bytes raise anything from torch's readers: RuntimeError, EOFError, IndexError...
         reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise CharlmError(f"{path}: corrupt or truncated ({reason}); {fix}") from None
     if not isinstance(obj, dict):
         raise CharlmError(f"{path}: not a charlm file (holds a {type(obj).__name__}); {fix}")
     return obj
+
+
+def _unpickling_reason(e: Exception) -> str:
+    """The useful line of torch's multi-paragraph weights-only error ("Unsupported global: GLOBAL os.system ...").
+
+    Its first line is advice to retry with weights_only=False (and carries terminal escape codes)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    _, found, detail = text.partition("WeightsUnpickler error:")
+    lines = [line.strip() for line in (detail if found else text).splitlines() if line.strip()]
+    return lines[0].split(". ")[0][:160] if lines else "unpickling failed"
 
 
 def model_record(model: CharRNN, vocab: Vocab, info: dict) -> dict:

@@ -1,7 +1,9 @@
-"""The `charlm` command: ad-hoc generation from a trained model.
+"""The `charlm` command.
 
     charlm generate --prompt "Today " --temperature 0.8 --length 300 [--model PATH] [--seed N]
                     [--top-k K] [--top-p P] [-n COUNT] [--no-stop-at-eos] [--device auto|cpu|cuda]
+    charlm plots [REV ...] [--out DIR] [--format png|svg]   # learning curves as files, offline
+    charlm compare REV [REV ...]                            # samples of experiments side by side
 """
 from __future__ import annotations
 
@@ -54,7 +56,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep going past the end-of-item token (printed as a newline) instead of stopping")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where to run the model (default: auto, CUDA when present)")
+    pl = sub.add_parser("plots", help="render the learning curves to image files (offline, no browser)",
+                        description="Render DVC's plots to PNG or SVG files plus a self-contained index.html, "
+                                    "offline. With revisions (commits, branches or experiment names) the curves "
+                                    "of each are overlaid, as in `dvc plots diff`; without, the workspace.")
+    pl.add_argument("revisions", nargs="*", help="revisions or experiments to compare (default: the workspace)")
+    pl.add_argument("--out", default="dvc_plots/static", help="output folder (default: dvc_plots/static)")
+    pl.add_argument("--format", choices=("png", "svg"), default="png", help="image format (default: png)")
+    cmp = sub.add_parser("compare", help="print the generated samples of several experiments side by side",
+                         description="Print a Markdown table of reports/samples.json for each revision or "
+                                     "experiment, one row per prompt and temperature.")
+    cmp.add_argument("revisions", nargs="+", help="revisions or experiment names; 'workspace' for the workspace")
     return parser
+
+
+def plots_command(args) -> None:
+    from pathlib import Path
+
+    from charlm.report import render_plots
+
+    for path in render_plots(args.revisions, Path(args.out), args.format):
+        print(path)
+
+
+def compare_command(args) -> None:
+    from charlm.report import compare_samples
+
+    sys.stdout.write(compare_samples(args.revisions))
 
 
 def generate_command(args) -> None:
@@ -98,7 +126,8 @@ def generate_command(args) -> None:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    run_main(lambda: generate_command(args), "charlm")
+    command = {"generate": generate_command, "plots": plots_command, "compare": compare_command}[args.command]
+    run_main(lambda: command(args), "charlm")
 
 
 if __name__ == "__main__":

@@ -11,8 +11,6 @@ import io
 import re
 from pathlib import Path
 
-import pandas as pd
-
 from charlm.errors import CharlmError
 
 AG_NEWS_COLUMNS = ("label", "title", "description")
@@ -24,16 +22,23 @@ _FULL_ENTITY = re.compile(r"&(#\d{2,4}|#x[0-9a-fA-F]{2,4}|[a-zA-Z]{2,8});")
 # Only real HTML markup is dropped; Reuters tickers such as <TXN.N> are content and stay.
 _TAG = re.compile(r"</?(?:a|b|i|p|br|em|strong|font|span|div|img|u)\b[^<>]*>", re.IGNORECASE)
 _SPACE = re.compile(r"\s+")
+_BRACKET = re.compile(r"([<>])")
 
 
 def clean(text: str) -> str:
     """Repair AG News debris and normalise whitespace. Text without debris only has its spacing normalised."""
     text = text.replace("\\$", "$")            # an escaped dollar sign: "\$1 billion"
     text = text.replace("\\", " ")              # the CSV's newline escape: "second\team"
+    # Literal '<' and '>' are content ("a <b> c" stays); only markup decoded from &lt;...&gt; is dropped.
+    parts = _BRACKET.split(text)
+    text = "".join(part if i % 2 else _repair(part) for i, part in enumerate(parts))
+    return _SPACE.sub(" ", text).strip()
+
+
+def _repair(text: str) -> str:
     text = _ENTITY.sub(_unescape, text)
     text = _FULL_ENTITY.sub(_unescape, text)
-    text = _TAG.sub(" ", text)
-    return _SPACE.sub(" ", text).strip()
+    return _TAG.sub(" ", text)
 
 
 def _unescape(match: re.Match) -> str:
@@ -42,9 +47,13 @@ def _unescape(match: re.Match) -> str:
     return out if len(out) == 1 and out.isprintable() else match.group(0)
 
 
+# Every line boundary that str.splitlines() knows: later stages split prepared files with it.
+_LINE_BREAK = re.compile("\r\n|[\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
+
+
 def flatten(text: str) -> str:
     """Keep an item on one line without changing anything else."""
-    return text.replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
+    return _LINE_BREAK.sub(" ", text)
 
 
 def decode(raw: bytes, path: Path) -> str:
@@ -65,27 +74,31 @@ def decode(raw: bytes, path: Path) -> str:
 def read_ag_news(path: Path, fields: list[str], clean_text: bool, separator: str) -> list[str]:
     """Parse an AG News CSV (no header; label, title, description) into items, checking every row."""
     text = decode(Path(path).read_bytes(), path)
-    try:
-        # Every field is read as a string: a title such as "NaN" or "1" must stay text.
-        df = pd.read_csv(io.StringIO(text), header=None, dtype=str, keep_default_na=False,
-                         quoting=csv.QUOTE_MINIMAL, engine="c", skip_blank_lines=True)
-    except pd.errors.ParserError as e:
-        raise CharlmError(f"{path}: malformed CSV ({_first_line(e)}); each row must be "
-                          f'"label","title","description"') from None
-    except pd.errors.EmptyDataError:
-        raise CharlmError(f"{path}: the file has no rows; check the download URL or the input file") from None
-    if df.shape[1] != 3:
-        raise CharlmError(f"{path}: row 1 has {df.shape[1]} columns, expected 3 (label, title, description); "
-                          f"is this an AG News CSV? For plain text use prepare.format: lines")
-    df.columns = AG_NEWS_COLUMNS
-    bad = ~df["label"].isin(["1", "2", "3", "4"])
-    if bad.any():
-        row = int(bad.to_numpy().argmax())
-        raise CharlmError(f"{path}: row {row + 1}: label {df['label'].iat[row]!r} is outside 1..4; "
-                          f"is this an AG News CSV? For plain text use prepare.format: lines")
-    columns = [df[f].tolist() for f in fields]
+    # Every field is read as a string (a title such as "NaN" or "1" stays text), and every row is checked:
+    # a short row is an error, not a row padded with empty fields.
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    picks = [AG_NEWS_COLUMNS.index(f) for f in fields]
     fix = clean if clean_text else flatten
-    return [fix(separator.join(parts)) for parts in zip(*columns)]
+    items, row, line = [], 0, 1
+    try:
+        for record in reader:
+            if record:  # a blank line
+                row += 1
+                if len(record) != 3:
+                    raise CharlmError(f"{path}: line {line}: row {row} has {len(record)} columns, expected 3 "
+                                      f"(label, title, description); is this an AG News CSV? "
+                                      f"For plain text use prepare.format: lines")
+                if record[0] not in ("1", "2", "3", "4"):
+                    raise CharlmError(f"{path}: line {line}: row {row}: label {record[0]!r} is outside 1..4; "
+                                      f"is this an AG News CSV? For plain text use prepare.format: lines")
+                items.append(fix(separator.join(record[i] for i in picks)))
+            line = reader.line_num + 1
+    except csv.Error as e:
+        raise CharlmError(f"{path}: line {line}: malformed CSV ({e}); each row must be "
+                          f'"label","title","description"') from None
+    if not items:
+        raise CharlmError(f"{path}: the file has no rows; check the download URL or the input file")
+    return items
 
 
 def read_lines(path: Path, clean_text: bool) -> list[str]:
@@ -94,6 +107,3 @@ def read_lines(path: Path, clean_text: bool) -> list[str]:
     lines = text.splitlines()
     return [_SPACE.sub(" ", line).strip() for line in lines] if clean_text else lines
 
-
-def _first_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__

@@ -119,7 +119,10 @@ def load_packed(directory: str | Path = "data/packed") -> Packed:
     for split in SPLITS:
         path = directory / f"{split}.npy"
         stream = read_npy(path, fix)
-        expected = meta["splits"][split]["tokens"]
+        try:
+            expected = meta["splits"][split]["tokens"]
+        except (KeyError, TypeError):
+            raise CharlmError(f"{directory / 'meta.json'}: no token count for the {split} split; {fix}") from None
         if stream.ndim != 1 or len(stream) != expected:
             raise CharlmError(f"{path}: holds {stream.shape} tokens, meta.json says {expected}; {fix}")
         streams[split] = stream

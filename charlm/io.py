@@ -52,6 +52,16 @@ def write_json(path: str | os.PathLike, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+def read_text(path: str | os.PathLike, what: str, fix: str) -> str:
+    """Read a UTF-8 artifact; a missing or undecodable file is a CharlmError naming `what` and `fix`."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CharlmError(f"{path}: {what} not found; {fix}") from None
+    except UnicodeDecodeError as e:
+        raise CharlmError(f"{path}: {what} is not UTF-8 (byte {e.start}); {fix}") from None
+
+
 def read_json(path: str | os.PathLike, what: str, fix: str) -> dict:
     """Read a JSON artifact; a missing or damaged file is a CharlmError naming `what` and `fix`."""
     try:

@@ -106,6 +106,8 @@ class Vocab:
                 raise ValueError("bad format or ids")
             if tuple(itos[: len(SPECIALS)]) != SPECIALS:
                 raise ValueError("specials missing")
+            if data.get("size") != len(tokens):
+                raise ValueError(f"size {data.get('size')!r} but {len(tokens)} tokens")
             return cls(itos[len(SPECIALS):])
         except (KeyError, TypeError, ValueError) as e:
             raise CharlmError(f"{path}: not a valid charlm vocabulary ({e}); {fix}") from None

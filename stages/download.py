@@ -30,9 +30,17 @@ CHUNK = 1 << 16
 
 def main() -> None:
     p = params.load(params.DownloadParams)
-    for split in ("train", "test"):
-        src = getattr(p, split)
-        fetch(src.url, OUT / f"{split}.csv", src.md5, p.timeout, p.retries, key=f"download.{split}")
+    done = []
+    try:
+        for split in ("train", "test"):
+            src = getattr(p, split)
+            dest = OUT / f"{split}.csv"
+            fetch(src.url, dest, src.md5, p.timeout, p.retries, key=f"download.{split}")
+            done.append(dest)
+    except BaseException:
+        for dest in done:  # a failed stage leaves no outputs, not half of them
+            dest.unlink(missing_ok=True)
+        raise
 
 
 def fetch(url: str, dest: Path, md5: str | None, timeout: float, retries: int, key: str) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from charlm import params
 from charlm.data import FORMAT, encode_items, n_windows, sha256, split_items
 from charlm.errors import CharlmError, run_main
-from charlm.io import write_json, write_npy
+from charlm.io import read_text, write_json, write_npy
 from charlm.vocab import Vocab
 
 PREPARED, OUT = Path("data/prepared"), Path("data/packed")
@@ -21,10 +21,13 @@ PREPARED, OUT = Path("data/prepared"), Path("data/packed")
 def main() -> None:
     p = params.load(params.PackParams)
     vocab = Vocab.load("data/vocab.json")
-    items = (PREPARED / "train.txt").read_text(encoding="utf-8").splitlines()
+    fix = "rerun `dvc repro prepare`"
+    items = read_text(PREPARED / "train.txt", "prepared train split", fix).splitlines()
     train, val = split_items(items, p.val_fraction, p.seed)
     del items
-    texts = {"train": train, "val": val, "test": (PREPARED / "test.txt").read_text(encoding="utf-8").splitlines()}
+    test = read_text(PREPARED / "test.txt", "prepared test split", fix).splitlines()
+    texts = {"train": train, "val": val, "test": test}
+    del test
     streams, splits = {}, {}
     for split, lines in texts.items():
         streams[split] = stream = encode_items(vocab, "\n".join(lines))

@@ -16,8 +16,12 @@ RAW, OUT = Path("data/raw"), Path("data/prepared")
 
 def main() -> None:
     p = params.load(params.PrepareParams)
+    prepared = {}
+    # Read and check both splits before writing either, so a bad test split leaves no train output behind.
     for split in ("train", "test"):
         path = RAW / f"{split}.csv"
+        if not path.is_file():
+            raise CharlmError(f"{path}: not found; run the download stage (`dvc repro download`) first")
         if p.format == "ag_news":
             items = corpus.read_ag_news(path, p.fields, p.clean, p.separator)
         else:
@@ -25,8 +29,10 @@ def main() -> None:
         kept = [item for item in items if item]
         if not kept:
             raise CharlmError(f"{path}: no non-empty items after preparing; the corpus is empty")
+        prepared[split] = (kept, len(items) - len(kept))
+    for split, (kept, dropped) in prepared.items():
         write_text(OUT / f"{split}.txt", "\n".join(kept) + "\n")
-        print(f"prepare: {split}: {len(kept):,} items ({len(items) - len(kept)} empty dropped), "
+        print(f"prepare: {split}: {len(kept):,} items ({dropped} empty dropped), "
               f"{sum(map(len, kept)):,} characters")
 
 

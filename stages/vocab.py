@@ -9,6 +9,7 @@ from pathlib import Path
 
 from charlm import params
 from charlm.errors import CharlmError, run_main
+from charlm.io import read_text
 from charlm.vocab import Vocab, count_chars
 
 PREPARED, OUT = Path("data/prepared"), Path("data/vocab.json")
@@ -16,13 +17,14 @@ PREPARED, OUT = Path("data/prepared"), Path("data/vocab.json")
 
 def main() -> None:
     p = params.load(params.VocabParams)
-    train = (PREPARED / "train.txt").read_text(encoding="utf-8")
+    fix = "rerun `dvc repro prepare`"
+    train = read_text(PREPARED / "train.txt", "prepared train split", fix)
     counts = count_chars(train)
     vocab = Vocab.build(counts, p.min_count)
     if not vocab.chars:
         raise CharlmError(f"no character occurs vocab.min_count={p.min_count} times in the train split; "
                           f"lower vocab.min_count")
-    test_counts = count_chars((PREPARED / "test.txt").read_text(encoding="utf-8"))
+    test_counts = count_chars(read_text(PREPARED / "test.txt", "prepared test split", fix))
     test_chars = sum(n for c, n in test_counts.items() if c != "\n")
     test_unk = sum(n for c, n in test_counts.items() if c != "\n" and c not in vocab.itos)
     train_chars = sum(n for c, n in counts.items() if c != "\n")

@@ -1,0 +1,308 @@
+"""Packed token streams, the validation split and the minibatch iterator (charlm/data.py)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from charlm import data
+from charlm.data import Batches, encode_items, eval_windows, item_bounds, load_packed, n_windows, split_items
+from charlm.errors import CharlmError
+from charlm.io import write_json, write_npy
+from charlm.vocab import EOS_ID, Vocab
+
+VOCAB = Vocab(list("abcdefgh \u00e9\u6771"))
+item_text = st.text(st.sampled_from(VOCAB.chars), max_size=12)
+items_strategy = st.lists(item_text, min_size=1, max_size=12)
+
+
+# --------------------------------------------------------------------------- encode_items
+
+
+def expected_stream(items: list[str]) -> list[int]:
+    out = [EOS_ID]
+    for item in items:
+        out += VOCAB.encode(item).tolist() + [EOS_ID]
+    return out
+
+
+@settings(max_examples=100, deadline=None)
+@given(items=st.lists(item_text.filter(bool), min_size=1, max_size=12), chunk=st.sampled_from([1, 2, 3, 7, 1 << 20]))
+def test_encode_items_is_eos_separated_and_chunking_does_not_matter(items, chunk):
+    # Prepared items are never empty (prepare drops them), so a text never ends in an empty item.
+    saved = data._CHUNK
+    data._CHUNK = chunk  # the chunked encoder must agree with itself at any chunk size
+    try:
+        stream = encode_items(VOCAB, "\n".join(items))
+    finally:
+        data._CHUNK = saved
+    assert stream.dtype == VOCAB.dtype
+    assert stream[0] == EOS_ID and stream[-1] == EOS_ID
+    assert stream.tolist() == expected_stream(items)
+    assert int((stream == EOS_ID).sum()) == len(items) + 1
+
+
+def test_encode_items_accepts_a_trailing_newline():
+    expected = expected_stream(["ab", "c"])
+    assert encode_items(VOCAB, "ab\nc\n").tolist() == encode_items(VOCAB, "ab\nc").tolist() == expected
+
+
+def test_encode_items_uses_the_vocab_dtype():
+    wide = Vocab([chr(0x4E00 + i) for i in range(300)])
+    stream = encode_items(wide, chr(0x4E00 + 299) + "\n" + chr(0x4E00))
+    assert stream.dtype == np.uint16 and stream.tolist() == [EOS_ID, 302, EOS_ID, 3, EOS_ID]
+
+
+# --------------------------------------------------------------------------- split_items
+
+
+def expected_val_size(n: int, fraction: float) -> int:
+    k = int(round(n * fraction))
+    return max(k, 1) if fraction > 0 and n > 1 else k
+
+
+@settings(max_examples=100, deadline=None)
+@given(n=st.integers(0, 300), fraction=st.floats(0.0, 0.99), seed=st.integers(0, 2**32 - 1))
+def test_split_items_is_exact_disjoint_covering_and_seeded(n, fraction, seed):
+    items = [f"item{i}" for i in range(n)]
+    train, val = split_items(items, fraction, seed)
+    assert (train, val) == split_items(list(items), fraction, seed)
+    assert len(val) == expected_val_size(n, fraction)
+    assert len(train) + len(val) == n
+    assert not set(train) & set(val)
+    assert set(train) | set(val) == set(items)
+    # Both keep the original order.
+    assert train == [s for s in items if s in set(train)]
+    assert val == [s for s in items if s in set(val)]
+
+
+def test_split_items_by_position_even_with_duplicate_items():
+    items = ["same"] * 10 + ["other"] * 10
+    train, val = split_items(items, 0.25, 3)
+    assert len(train) == 15 and len(val) == 5 and sorted(train + val) == sorted(items)
+
+
+def test_split_items_depends_on_the_seed():
+    items = [f"item{i}" for i in range(200)]
+    vals = {tuple(split_items(items, 0.1, seed)[1]) for seed in range(5)}
+    assert len(vals) == 5
+
+
+def test_split_items_zero_fraction_keeps_everything_in_train():
+    items = [f"item{i}" for i in range(10)]
+    assert split_items(items, 0.0, 0) == (items, [])
+
+
+# --------------------------------------------------------------------------- Batches
+
+
+def unique_stream(length: int) -> np.ndarray:
+    # Every position holds a different value, so a window proves where it was cut from.
+    return np.arange(length, dtype=np.uint16)
+
+
+@settings(max_examples=100, deadline=None)
+@given(length=st.integers(2, 400), seq_len=st.integers(1, 24), batch_size=st.integers(1, 8),
+       world=st.integers(1, 3), seed=st.integers(0, 2**31))
+def test_batches_windows_cover_each_epoch_once(length, seq_len, batch_size, world, seed):
+    stream = unique_stream(length)
+    n = n_windows(length, seq_len)
+    assert n == (length - 1) // seq_len
+    if n < batch_size * world:
+        with pytest.raises(CharlmError, match="windows"):
+            Batches(stream, seq_len, batch_size, seed, rank=0, world=world)
+        return
+    ranks = [Batches(stream, seq_len, batch_size, seed, rank=r, world=world) for r in range(world)]
+    whole = Batches(stream, seq_len, batch_size * world, seed)
+    per_epoch = ranks[0].per_epoch
+    assert per_epoch == n // (batch_size * world) == whole.per_epoch
+    for epoch in (0, 1):
+        seen = []
+        for index in range(per_epoch):
+            starts = []
+            for b in ranks:
+                x, y = b.batch(epoch, index)
+                s = b.starts(epoch, index)
+                assert x.shape == y.shape == (batch_size, seq_len)
+                assert x.dtype == y.dtype == np.int64
+                for row_x, row_y, start in zip(x, y, s):
+                    window = stream[start:start + seq_len + 1]
+                    assert len(window) == seq_len + 1
+                    assert row_x.tolist() == window[:-1].tolist()
+                    assert row_y.tolist() == window[1:].tolist()
+                assert (x[:, 1:] == y[:, :-1]).all()  # targets are the inputs shifted by one
+                starts.append(s)
+            # The ranks' batches are disjoint and together are the single-process batch of the world's size.
+            together = np.concatenate(starts)
+            assert len(set(together.tolist())) == batch_size * world
+            assert together.tolist() == whole.starts(epoch, index).tolist()
+            seen += together.tolist()
+        assert len(seen) == len(set(seen)) == per_epoch * batch_size * world
+        assert all(s % seq_len == 0 and 0 <= s // seq_len < n for s in seen)
+        assert n - len(seen) < batch_size * world  # only the remainder is dropped
+    # The same seed gives the same order, from a fresh iterator too.
+    again = Batches(stream, seq_len, batch_size, seed, rank=0, world=world)
+    for index in range(per_epoch):
+        assert again.starts(1, index).tolist() == ranks[0].starts(1, index).tolist()
+    with pytest.raises(IndexError):
+        ranks[0].batch(0, per_epoch)
+    with pytest.raises(IndexError):
+        ranks[0].batch(0, -1)
+
+
+def all_starts(b: Batches, epoch: int) -> list[int]:
+    return [s for i in range(b.per_epoch) for s in b.starts(epoch, i).tolist()]
+
+
+def test_batches_epochs_differ_and_seeds_differ():
+    stream = unique_stream(32 * 40 + 1)
+    b = Batches(stream, 32, 4, seed=0)
+    assert b.n_windows == 40 and b.per_epoch == 10
+    e0, e1, e2 = all_starts(b, 0), all_starts(b, 1), all_starts(b, 2)
+    assert e0 != e1 and e1 != e2 and e0 != e2
+    assert sorted(e0) == sorted(e1) == list(range(0, 32 * 40, 32))
+    assert all_starts(b, 0) == e0  # going back to an epoch gives its order again
+    assert all_starts(Batches(stream, 32, 4, seed=1), 0) != e0
+    assert all_starts(Batches(stream, 32, 4, seed=0), 1) == e1
+
+
+def test_batches_read_memory_mapped_uint8_streams(tmp_path):
+    stream = (np.arange(1000) % 250).astype(np.uint8)
+    write_npy(tmp_path / "s.npy", stream)
+    mapped = np.load(tmp_path / "s.npy", mmap_mode="r")
+    x, y = Batches(mapped, 10, 3, seed=5).batch(0, 0)
+    ref = Batches(stream, 10, 3, seed=5).batch(0, 0)
+    assert (x == ref[0]).all() and (y == ref[1]).all() and x.dtype == np.int64
+
+
+@pytest.mark.parametrize("length, seq_len, batch_size, world", [
+    (2, 2, 1, 1),     # one token after <eos>: no window of two
+    (11, 10, 2, 1),   # one window, a batch needs two
+    (41, 10, 3, 2),   # four windows, a global batch needs six
+])
+def test_batches_too_few_windows(length, seq_len, batch_size, world):
+    with pytest.raises(CharlmError) as info:
+        Batches(unique_stream(length), seq_len, batch_size, 0, rank=0, world=world)
+    message = str(info.value)
+    assert f"pack.seq_len={seq_len}" in message and f"train.batch_size={batch_size}" in message
+    assert "\n" not in message
+
+
+# --------------------------------------------------------------------------- eval_windows
+
+
+@settings(max_examples=100, deadline=None)
+@given(length=st.integers(0, 300), seq_len=st.integers(1, 20), batch_size=st.integers(1, 7))
+def test_eval_windows_cover_the_stream_in_order(length, seq_len, batch_size):
+    stream = unique_stream(length)
+    n = n_windows(length, seq_len)
+    batches = list(eval_windows(stream, seq_len, batch_size))
+    assert len(batches) == -(-n // batch_size)
+    assert all(len(x) == batch_size for x, _ in batches[:-1])
+    assert all(0 < len(x) <= batch_size for x, _ in batches)
+    inputs = np.concatenate([x for x, _ in batches]).reshape(-1) if batches else np.zeros(0, np.int64)
+    targets = np.concatenate([y for _, y in batches]).reshape(-1) if batches else np.zeros(0, np.int64)
+    assert inputs.tolist() == stream[:n * seq_len].tolist()
+    assert targets.tolist() == stream[1:n * seq_len + 1].tolist()
+    # Only a tail shorter than one window is left out.
+    assert 0 <= (length - 1) - n * seq_len < seq_len or length < 2
+
+
+# --------------------------------------------------------------------------- item_bounds
+
+
+@settings(max_examples=100, deadline=None)
+@given(items=items_strategy)
+def test_item_bounds_find_every_non_empty_item(items):
+    stream = encode_items(VOCAB, "\n".join(items))
+    starts, lengths = item_bounds(stream, EOS_ID)
+    found = [VOCAB.decode(stream[s:s + n]) for s, n in zip(starts.tolist(), lengths.tolist())]
+    assert found == [item for item in items if item]
+    assert all(stream[s - 1] == EOS_ID and stream[s + n] == EOS_ID for s, n in zip(starts, lengths))
+
+
+# --------------------------------------------------------------------------- load_packed
+
+
+@pytest.fixture
+def packed(tmp_path):
+    directory = tmp_path / "packed"
+    streams = {split: encode_items(VOCAB, text) for split, text in
+               [("train", "abc\nde\nf" * 20), ("val", "gh\na"), ("test", "\u00e9\u6771\nb")]}
+    for split, stream in streams.items():
+        write_npy(directory / f"{split}.npy", stream)
+    meta = {"format": data.FORMAT, "splits": {s: {"tokens": len(v)} for s, v in streams.items()}}
+    write_json(directory / "meta.json", meta)
+    return directory, streams, meta
+
+
+def test_load_packed_round_trip(packed):
+    directory, streams, meta = packed
+    got = load_packed(directory)
+    assert got.meta == meta
+    for split, stream in streams.items():
+        assert got.streams[split].dtype == stream.dtype
+        assert got.streams[split].tolist() == stream.tolist()
+
+
+def load_error(directory) -> str:
+    with pytest.raises(CharlmError) as info:
+        load_packed(directory)
+    message = str(info.value)
+    assert "\n" not in message and "dvc repro pack" in message
+    return message
+
+
+@pytest.mark.parametrize("keep", [0, 10, 100, 127, -1])
+def test_load_packed_truncated_npy(packed, keep):
+    directory, _, _ = packed
+    path = directory / "val.npy"
+    raw = path.read_bytes()
+    path.write_bytes(raw[:keep] if keep >= 0 else raw[:-1])
+    message = load_error(directory)
+    assert str(path) in message
+
+
+def test_load_packed_missing_npy(packed):
+    directory, _, _ = packed
+    (directory / "test.npy").unlink()
+    assert str(directory / "test.npy") in load_error(directory)
+
+
+def test_load_packed_npy_disagrees_with_meta(packed):
+    directory, streams, _ = packed
+    write_npy(directory / "train.npy", streams["train"][:-5])
+    message = load_error(directory)
+    assert "train.npy" in message and str(len(streams["train"])) in message
+
+
+def test_load_packed_2d_array(packed):
+    directory, streams, meta = packed
+    write_npy(directory / "val.npy", streams["val"].reshape(1, -1))
+    assert "val.npy" in load_error(directory)
+
+
+@pytest.mark.parametrize("meta, expected", [
+    (None, "not found"),
+    ({"format": "charlm-packed/0"}, "unknown format"),
+    ({"format": data.FORMAT}, "meta.json"),
+    ({"format": data.FORMAT, "splits": {}}, "train"),
+    ({"format": data.FORMAT, "splits": []}, "train"),
+    ({"format": data.FORMAT, "splits": {"train": {}}}, "train"),
+])
+def test_load_packed_bad_meta(packed, meta, expected):
+    directory, _, _ = packed
+    if meta is None:
+        (directory / "meta.json").unlink()
+    else:
+        write_json(directory / "meta.json", meta)
+    message = load_error(directory)
+    assert "meta.json" in message and expected in message
+
+
+def test_load_packed_truncated_meta(packed):
+    directory, _, _ = packed
+    path = directory / "meta.json"
+    path.write_bytes(path.read_bytes()[:15])
+    assert "not valid JSON" in load_error(directory)

@@ -1,0 +1,199 @@
+"""The evaluation protocol: every item from a zero state, first character conditioned on <eos>, every character
+of the item scored and the closing <eos> not; batching and chunking must not change the result."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import PIPELINE_FILES, ROOT, TINY, Project, ag_news_rows, csv_bytes
+
+from charlm import artifact
+from charlm.model import CharRNN
+from charlm.vocab import EOS_ID, UNK_ID
+
+ENV = {"OMP_NUM_THREADS": "1"}  # 2 OpenMP threads on a busy 2-core machine slow tiny models down many times
+
+
+def load_stage(name: str):
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def evaluate():
+    return load_stage("evaluate")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+V = 9
+
+
+def random_stream(seed: int = 0) -> tuple[np.ndarray, list[list[int]]]:
+    """`<eos> item <eos> item ... <eos>` with items of 1..40 characters (some <unk>) and one empty item."""
+    rng = np.random.default_rng(seed)
+    items = [rng.integers(3, V, size=n).tolist() for n in rng.integers(1, 41, size=17)]
+    items[2] = [UNK_ID] + items[2]  # starts with <unk>
+    items[5][-1] = UNK_ID  # ends with <unk>
+    items[7] = items[7] + [UNK_ID, UNK_ID]
+    items.insert(9, [])  # two <eos> in a row: an empty item, nothing to score
+    stream = [EOS_ID]
+    for item in items:
+        stream += item + [EOS_ID]
+    return np.array(stream, dtype=np.uint8), items
+
+
+def item_bounds_of(stream: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    eos = np.flatnonzero(stream == EOS_ID)
+    starts, lengths = eos[:-1] + 1, np.diff(eos) - 1
+    return starts[lengths > 0], lengths[lengths > 0]
+
+
+def naive_nats(model: CharRNN, items: list[list[int]]) -> float:
+    """Per item, per character, in plain Python: feed <eos> then each character, from a zero state."""
+    total = 0.0
+    with torch.no_grad():
+        for item in items:
+            state, prev = None, EOS_ID
+            for target in item:
+                logits, state = model(torch.tensor([[prev]]), state)
+                total -= torch.log_softmax(logits[0, -1].double(), -1)[target].item()
+                prev = target
+    return total
+
+
+@pytest.fixture(params=["lstm", "gru"])
+def model(request) -> CharRNN:
+    torch.manual_seed(3)
+    m = CharRNN(V, cell=request.param, hidden=10, layers=2, dropout=0.5, embedding=4).eval()
+    with torch.no_grad():
+        m.head.weight.mul_(4)  # a peaked model, so a wrong context shows in the score
+    return m
+
+
+def test_score_items_equals_a_naive_per_character_loop(evaluate, model):
+    stream, items = random_stream()
+    starts, lengths = item_bounds_of(stream)
+    nats, chars, unk = evaluate.score_items(model, stream, starts, lengths, 4, "cpu")
+    assert chars == sum(len(i) for i in items) == lengths.sum()
+    assert unk == sum(t == UNK_ID for i in items for t in i) == 4
+    assert nats == pytest.approx(naive_nats(model, items), rel=1e-5)
+
+
+def test_protocol_is_not_a_sliding_window_over_the_stream(evaluate, model):
+    """Guard the reference: scoring the stream in one pass (state carried across items) gives a number well
+    outside the 1e-5 tolerance used above, so that equality can tell the protocols apart."""
+    stream, items = random_stream()
+    starts, lengths = item_bounds_of(stream)
+    nats, _, _ = evaluate.score_items(model, stream, starts, lengths, 4, "cpu")
+    with torch.no_grad():
+        x = torch.from_numpy(stream[None, :-1].astype(np.int64))
+        y = torch.from_numpy(stream[None, 1:].astype(np.int64))
+        logits, _ = model(x)
+        nll = torch.nn.functional.cross_entropy(logits[0].double(), y[0], reduction="none")
+        carried = nll[y[0] != EOS_ID].sum().item()
+    assert not math.isclose(nats, carried, rel_tol=1e-4)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 64])
+def test_result_does_not_depend_on_batch_size(evaluate, model, batch_size):
+    stream, items = random_stream(seed=1)
+    starts, lengths = item_bounds_of(stream)
+    reference = naive_nats(model, items)
+    nats, chars, unk = evaluate.score_items(model, stream, starts, lengths, batch_size, "cpu")
+    assert nats == pytest.approx(reference, rel=1e-5)
+    assert chars == lengths.sum()
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7])
+def test_result_does_not_depend_on_chunk_size(evaluate, model, monkeypatch, chunk):
+    stream, items = random_stream(seed=2)
+    starts, lengths = item_bounds_of(stream)
+    assert lengths.max() > 3 * chunk  # items span several chunks
+    reference = naive_nats(model, items)
+    monkeypatch.setattr(evaluate, "CHUNK", chunk)
+    for batch_size in (2, 64):
+        nats, chars, unk = evaluate.score_items(model, stream, starts, lengths, batch_size, "cpu")
+        assert nats == pytest.approx(reference, rel=1e-5), batch_size
+        assert chars == lengths.sum()
+        assert unk == sum(t == UNK_ID for i in items for t in i)
+
+
+def test_the_last_item_of_the_stream_and_a_one_character_item(evaluate, model):
+    items = [[5, 6, 7, 8], [4], [3, 3, 8, 6, 5, 4, 7]]
+    stream = np.array([EOS_ID] + [t for item in items for t in item + [EOS_ID]], dtype=np.uint8)
+    starts, lengths = item_bounds_of(stream)
+    nats, chars, _ = evaluate.score_items(model, stream, starts, lengths, 2, "cpu")
+    assert chars == 12
+    assert nats == pytest.approx(naive_nats(model, items), rel=1e-5)
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def make_project(root: Path) -> Project:
+    """The pipeline in a fresh directory with TINY params and the raw CSVs already in place."""
+    root.mkdir(parents=True)
+    for name in PIPELINE_FILES:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.exists():
+            shutil.copy2(src, root / name)
+    (root / "data" / "raw").mkdir(parents=True)
+    (root / "data" / "raw" / "train.csv").write_bytes(csv_bytes(ag_news_rows(240, seed=1)))
+    (root / "data" / "raw" / "test.csv").write_bytes(csv_bytes(ag_news_rows(40, seed=2)))
+    project = Project(root)
+    project.set_params(**TINY)
+    return project
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory) -> Project:
+    p = make_project(tmp_path_factory.mktemp("evaluate") / "repo")
+    # A higher min_count than TINY's so that some test characters are <unk>.
+    p.set_params(vocab={"min_count": 40}, train={"max_steps": 10, "sample_every": 0})
+    for stage in ("prepare", "vocab", "pack", "train", "evaluate"):
+        p.stage(stage, env=ENV)
+    return p
+
+
+def test_evaluate_stage_writes_the_metrics(evaluated):
+    metrics = json.loads((evaluated.path / "metrics/eval.json").read_text())
+    assert {"test_bpc", "test_loss", "test_chars", "test_items", "unk_rate"} <= metrics.keys()
+    assert metrics["test_bpc"] == pytest.approx(metrics["test_loss"] / math.log(2), rel=1e-5)
+    assert 0 < metrics["test_bpc"] < math.log2(200)
+
+    test = np.load(evaluated.path / "data/packed/test.npy")
+    items = [item for item in np.split(test, np.flatnonzero(test == EOS_ID)) if len(item) > 1]
+    items = [item[1:].astype(np.int64) for item in items]  # drop the leading <eos>
+    assert metrics["test_items"] == len(items) == 40
+    assert metrics["test_chars"] == sum(len(i) for i in items)
+    unk = sum(int((i == UNK_ID).sum()) for i in items)
+    assert unk > 0
+    assert metrics["unk_rate"] == pytest.approx(unk / metrics["test_chars"], rel=1e-6)
+
+    # The protocol, independently: each item in one forward pass from a zero state, after <eos>.
+    model, _, _ = artifact.load_model(evaluated.path / "models/model.pt")
+    nats = 0.0
+    with torch.no_grad():
+        for item in items:
+            x = torch.from_numpy(np.concatenate([[EOS_ID], item[:-1]]))[None]
+            logits, _ = model(x)
+            nats += torch.nn.functional.cross_entropy(logits[0].double(), torch.from_numpy(item),
+                                                      reduction="sum").item()
+    assert metrics["test_loss"] == pytest.approx(nats / metrics["test_chars"], rel=1e-5)

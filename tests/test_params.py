@@ -1,0 +1,324 @@
+"""Typed params: every bad value stops with one line naming the key and the value; the dataclass defaults
+are the shipped params.yaml; every key in params.yaml is documented."""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from charlm import params
+from charlm.errors import CharlmError
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = ROOT / "params.yaml"
+
+
+def load_text(tmp_path: Path, text: str, cls):
+    path = tmp_path / "params.yaml"
+    path.write_text(text, encoding="utf-8")
+    return params.load(cls, path)
+
+
+def error_of(tmp_path: Path, text: str, cls) -> str:
+    with pytest.raises(CharlmError) as info:
+        load_text(tmp_path, text, cls)
+    message = str(info.value)
+    assert "\n" not in message, message
+    return message
+
+
+# --------------------------------------------------------------------------- rejected values
+
+# (section class, params.yaml text, substrings the one-line message must hold)
+REJECTED = [
+    # unknown keys and sections, with a suggestion
+    (params.TrainParams, "train:\n  lrr: 0.1\n", ["unknown key train.lrr", "did you mean 'lr'"]),
+    (params.PackParams, "pack:\n  seqlen: 10\n", ["unknown key pack.seqlen", "did you mean 'seq_len'", "seq_len, val_fraction, seed"]),
+    (params.DownloadParams, "download:\n  train: {url: x, md6: null}\n", ["download.train.md6", "did you mean 'md5'"]),
+    (params.TrainParams, "trian:\n  lr: 0.1\n", ["unknown section 'trian'", "did you mean 'train'"]),
+    (params.PackParams, "packing:\n  seq_len: 10\n", ["unknown section 'packing'", "sections are"]),
+    # wrong types
+    (params.TrainParams, "train:\n  lr: 1e-3\n", ["train.lr", "'1e-3'", "1.0e-3"]),
+    (params.TrainParams, 'train:\n  lr: "0.001"\n', ["train.lr", "'0.001'", "1.0e-3"]),
+    (params.TrainParams, "train:\n  epochs: true\n", ["train.epochs", "True", "an integer"]),
+    (params.PackParams, "pack:\n  seed: false\n", ["pack.seed", "False", "an integer"]),
+    (params.TrainParams, "train:\n  lr: true\n", ["train.lr", "True", "a number"]),
+    (params.PackParams, "pack:\n  seq_len: 10.5\n", ["pack.seq_len", "10.5", "an integer"]),
+    (params.PackParams, 'pack:\n  seq_len: "100"\n', ["pack.seq_len", "'100'", "an integer"]),
+    (params.PackParams, "pack:\n  seq_len: [100]\n", ["pack.seq_len", "[100]"]),
+    (params.PrepareParams, "prepare:\n  clean: yes please\n", ["prepare.clean", "'yes please'", "true or false"]),
+    (params.PrepareParams, "prepare:\n  clean: 1\n", ["prepare.clean", "1", "true or false"]),
+    (params.TrainParams, "train:\n  sample_prompt: 5\n", ["train.sample_prompt", "5", "a string"]),
+    (params.PackParams, "pack: 5\n", ["pack", "5", "a mapping"]),
+    (params.DownloadParams, "download:\n  train: http://example.com/a.csv\n", ["download.train", "'http://example.com/a.csv'", "a mapping"]),
+    # out of range
+    (params.ModelParams, "model:\n  hidden: -1\n", ["model.hidden", "-1", ">= 1"]),
+    (params.ModelParams, "model:\n  layers: 0\n", ["model.layers", "0", ">= 1"]),
+    (params.ModelParams, "model:\n  embedding: -32\n", ["model.embedding", "-32", ">= 0"]),
+    (params.TrainParams, "train:\n  batch_size: 0\n", ["train.batch_size", "0", ">= 1"]),
+    (params.PackParams, "pack:\n  seq_len: -5\n", ["pack.seq_len", "-5", ">= 1"]),
+    (params.VocabParams, "vocab:\n  min_count: 0\n", ["vocab.min_count", "0", ">= 1"]),
+    (params.GenerateParams, "generate:\n  length: -1\n", ["generate.length", "-1", ">= 0"]),
+    (params.GenerateParams, "generate:\n  top_k: -3\n", ["generate.top_k", "-3"]),
+    (params.PackParams, "pack:\n  val_fraction: 1.0\n", ["pack.val_fraction", "1.0", "< 1.0"]),
+    (params.PackParams, "pack:\n  val_fraction: 1.5\n", ["pack.val_fraction", "1.5"]),
+    (params.PackParams, "pack:\n  val_fraction: -0.1\n", ["pack.val_fraction", "-0.1", ">= 0.0"]),
+    (params.ModelParams, "model:\n  dropout: 1.0\n", ["model.dropout", "1.0"]),
+    (params.GenerateParams, "generate:\n  top_p: 0\n", ["generate.top_p", "0", "> 0.0"]),
+    (params.GenerateParams, "generate:\n  top_p: 1.01\n", ["generate.top_p", "1.01", "<= 1.0"]),
+    (params.GenerateParams, "generate:\n  top_p: -0.5\n", ["generate.top_p", "-0.5"]),
+    (params.GenerateParams, "generate:\n  temperatures: [1.0, -0.5]\n", ["generate.temperatures[1]", "-0.5", ">= 0.0"]),
+    (params.TrainParams, "train:\n  lr: 0\n", ["train.lr", "0", "> 0.0"]),
+    (params.DownloadParams, "download:\n  timeout: 0\n", ["download.timeout", "0"]),
+    (params.DownloadParams, "download:\n  retries: -1\n", ["download.retries", "-1"]),
+    # NaN and infinities
+    (params.TrainParams, "train:\n  lr: .nan\n", ["train.lr", "nan", "finite"]),
+    (params.DownloadParams, "download:\n  timeout: .inf\n", ["download.timeout", "inf", "finite"]),
+    (params.GenerateParams, "generate:\n  temperatures: [0.5, -.inf]\n", ["generate.temperatures[1]", "-inf"]),
+    (params.GenerateParams, "generate:\n  temperatures: [.nan]\n", ["generate.temperatures[0]", "nan"]),
+    # choices
+    (params.ModelParams, "model:\n  cell: transformer\n", ["model.cell", "'transformer'", "lstm, gru, rnn"]),
+    (params.ModelParams, "model:\n  cell: LSTM\n", ["model.cell", "'LSTM'"]),
+    (params.TrainParams, "train:\n  device: gpu\n", ["train.device", "'gpu'", "auto, cpu, cuda"]),
+    (params.TrainParams, "train:\n  schedule: step\n", ["train.schedule", "'step'"]),
+    (params.PrepareParams, "prepare:\n  format: csv\n", ["prepare.format", "'csv'", "ag_news, lines"]),
+    # list fields
+    (params.GenerateParams, 'generate:\n  prompts: "Today "\n', ["generate.prompts", "'Today '", "a list of strings"]),
+    (params.GenerateParams, "generate:\n  prompts: []\n", ["generate.prompts", "[]", "non-empty"]),
+    (params.GenerateParams, "generate:\n  prompts: [Today, 5]\n", ["generate.prompts[1]", "5", "a string"]),
+    (params.GenerateParams, "generate:\n  temperatures: 0.8\n", ["generate.temperatures", "0.8", "a list of numbers"]),
+    (params.GenerateParams, "generate:\n  temperatures: []\n", ["generate.temperatures", "[]", "non-empty"]),
+    (params.GenerateParams, "generate:\n  temperatures: [hot]\n", ["generate.temperatures[0]", "'hot'", "a number"]),
+    (params.PrepareParams, "prepare:\n  fields: [title, body]\n", ["prepare.fields[1]", "'body'", "title, description"]),
+    (params.PrepareParams, "prepare:\n  fields: []\n", ["prepare.fields", "[]", "non-empty"]),
+    (params.PrepareParams, "prepare:\n  fields: [title, title]\n", ["prepare.fields", "['title', 'title']", "without repeats"]),
+    (params.PrepareParams, "prepare:\n  fields: title\n", ["prepare.fields", "'title'", "a list"]),
+    # md5 and url
+    (params.DownloadParams, "download:\n  train: {url: x, md5: abc}\n", ["download.train.md5", "'abc'", "32 lower-case hex"]),
+    (params.DownloadParams, "download:\n  test: {url: x, md5: " + "B1A00F826FDFBD249F79597B59E1DC12" + "}\n",
+     ["download.test.md5", "'B1A00F826FDFBD249F79597B59E1DC12'"]),
+    (params.DownloadParams, "download:\n  train: {url: x, md5: " + "g" * 32 + "}\n", ["download.train.md5", "'" + "g" * 32 + "'"]),
+    (params.DownloadParams, "download:\n  train: {url: x, md5: 12345}\n", ["download.train.md5", "12345", "a string"]),
+    (params.DownloadParams, "download:\n  train: {url: '', md5: null}\n", ["download.train.url", "''", "URL"]),
+    (params.DownloadParams, "download:\n  test: {md5: null}\n", ["download.test.url", "''"]),
+]
+
+
+@pytest.mark.parametrize("cls, text, expected", REJECTED, ids=[t.strip().replace("\n", " ") for _, t, _ in REJECTED])
+def test_bad_values_stop_with_one_line_naming_key_and_value(tmp_path, cls, text, expected):
+    message = error_of(tmp_path, text, cls)
+    for part in expected:
+        assert part.lower() in message.lower(), (part, message)
+
+
+def test_message_names_params_file_and_what_is_allowed(tmp_path):
+    message = error_of(tmp_path, "model:\n  hidden: -1\n", params.ModelParams)
+    assert message.startswith("params.yaml: model.hidden = -1 (an integer): expected ")
+
+
+def test_int_too_large_for_a_float_is_a_clear_error(tmp_path):
+    message = error_of(tmp_path, f"train:\n  lr: {10 ** 400}\n", params.TrainParams)
+    assert "train.lr" in message and "finite" in message
+
+
+def test_unknown_key_with_a_newline_keeps_the_message_on_one_line(tmp_path):
+    message = error_of(tmp_path, 'pack:\n  "seq\\nlen": 1\n', params.PackParams)
+    assert "unknown key pack." in message and "seq\\nlen" in message
+
+
+def test_non_string_section_name_is_a_clear_error(tmp_path):
+    message = error_of(tmp_path, "1: {}\n", params.PackParams)
+    assert "unknown section 1" in message
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("pack:\n  seq_len: [1\n", "invalid YAML at line"),
+    ("- pack\n- train\n", "mapping of sections"),
+    ("pack:\n  seq_len: !!python/object:os.system x\n", "invalid YAML"),
+])
+def test_broken_yaml_is_a_clear_error(tmp_path, text, expected):
+    assert expected in error_of(tmp_path, text, params.PackParams)
+
+
+def test_non_utf8_params_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_bytes("pack:\n  seq_len: 10  # caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(CharlmError, match="not UTF-8"):
+        params.load(params.PackParams, path)
+
+
+def test_missing_params_file_is_a_clear_error(tmp_path):
+    with pytest.raises(CharlmError, match="not found"):
+        params.load(params.PackParams, tmp_path / "params.yaml")
+
+
+# --------------------------------------------------------------------------- accepted values
+
+
+def test_null_md5_skips_the_check(tmp_path):
+    p = load_text(tmp_path, "download:\n  train: {url: 'file:///x.csv', md5: null}\n", params.DownloadParams)
+    assert p.train.md5 is None and p.train.url == "file:///x.csv"
+    # The other split keeps its default.
+    assert p.test == params.DownloadParams().test
+
+
+def test_valid_values_are_converted(tmp_path):
+    p = load_text(tmp_path, "train:\n  lr: 1\n  batch_size: 3\n  deterministic: true\n", params.TrainParams)
+    assert p.lr == 1.0 and isinstance(p.lr, float)
+    assert p.batch_size == 3 and p.deterministic is True
+    g = load_text(tmp_path, "generate:\n  temperatures: [0, 2]\n  top_p: 1\n  prompts: ['', x]\n",
+                  params.GenerateParams)
+    assert g.temperatures == [0.0, 2.0] and all(isinstance(t, float) for t in g.temperatures)
+    assert g.top_p == 1.0 and g.prompts == ["", "x"]
+    pr = load_text(tmp_path, "prepare:\n  fields: [description]\n  format: lines\n", params.PrepareParams)
+    assert pr.fields == ["description"] and pr.format == "lines"
+
+
+@pytest.mark.parametrize("text", ["", "pack:\n", "pack: null\n", "train:\n  lr: 0.1\n"])
+def test_missing_sections_and_keys_take_the_defaults(tmp_path, text):
+    assert load_text(tmp_path, text, params.PackParams) == params.PackParams()
+
+
+def test_boundary_values_are_accepted(tmp_path):
+    p = load_text(tmp_path, "pack:\n  val_fraction: 0.0\n  seq_len: 1\n", params.PackParams)
+    assert p.val_fraction == 0.0 and p.seq_len == 1
+    g = load_text(tmp_path, "generate:\n  top_p: 1.0\n  temperatures: [0.0]\n  length: 0\n", params.GenerateParams)
+    assert g.top_p == 1.0 and g.temperatures == [0.0] and g.length == 0
+
+
+def test_params_are_frozen(tmp_path):
+    p = load_text(tmp_path, "", params.PackParams)
+    with pytest.raises(Exception):
+        p.seq_len = 5  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------- the shipped params.yaml
+
+
+def shipped() -> dict:
+    return yaml.safe_load(SHIPPED.read_text(encoding="utf-8"))
+
+
+def test_every_section_class_has_a_section_in_params_yaml_and_back():
+    assert set(shipped()) == set(params.SECTIONS)
+
+
+@pytest.mark.parametrize("name", list(params.SECTIONS))
+def test_dataclass_defaults_equal_shipped_params_yaml(name):
+    cls = params.SECTIONS[name]
+    section = shipped()[name]
+    default = params.as_dict(cls())
+    # The same keys, values and types (an int default where the file says 30.0 would be a drift too).
+    assert section == default
+
+    def types(obj):
+        if isinstance(obj, dict):
+            return {k: types(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [types(v) for v in obj]
+        return type(obj).__name__
+    assert types(section) == types(default)
+    # And the file itself validates to exactly the defaults.
+    assert params.load(cls, SHIPPED) == cls()
+
+
+def _strip_strings(line: str) -> str:
+    return re.sub(r'"(?:[^"\\]|\\.)*"|\'[^\']*\'', '""', line)
+
+
+def test_every_key_in_params_yaml_is_documented():
+    """Each setting (a key holding a scalar or a list) has a comment on its line or the line above.
+    Section names and nested mappings (download.train) are containers; their settings carry the comments."""
+    lines = SHIPPED.read_text(encoding="utf-8").splitlines()
+    data = shipped()
+    undocumented = []
+    stack: list[tuple[int, str]] = []  # (indent, key) of the enclosing mappings
+    for i, line in enumerate(lines):
+        m = re.match(r"^(\s*)([A-Za-z_][A-Za-z0-9_]*):", line)
+        if not m:
+            continue
+        indent, key = len(m.group(1)), m.group(2)
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        path = [k for _, k in stack] + [key]
+        stack.append((indent, key))
+        value = data
+        for k in path:
+            value = value[k]
+        if isinstance(value, dict):
+            continue
+        here = "#" in _strip_strings(line)
+        above = i > 0 and lines[i - 1].strip().startswith("#")
+        if not (here or above):
+            undocumented.append(".".join(path))
+    assert not undocumented, f"params.yaml keys without a comment: {undocumented}"
+
+
+# --------------------------------------------------------------------------- fuzzing
+
+
+def _key_paths(obj, prefix=()):
+    for k, v in obj.items():
+        yield prefix + (k,)
+        if isinstance(v, dict):
+            yield from _key_paths(v, prefix + (k,))
+
+
+KEY_PATHS = list(_key_paths(shipped()))
+
+scalars = (st.none() | st.booleans() | st.integers() | st.integers(min_value=-(10 ** 500), max_value=10 ** 500)
+           | st.floats(allow_nan=True, allow_infinity=True)
+           | st.text(st.characters(exclude_categories=["Cs"]), max_size=20)
+           | st.sampled_from(["lstm", "auto", "title", "description", "1e-3", "", "b1a00f826fdfbd249f79597b59e1dc12"]))
+keys = st.text(st.characters(exclude_categories=["Cs"]), max_size=8) | st.integers() | st.sampled_from(
+    ["url", "md5", "seq_len", "lr", "cell"])
+yaml_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
+                           | st.dictionaries(keys, inner, max_size=4), max_leaves=10)
+
+
+@pytest.fixture(scope="module")
+def fuzz_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("fuzz")
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(path=st.sampled_from(KEY_PATHS), value=yaml_values)
+def test_any_yaml_value_anywhere_loads_or_raises_charlm_error(fuzz_dir, path, value):
+    data = shipped()
+    target = data
+    for k in path[:-1]:
+        target = target[k]
+    target[path[-1]] = value
+    file = fuzz_dir / "params.yaml"
+    file.write_text(yaml.dump(data, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper), allow_unicode=False),
+                    encoding="utf-8")
+    # The section that holds the change, and one that does not (it must still load or fail cleanly).
+    for cls in {params.SECTIONS[str(path[0])], params.VocabParams}:
+        try:
+            obj = params.load(cls, file)
+        except CharlmError as e:
+            assert "\n" not in str(e), str(e)
+        else:
+            assert isinstance(obj, cls)
+            # Whatever loads has the declared types and finite numbers.
+            for name, v in params.as_dict(obj).items():
+                if isinstance(v, float):
+                    assert math.isfinite(v), (name, v)
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(section=st.sampled_from(list(params.SECTIONS)), extra=st.dictionaries(keys, yaml_values, min_size=1, max_size=3))
+def test_any_extra_keys_in_a_section_raise_charlm_error(fuzz_dir, section, extra):
+    data = shipped()
+    data[section] = {**data[section], **extra}
+    file = fuzz_dir / "params.yaml"
+    file.write_text(yaml.dump(data, Dumper=getattr(yaml, "CSafeDumper", yaml.SafeDumper)), encoding="utf-8")
+    try:
+        params.load(params.SECTIONS[section], file)
+    except CharlmError as e:
+        assert "\n" not in str(e), str(e)

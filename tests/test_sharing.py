@@ -1,0 +1,130 @@
+"""Team sharing through DVC remotes, with real servers on loopback: a shared folder and an S3-compatible
+server (moto). A pushes; B clones, pulls, and reproduces nothing that A already computed."""
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+
+import pytest
+
+from conftest import Project
+
+pytestmark = pytest.mark.slow
+
+ALL_STAGES = ["download", "prepare", "vocab", "pack", "train", "evaluate", "generate"]
+
+
+def ran(proc) -> list[str]:
+    return [line.split("'")[1] for line in proc.stdout.splitlines() if line.startswith("Running stage")]
+
+
+def restored(proc) -> list[str]:
+    """Stages DVC restored from the run-cache instead of running them."""
+    return [line.split("'")[1] for line in proc.stdout.splitlines()
+            if line.startswith("Stage '") and "is cached - skipping run" in line]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def commit_all(p: Project, message: str) -> None:
+    p.git("add", "-A")
+    p.git("commit", "-qm", message)
+
+
+def clone(a: Project, path) -> Project:
+    subprocess.run(["git", "clone", "-q", str(a.path), str(path)], check=True)
+    return Project(path)
+
+
+@pytest.fixture
+def s3(tmp_path):
+    """A real S3-compatible server (moto) on 127.0.0.1 with a fresh bucket; stopped by its own handle."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+             "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": str(tmp_path / "none"),
+             "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none")}
+    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
+                 region_name="us-east-1").create_bucket(Bucket="charlm")
+    yield endpoint, creds
+    server.stop()
+
+
+def test_shared_folder_remote_fresh_clone_restores_everything(served_project, tmp_path):
+    a = served_project
+    a.dvc("remote", "add", "-d", "team", str(tmp_path / "shared-remote"))
+    assert ran(a.dvc("repro")) == ALL_STAGES
+    commit_all(a, "trained")
+    a.dvc("push", "--run-cache")
+
+    b = clone(a, tmp_path / "b")
+    b.dvc("pull")
+    # Every output came back, metrics and plots included.
+    for path in ["models/model.pt", "metrics/eval.json", "dvclive/metrics.json", "dvclive/plots/metrics/val/bpc.tsv",
+                 "reports/samples.json", "data/packed/meta.json"]:
+        assert (b.path / path).is_file(), path
+    assert "up to date" in b.dvc("status").stdout
+    assert ran(b.dvc("repro")) == []
+    assert "test_bpc" in b.dvc("metrics", "show").stdout
+
+
+def test_s3_push_pull_and_run_cache_restore_of_an_experiment(served_project, s3, tmp_path):
+    endpoint, creds = s3
+    a = served_project
+    a.dvc("remote", "add", "-d", "s3", "s3://charlm/store")
+    a.dvc("remote", "modify", "s3", "endpointurl", endpoint)
+    a.dvc("repro", env=creds)
+    commit_all(a, "baseline")
+    a.dvc("push", "--run-cache", env=creds)
+
+    # A runs an experiment and shares its results, run-cache included.
+    a.dvc("exp", "run", "-S", "train.seed=7", "-S", "generate.length=25", env=creds)
+    a_bpc = (a.path / "metrics/eval.json").read_text()
+    a.dvc("push", "--run-cache", env=creds)
+
+    # B: a fresh clone of the baseline pulls it and is up to date without running anything.
+    b = clone(a, tmp_path / "b")
+    b.dvc("pull", env=creds)
+    assert ran(b.dvc("repro", env=creds)) == []
+
+    # B asks for the same experiment: every changed stage is restored from the run-cache, none re-executed.
+    proc = b.dvc("exp", "run", "--pull", "-S", "train.seed=7", "-S", "generate.length=25", env=creds)
+    assert ran(proc) == [], proc.stdout
+    assert set(restored(proc)) == {"train", "evaluate", "generate"}, proc.stdout
+    assert (b.path / "metrics/eval.json").read_text() == a_bpc
+
+
+def test_s3_missing_credentials_and_wrong_endpoint_fail_fast(served_project, s3, tmp_path):
+    endpoint, creds = s3
+    p = served_project
+    p.stage("download")  # any tracked output will do; commit something to push
+    p.dvc("remote", "add", "-d", "s3", "s3://charlm/store")
+    p.dvc("remote", "modify", "s3", "endpointurl", endpoint)
+    p.dvc("repro", "vocab", env=creds)
+
+    no_creds = {k: v for k, v in creds.items() if not k.startswith("AWS_ACCESS") and k != "AWS_SECRET_ACCESS_KEY"}
+    no_creds |= {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": ""}
+    t0 = time.monotonic()
+    proc = p.dvc("push", check=False, env=no_creds, timeout=120)
+    assert proc.returncode != 0
+    assert "credentials" in (proc.stdout + proc.stderr).lower()
+    assert time.monotonic() - t0 < 60
+
+    closed = f"http://127.0.0.1:{free_port()}"
+    p.dvc("remote", "modify", "s3", "endpointurl", closed)
+    p.dvc("remote", "modify", "s3", "connect_timeout", "3")
+    t0 = time.monotonic()
+    proc = p.dvc("push", check=False, env=creds, timeout=120)
+    assert proc.returncode != 0
+    assert "127.0.0.1" in proc.stdout + proc.stderr or "connect" in (proc.stdout + proc.stderr).lower()
+    assert time.monotonic() - t0 < 90

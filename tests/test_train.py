@@ -1,0 +1,224 @@
+"""The train stage through subprocesses: resuming after SIGKILL and SIGINT, reproducibility, stale checkpoints,
+one-line errors and the DVCLive logs."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import PIPELINE_FILES, ROOT, TINY, Project, ag_news_rows, csv_bytes
+
+pytestmark = pytest.mark.slow
+
+ENV = {"OMP_NUM_THREADS": "1"}  # 2 OpenMP threads on a busy 2-core machine slow tiny models down many times
+CHECKPOINT = "checkpoints/train.pt"
+# Long enough to be stopped part-way (200 steps, over an epoch boundary at step 172), checkpoints every
+# 10 steps, dropout on so that resuming must restore the RNG too.
+LONG = {"model": {"dropout": 0.1},
+        "train": {"epochs": 2, "max_steps": 200, "checkpoint_every": 10, "eval_every": 30, "log_every": 10,
+                  "sample_every": 100, "sample_length": 20}}
+EVAL_STEPS = [30, 60, 90, 120, 150, 180, 200]
+
+
+def make_project(root: Path) -> Project:
+    """The pipeline in a fresh directory with TINY params and the raw CSVs already in place."""
+    root.mkdir(parents=True)
+    for name in PIPELINE_FILES:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.exists():
+            shutil.copy2(src, root / name)
+    (root / "data" / "raw").mkdir(parents=True)
+    (root / "data" / "raw" / "train.csv").write_bytes(csv_bytes(ag_news_rows(240, seed=1)))
+    (root / "data" / "raw" / "test.csv").write_bytes(csv_bytes(ag_news_rows(40, seed=2)))
+    project = Project(root)
+    project.set_params(**TINY)
+    return project
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Project:
+    """Packed data and LONG params, built once; each test trains in its own copy."""
+    p = make_project(tmp_path_factory.mktemp("train") / "base")
+    p.set_params(**LONG)
+    for stage in ("prepare", "vocab", "pack"):
+        p.stage(stage, env=ENV)
+    return p
+
+
+def copy_of(base: Project, path: Path) -> Project:
+    shutil.copytree(base.path, path)
+    return Project(path)
+
+
+def train(p: Project, check: bool = True) -> subprocess.CompletedProcess:
+    return p.stage("train", check=check, env=ENV)
+
+
+def start_train(p: Project) -> subprocess.Popen:
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return subprocess.Popen([sys.executable, "stages/train.py"], cwd=p.path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PATH": path, **ENV})
+
+
+def checkpoint_step(p: Project) -> int | None:
+    try:
+        return int(torch.load(p.path / CHECKPOINT, weights_only=True)["step"])
+    except (FileNotFoundError, RuntimeError, EOFError):
+        return None
+
+
+def wait_for_checkpoint(p: Project, proc: subprocess.Popen, at_least: int, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        step = checkpoint_step(p)
+        if step is not None and step >= at_least:
+            return
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"train exited ({proc.returncode}) before a checkpoint at step {at_least}\n{out}\n{err}")
+        time.sleep(0.01)
+    proc.kill()
+    pytest.fail("no checkpoint appeared in time")
+
+
+def weights(p: Project) -> dict[str, torch.Tensor]:
+    return torch.load(p.path / "models/model.pt", weights_only=True)["state_dict"]
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs"
+
+
+def tsv(p: Project, metric: str) -> list[tuple[int, str]]:
+    """(step, value) rows of a DVCLive plot file (the timestamp column is left out)."""
+    with open(p.path / "dvclive/plots/metrics" / f"{metric}.tsv", newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    name = metric.rsplit("/", 1)[-1]
+    return [(int(r["step"]), r[name]) for r in rows]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(base, tmp_path_factory):
+    p = copy_of(base, tmp_path_factory.mktemp("uninterrupted") / "repo")
+    proc = train(p)
+    return p, weights(p), proc
+
+
+def test_dvclive_logs_metrics_and_one_row_per_evaluation(uninterrupted):
+    p, _, proc = uninterrupted
+    assert "resuming" not in proc.stdout + proc.stderr
+    metrics = json.loads((p.path / "dvclive/metrics.json").read_text())
+    assert metrics["step"] == 200
+    assert 0 < metrics["val"]["bpc"] < 8 and metrics["train"]["loss"] > 0
+    assert [step for step, _ in tsv(p, "val/bpc")] == EVAL_STEPS
+    assert [step for step, _ in tsv(p, "train/loss")] == list(range(10, 201, 10))
+    last_val = float(tsv(p, "val/bpc")[-1][1])
+    assert metrics["val"]["bpc"] == pytest.approx(last_val)
+    info = torch.load(p.path / "models/model.pt", weights_only=True)["info"]
+    assert info["steps"] == 200 and info["val_bpc"] == pytest.approx(last_val)
+    samples = (p.path / "reports/train_samples.md").read_text()
+    assert "## step 100" in samples and "## step 200" in samples
+    assert checkpoint_step(p) == 200
+
+
+def test_resume_after_sigkill_is_bit_identical(base, uninterrupted, tmp_path):
+    reference, reference_weights, _ = uninterrupted
+    p = copy_of(base, tmp_path / "repo")
+    proc = start_train(p)
+    try:
+        wait_for_checkpoint(p, proc, at_least=10)
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = checkpoint_step(p)
+    assert killed_at is not None and 10 <= killed_at < 200 and killed_at % 10 == 0
+    assert not (p.path / "models/model.pt").exists()
+
+    again = train(p)
+    assert f"resuming at step {killed_at:,}" in again.stdout + again.stderr
+    assert_same_weights(weights(p), reference_weights)
+    # The logs continue the killed run's, with no row lost or repeated.
+    assert tsv(p, "val/bpc") == tsv(reference, "val/bpc")
+    assert tsv(p, "train/loss") == tsv(reference, "train/loss")
+    assert (p.path / "reports/train_samples.md").read_text() == (reference.path / "reports/train_samples.md").read_text()
+
+
+def test_sigint_saves_a_checkpoint_exits_130_and_resumes(base, uninterrupted, tmp_path):
+    reference, reference_weights, _ = uninterrupted
+    p = copy_of(base, tmp_path / "repo")
+    proc = start_train(p)
+    try:
+        wait_for_checkpoint(p, proc, at_least=10)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    stopped_at = checkpoint_step(p)
+    assert stopped_at is not None and 10 <= stopped_at < 200
+    last = err.strip().splitlines()[-1]
+    assert last == f"train: interrupted; checkpoint saved at step {stopped_at:,}; rerun to resume", err
+    assert not (p.path / "models/model.pt").exists()
+
+    again = train(p)
+    assert f"resuming at step {stopped_at:,}" in again.stdout + again.stderr
+    assert_same_weights(weights(p), reference_weights)
+    assert tsv(p, "val/bpc") == tsv(reference, "val/bpc")
+
+
+def test_same_seed_reproduces_and_a_checkpoint_from_other_params_is_ignored(base, tmp_path):
+    p = copy_of(base, tmp_path / "repo")
+    p.set_params(train={"max_steps": 20, "eval_every": 10, "sample_every": 0})
+    first = train(p)
+    assert "starting from scratch" not in first.stdout
+    w0 = weights(p)
+
+    p.set_params(train={"seed": 1})
+    other = train(p)  # the checkpoint left behind belongs to seed 0
+    assert "belongs to other params or data; starting from scratch" in other.stdout
+    assert "resuming" not in other.stdout
+    w1 = weights(p)
+    assert any(not torch.equal(w0[k], w1[k]) for k in w0)
+
+    p.set_params(train={"seed": 0})
+    second = train(p)  # ... and now the checkpoint belongs to seed 1
+    assert "starting from scratch" in second.stdout and "resuming" not in second.stdout
+    assert_same_weights(weights(p), w0)
+
+
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("train: error: "), proc.stderr
+    return lines[0]
+
+
+def test_cuda_on_a_machine_without_cuda(base, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    p = copy_of(base, tmp_path / "repo")
+    p.set_params(train={"device": "cuda"})
+    assert "train.device" in one_line_error(train(p, check=False))
+    assert not (p.path / CHECKPOINT).exists()
+
+
+def test_batch_larger_than_the_training_windows(base, tmp_path):
+    p = copy_of(base, tmp_path / "repo")
+    p.set_params(train={"batch_size": 100_000})
+    line = one_line_error(train(p, check=False))
+    assert "train.batch_size=100000" in line and "windows" in line
