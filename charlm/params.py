@@ -86,7 +86,7 @@ class ModelParams:
     cell: str = spec("lstm", choices=("lstm", "gru", "rnn"))
     hidden: int = spec(256, ge=1, le=65536)
     layers: int = spec(2, ge=1, le=64)
-    dropout: float = spec(0.0, ge=0.0, lt=1.0)
+    dropout: float = spec(0.1, ge=0.0, lt=1.0)
     embedding: int = spec(32, ge=0, le=65536)
 
 
@@ -94,8 +94,8 @@ class ModelParams:
 class TrainParams:
     batch_size: int = spec(64, ge=1)
     lr: float = spec(3.0e-3, gt=0.0, le=10.0)
-    epochs: int = spec(3, ge=1)
-    max_steps: int = spec(0, ge=0)
+    epochs: int = spec(20, ge=1)
+    max_steps: int = spec(2400, ge=0)
     seed: int = spec(0, ge=0)
     device: str = spec("auto", choices=("auto", "cpu", "cuda"))
     warmup_steps: int = spec(100, ge=0)
@@ -106,10 +106,10 @@ class TrainParams:
     amp: str = spec("none", choices=("none", "bf16", "fp16"))
     deterministic: bool = spec(False)
     processes: int = spec(1, ge=1, le=1024)
-    eval_every: int = spec(500, ge=1)
+    eval_every: int = spec(200, ge=1)
     log_every: int = spec(50, ge=1)
-    checkpoint_every: int = spec(500, ge=1)
-    sample_every: int = spec(1000, ge=0)
+    checkpoint_every: int = spec(200, ge=1)
+    sample_every: int = spec(400, ge=0)
     sample_prompt: str = spec("The ")
     sample_length: int = spec(200, ge=1, le=100_000)
 

@@ -106,6 +106,7 @@ def setup_processes(tp: params.TrainParams) -> tuple[int, int, torch.device]:
     if world == 1:
         return 0, 1, device
     rank = int(os.environ["RANK"])
+    die_with_parent()
     if tp.batch_size % world:
         raise CharlmError(f"train.batch_size={tp.batch_size} is the global batch and must divide evenly over "
                           f"{world} processes; pick a multiple of {world}")
@@ -114,6 +115,19 @@ def setup_processes(tp: params.TrainParams) -> tuple[int, int, torch.device]:
         torch.cuda.set_device(device)
     torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
+
+
+def die_with_parent() -> None:
+    """A worker must not outlive its torchrun launcher: if the launcher is killed (SIGKILL leaves it no chance
+    to stop its workers), orphaned workers would train on and write files. Linux only; elsewhere a no-op."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() == 1:  # the launcher died before prctl took effect
+        os._exit(1)
 
 
 def main() -> None:
@@ -211,6 +225,10 @@ def main() -> None:
             live.log_metric("lr", scheduler.get_last_lr()[0])
             live.log_metric("chars_per_s", chars_per_s)
             bar.set_postfix(loss=f"{train_loss:.3f}", chars_s=f"{chars_per_s:,.0f}")
+            if bar.disable:  # no terminal (CI, nohup, a queued experiment): plain progress lines instead
+                eta = (total - done) * tp.batch_size * seq_len / max(chars_per_s, 1e-9)
+                print_fn(f"step {done:,}/{total:,}: loss {train_loss:.4f}, {chars_per_s:,.0f} chars/s, "
+                         f"ETA {eta / 60:.1f} min")
             loss_sum.zero_()
             loss_n = 0
             t_mark, steps_since_mark = time.perf_counter(), 0
