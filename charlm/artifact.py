@@ -6,6 +6,7 @@ a pickle that references anything but plain data is refused.
 """
 from __future__ import annotations
 
+import io
 import pickle
 import re
 import warnings
@@ -23,8 +24,13 @@ DEFAULT_MODEL = Path("models/model.pt")
 
 
 def save(path: str | Path, obj: dict) -> None:
+    # Serialised in memory first, then written by Python: torch's own file writer turns a full disk into a
+    # cryptic RuntimeError ("enforce fail at inline_container.cc"), Python's into OSError(ENOSPC).
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
 
 
 def load(path: str | Path, fix: str, map_location="cpu") -> dict:
@@ -68,7 +74,7 @@ def model_record(model: CharRNN, vocab: Vocab, info: dict) -> dict:
 
 def load_model(path: str | Path = DEFAULT_MODEL, device: str | torch.device = "cpu",
                fix: str = "run `dvc repro train` or pass the path of a trained model"):
-    """Return (model in eval mode, vocab, info) from a model file or a training checkpoint."""
+    """Return (model in eval mode, vocab, info) from a model file written by the train stage."""
     obj = load(path, fix)
     if obj.get("format") != MODEL_FORMAT:
         raise CharlmError(f"{path}: not a charlm model (format {obj.get('format')!r}); {fix}")

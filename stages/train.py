@@ -38,7 +38,7 @@ from charlm.vocab import Vocab
 CHECKPOINT = Path("checkpoints/train.pt")
 LIVE_DIR = Path("dvclive")
 SAMPLES = Path("reports/train_samples.md")
-CHECKPOINT_FORMAT = "charlm-checkpoint/1"
+CHECKPOINT_FORMAT = "charlm-checkpoint/2"
 LN2 = math.log(2)
 
 
@@ -167,8 +167,9 @@ def main() -> None:
     # The number of processes is left out, so a checkpoint resumes under any world size.
     run_id = fingerprint(dataclasses.asdict(mp), dataclasses.asdict(tp) | {"processes": None}, meta, vocab.itos,
                          device.type, torch.__version__)
-    start, elapsed = 0, {"train_s": 0.0, "step_s": 0.0}
-    resumed = resume(run_id, model, optimizer, scheduler, scaler, device, elapsed, print_fn, restore_logs=lead)
+    # Counters that a resumed run must continue, saved in every checkpoint.
+    start, progress = 0, {"train_s": 0.0, "step_s": 0.0, "loss_sum": 0.0, "loss_n": 0}
+    resumed = resume(run_id, model, optimizer, scheduler, scaler, device, progress, print_fn, restore_logs=lead)
     if resumed is not None:
         start = resumed
     elif lead:
@@ -182,9 +183,10 @@ def main() -> None:
 
     stop = StopRequested()
     model.train()
-    loss_sum, loss_n = torch.zeros((), device=device), 0
+    # The train loss is averaged over the steps between logs; a resume may land between two logs.
+    loss_sum, loss_n = torch.tensor(progress["loss_sum"], device=device), progress["loss_n"]
     t_mark, steps_since_mark = time.perf_counter(), 0
-    t_start = time.perf_counter() - elapsed["train_s"]
+    t_start = time.perf_counter() - progress["train_s"]
     bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, disable=None if lead else True,
                leave=False)
     done = start
@@ -217,7 +219,7 @@ def main() -> None:
         if lead and at_log:
             train_loss = (loss_sum / loss_n).item()  # the only host sync between logs
             now = time.perf_counter()
-            elapsed["step_s"] += now - t_mark
+            progress["step_s"] += now - t_mark
             chars_per_s = steps_since_mark * tp.batch_size * seq_len / max(now - t_mark, 1e-9)
             live.step = done
             live.log_metric("train/loss", train_loss)
@@ -248,9 +250,9 @@ def main() -> None:
             log_sample(model, vocab, tp, done, print_fn)
             periodic_work = True
         if done % tp.checkpoint_every == 0 or done == total or stopping:
-            elapsed["train_s"] = time.perf_counter() - t_start
+            progress.update(train_s=time.perf_counter() - t_start, loss_sum=loss_sum.item(), loss_n=loss_n)
             live.make_summary()
-            save_checkpoint(run_id, done, model, optimizer, scheduler, scaler, elapsed)
+            save_checkpoint(run_id, done, model, optimizer, scheduler, scaler, progress)
             periodic_work = True
         if periodic_work:  # keep evaluation and I/O out of the throughput figure
             t_mark, steps_since_mark = time.perf_counter(), 0
@@ -264,10 +266,11 @@ def main() -> None:
     if not lead:
         return
 
-    train_s = time.perf_counter() - t_start if done > start else elapsed["train_s"]
+    train_s = time.perf_counter() - t_start if done > start else progress["train_s"]
     chars = total * tp.batch_size * seq_len
+    live.step = total  # DVCLive's resume advances its step past the last logged one
     live.log_metric("train_time_s", round(train_s, 2), plot=False)
-    live.log_metric("train_chars_per_s", round(chars / max(elapsed["step_s"], 1e-9), 1), plot=False)
+    live.log_metric("train_chars_per_s", round(chars / max(progress["step_s"], 1e-9), 1), plot=False)
     live.log_metric("steps", total, plot=False)
     live.make_summary()
     info = {"steps": total, "seq_len": seq_len, "train_time_s": round(train_s, 2),
@@ -312,19 +315,19 @@ def log_sample(model, vocab, tp: params.TrainParams, step: int, print_fn) -> Non
     write_text(SAMPLES, SAMPLES.read_text(encoding="utf-8") + f"## step {step}\n\n{text}\n")
 
 
-def save_checkpoint(run_id, step, model, optimizer, scheduler, scaler, elapsed) -> None:
+def save_checkpoint(run_id, step, model, optimizer, scheduler, scaler, progress) -> None:
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     artifact.save(CHECKPOINT, {
         "format": CHECKPOINT_FORMAT, "run_id": run_id, "step": step, "model": model.state_dict(),
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-        "rng": rng, "elapsed": dict(elapsed), "live": snapshot_files(LIVE_DIR),
+        "rng": rng, "progress": dict(progress), "live": snapshot_files(LIVE_DIR),
         "samples": SAMPLES.read_text(encoding="utf-8") if SAMPLES.exists() else None,
     })
 
 
-def resume(run_id, model, optimizer, scheduler, scaler, device, elapsed, print_fn, restore_logs=True) -> int | None:
+def resume(run_id, model, optimizer, scheduler, scaler, device, progress, print_fn, restore_logs=True) -> int | None:
     """Load the checkpoint if it belongs to this run; return its step, or None to start fresh."""
     if not CHECKPOINT.exists():
         return None
@@ -344,10 +347,10 @@ def resume(run_id, model, optimizer, scheduler, scaler, device, elapsed, print_f
         torch.set_rng_state(ck["rng"]["cpu"].cpu())
         if "cuda" in ck["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in ck["rng"]["cuda"]])
-    except (KeyError, RuntimeError, ValueError) as e:
+        progress.update({k: ck["progress"][k] for k in progress})
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
         raise CharlmError(f"{CHECKPOINT}: does not fit this model ({str(e).splitlines()[0][:160]}); "
                           f"delete it to start over") from None
-    elapsed.update(ck["elapsed"])
     if restore_logs:
         shutil.rmtree(LIVE_DIR, ignore_errors=True)
         restore_files(LIVE_DIR, ck["live"])
