@@ -286,7 +286,7 @@ def relaunch_under_torchrun() -> None:
     tp = params.load(params.TrainParams)
     if tp.processes > 1 and "WORLD_SIZE" not in os.environ:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={tp.processes}",
-               __file__]
+               "-m", "stages.train"]
         os.execv(sys.executable, cmd)
 
 

@@ -160,7 +160,7 @@ class Project:
 
     def stage(self, name: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
         """Run one stage script directly (no DVC), as `dvc repro` would."""
-        return self.run(sys.executable, f"stages/{name}.py", check=check, **kw)
+        return self.run(sys.executable, "-m", f"stages.{name}", check=check, **kw)
 
     def dvc(self, *args, check: bool = True, **kw) -> subprocess.CompletedProcess:
         return self.run(str(Path(sys.executable).parent / "dvc"), *args, check=check, **kw)

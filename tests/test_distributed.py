@@ -58,7 +58,7 @@ def test_checkpoint_from_two_processes_resumes_in_one(packed):
 
     p.set_params(train={"processes": 2})
     env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
-    child = subprocess.Popen([sys.executable, "stages/train.py"], cwd=p.path, env=env, start_new_session=True,
+    child = subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=p.path, env=env, start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoint = p.path / "checkpoints/train.pt"
     deadline = time.monotonic() + 120

@@ -66,7 +66,7 @@ def train(p: Project, check: bool = True) -> subprocess.CompletedProcess:
 
 def start_train(p: Project) -> subprocess.Popen:
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    return subprocess.Popen([sys.executable, "stages/train.py"], cwd=p.path, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=p.path, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PATH": path, **ENV})
 
 
