@@ -189,17 +189,32 @@ TINY = {
 }
 
 
-@pytest.fixture
-def project(tmp_path) -> Project:
-    """A fresh git + DVC repo with the pipeline and TINY params (download URLs still unset)."""
-    root = tmp_path / "repo"
-    root.mkdir()
+def copy_pipeline(root: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
     for name in PIPELINE_FILES:
         src = ROOT / name
         if src.is_dir():
             shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
         elif src.exists():
             shutil.copy2(src, root / name)
+
+
+def raw_project(root: Path) -> Project:
+    """The pipeline in `root` with TINY params and small raw CSVs already in place: no git, no download."""
+    copy_pipeline(root)
+    (root / "data" / "raw").mkdir(parents=True)
+    (root / "data" / "raw" / "train.csv").write_bytes(csv_bytes(ag_news_rows(240, seed=1)))
+    (root / "data" / "raw" / "test.csv").write_bytes(csv_bytes(ag_news_rows(40, seed=2)))
+    project = Project(root)
+    project.set_params(**TINY)
+    return project
+
+
+@pytest.fixture
+def project(tmp_path) -> Project:
+    """A fresh git + DVC repo with the pipeline and TINY params (download URLs still unset)."""
+    root = tmp_path / "repo"
+    copy_pipeline(root)
     (root / ".dvc").mkdir()
     shutil.copy2(ROOT / ".dvc" / "config", root / ".dvc" / "config")
     (root / ".gitignore").write_text("/checkpoints/\n__pycache__/\n")
@@ -209,6 +224,18 @@ def project(tmp_path) -> Project:
     p.git("config", "user.name", "charlm tests")
     p.set_params(**TINY)
     return p
+
+
+@pytest.fixture
+def one_thread():
+    """In-process torch work on one thread: two OpenMP threads on a 2-core machine shared with other jobs make
+    tiny models crawl, and results do not depend on it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -17,12 +17,7 @@ from charlm.vocab import EOS_ID, Vocab
 VOCAB = Vocab(list("abcdefgh ."))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed: int = 0, vocab: Vocab = VOCAB, **kw) -> CharRNN:

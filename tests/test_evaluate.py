@@ -5,13 +5,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import PIPELINE_FILES, ROOT, TINY, Project, ag_news_rows, csv_bytes
+from conftest import Project, raw_project, ROOT, TINY
 
 from charlm import artifact
 from charlm.model import CharRNN
@@ -32,12 +31,7 @@ def evaluate():
     return load_stage("evaluate")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 V = 9
@@ -145,26 +139,11 @@ def test_the_last_item_of_the_stream_and_a_one_character_item(evaluate, model):
 # --------------------------------------------------------------------------- the stage
 
 
-def make_project(root: Path) -> Project:
-    """The pipeline in a fresh directory with TINY params and the raw CSVs already in place."""
-    root.mkdir(parents=True)
-    for name in PIPELINE_FILES:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
-            shutil.copy2(src, root / name)
-    (root / "data" / "raw").mkdir(parents=True)
-    (root / "data" / "raw" / "train.csv").write_bytes(csv_bytes(ag_news_rows(240, seed=1)))
-    (root / "data" / "raw" / "test.csv").write_bytes(csv_bytes(ag_news_rows(40, seed=2)))
-    project = Project(root)
-    project.set_params(**TINY)
-    return project
 
 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory) -> Project:
-    p = make_project(tmp_path_factory.mktemp("evaluate") / "repo")
+    p = raw_project(tmp_path_factory.mktemp("evaluate") / "repo")
     # A higher min_count than TINY's so that some test characters are <unk>.
     p.set_params(vocab={"min_count": 40}, train={"max_steps": 10, "sample_every": 0})
     for stage in ("prepare", "vocab", "pack", "train", "evaluate"):

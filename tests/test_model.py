@@ -14,13 +14,7 @@ V = 11  # vocabulary size of the small models below (3 specials + 8 characters)
 CELLS = ["lstm", "gru", "rnn"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two OpenMP threads on a 2-core machine shared with other jobs make tiny models crawl; results are the same.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def states(state, cell):

@@ -16,12 +16,7 @@ VOCAB = Vocab(list("abcdefghijklmnopqrstuvwxyz .,"))
 V = len(VOCAB)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PIPELINE_FILES, ROOT, TINY, Project, ag_news_rows, csv_bytes
+from conftest import Project, raw_project
 
 pytestmark = pytest.mark.slow
 
@@ -28,27 +28,12 @@ LONG = {"model": {"dropout": 0.1},
 EVAL_STEPS = [30, 60, 90, 120, 150, 180, 200]
 
 
-def make_project(root: Path) -> Project:
-    """The pipeline in a fresh directory with TINY params and the raw CSVs already in place."""
-    root.mkdir(parents=True)
-    for name in PIPELINE_FILES:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
-            shutil.copy2(src, root / name)
-    (root / "data" / "raw").mkdir(parents=True)
-    (root / "data" / "raw" / "train.csv").write_bytes(csv_bytes(ag_news_rows(240, seed=1)))
-    (root / "data" / "raw" / "test.csv").write_bytes(csv_bytes(ag_news_rows(40, seed=2)))
-    project = Project(root)
-    project.set_params(**TINY)
-    return project
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Project:
     """Packed data and LONG params, built once; each test trains in its own copy."""
-    p = make_project(tmp_path_factory.mktemp("train") / "base")
+    p = raw_project(tmp_path_factory.mktemp("train") / "base")
     p.set_params(**LONG)
     for stage in ("prepare", "vocab", "pack"):
         p.stage(stage, env=ENV)
