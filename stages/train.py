@@ -53,6 +53,39 @@ def lr_factor(step: int, total: int, p: params.TrainParams) -> float:
     return p.min_lr_ratio + (1 - p.min_lr_ratio) * decay
 
 
+def make_optimizer(model: CharRNN, tp: params.TrainParams, total: int, device: torch.device):
+    """AdamW (no decay on biases), the warm-up/decay schedule, the AMP scaler and an autocast factory."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tp.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=tp.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, tp))
+    use_amp = device.type == "cuda" and tp.amp != "none"
+    amp_dtype = torch.bfloat16 if tp.amp == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and tp.amp == "fp16")
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp_dtype) if use_amp else contextlib.nullcontext()
+
+    return optimizer, scheduler, scaler, autocast
+
+
+def train_step(net, model: CharRNN, x, y, optimizer, scheduler, scaler, grad_clip: float, autocast) -> torch.Tensor:
+    """One optimisation step; returns the loss as a device tensor (no host sync)."""
+    with autocast():
+        logits, _ = net(x)
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    return loss.detach()
+
+
 @torch.no_grad()
 def validate(model: CharRNN, stream, seq_len: int, batch_size: int, device, autocast) -> float:
     """Mean loss in nats per character over every window of `stream` (each window from a zero state)."""
@@ -151,17 +184,7 @@ def main() -> None:
     torch.manual_seed(tp.seed)
     model = CharRNN(len(vocab), **dataclasses.asdict(mp)).to(device)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tp.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=tp.lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, tp))
-    use_amp = device.type == "cuda" and tp.amp != "none"
-    amp_dtype = torch.bfloat16 if tp.amp == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and tp.amp == "fp16")
-
-    def autocast():
-        return torch.autocast(device.type, dtype=amp_dtype) if use_amp else contextlib.nullcontext()
+    optimizer, scheduler, scaler, autocast = make_optimizer(model, tp, total, device)
 
     print_fn = tqdm.write if lead else (lambda *a, **k: None)
     # The number of processes is left out, so a checkpoint resumes under any world size.
@@ -193,18 +216,7 @@ def main() -> None:
     for step in range(start, total):
         x, y = batches.batch(*divmod(step, batches.per_epoch))
         x, y = torch.from_numpy(x).to(device, non_blocking=True), torch.from_numpy(y).to(device, non_blocking=True)
-        with autocast():
-            logits, _ = net(x)
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if tp.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tp.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        loss_sum += loss.detach()
+        loss_sum += train_step(net, model, x, y, optimizer, scheduler, scaler, tp.grad_clip, autocast)
         loss_n += 1
         steps_since_mark += 1
         done = step + 1
