@@ -44,7 +44,10 @@ def get_batch(vocab: Vocab, text: str):
     return ins, outs
 
 
-def train_lesson(vocab: Vocab, items: list[str], seconds: float, seed: int = 0) -> tuple[CharRNN, dict]:
+def train_lesson(vocab: Vocab, items: list[str], seconds: float, seed: int = 0,
+                 windows: list[float] | None = None) -> tuple[CharRNN, dict]:
+    """Train Recipe B for `seconds` of wall clock. `windows`, if given, receives the chars/s of successive
+    intervals of about seconds / 15 (at least 1 s), for a spread of the throughput within the run."""
     torch.manual_seed(seed)
     # One-hot -> LSTM(64) -> linear; CharRNN with embedding=0 is exactly that network.
     net = CharRNN(len(vocab), "lstm", hidden=64, layers=1, dropout=0.0, embedding=0)
@@ -52,6 +55,7 @@ def train_lesson(vocab: Vocab, items: list[str], seconds: float, seed: int = 0) 
     loss_fn = torch.nn.CrossEntropyLoss()
     net.train()
     t0, steps, chars, passes = time.perf_counter(), 0, 0, 0
+    mark_t, mark_chars = t0, 0
     while time.perf_counter() - t0 < seconds:
         passes += 1
         for text in items:
@@ -65,11 +69,45 @@ def train_lesson(vocab: Vocab, items: list[str], seconds: float, seed: int = 0) 
             optimizer.step()
             steps += 1
             chars += text_in.numel()
-            if time.perf_counter() - t0 >= seconds:
+            now = time.perf_counter()
+            if windows is not None and now - mark_t >= max(seconds / 15, 1.0):
+                windows.append((chars - mark_chars) / (now - mark_t))
+                mark_t, mark_chars = now, chars
+            if now - t0 >= seconds:
                 break
     elapsed = time.perf_counter() - t0
     return net.eval(), {"steps": steps, "passes": passes, "train_s": round(elapsed, 1),
                         "chars_per_s": round(chars / elapsed, 1)}
+
+
+@torch.no_grad()
+def generate_stateful(net: CharRNN, vocab: Vocab, prompts: list[str], size: int, temperature: float = 0.8,
+                      generator: torch.Generator | None = None) -> list[str]:
+    """The lesson's generation, batched: feed the prompt once, then one step per character with the carried
+    (h, c); soft sampling as exp(logits / T) (no max subtraction) and decoding each character as it comes."""
+    out, state = net(torch.tensor([vocab.ids(p) for p in prompts]))
+    texts = list(prompts)
+    for _ in range(size):
+        dist = out[:, -1].div(temperature).exp()
+        nc = torch.multinomial(dist, 1, generator=generator)
+        texts = [t + vocab.itos[i] for t, i in zip(texts, nc[:, 0].tolist())]
+        out, state = net(nc, state)
+    return texts
+
+
+@torch.no_grad()
+def generate_prefix(net: CharRNN, vocab: Vocab, prompts: list[str], size: int, temperature: float = 0.8,
+                    generator: torch.Generator | None = None) -> list[str]:
+    """Recipe A's generation: re-run the whole text so far for every new character (O(n^2))."""
+    ids = torch.tensor([vocab.ids(p) for p in prompts])
+    texts = list(prompts)
+    for _ in range(size):
+        out, _ = net(ids)
+        dist = out[:, -1].div(temperature).exp()
+        nc = torch.multinomial(dist, 1, generator=generator)
+        texts = [t + vocab.itos[i] for t, i in zip(texts, nc[:, 0].tolist())]
+        ids = torch.cat([ids, nc], dim=1)
+    return texts
 
 
 def test_bpc(model: CharRNN, data_dir: Path) -> float:

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -22,6 +24,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path next to `path`; on success fsync it and rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
@@ -30,12 +33,82 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     except OSError as e:
         _unlink(tmp)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise CharlmError(f"no space left on device while writing {path}; free disk space and rerun") from e
+        _raise_if_full(e, path)
         raise
     except BaseException:
         _unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temp directory next to `path`; on success it replaces `path` as a whole.
+
+    A killed writer leaves the old directory, the complete new one, or none: never a directory with some
+    files missing or half written (DVC caches a directory output as it finds it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _raise_if_full(e, path)
+        raise
+    except CharlmError as e:  # a full disk while writing a file inside: name the output, not the temp directory
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CharlmError(str(e).replace(str(tmp), str(path))) from e.__cause__
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _raise_if_full(e: OSError, path: Path) -> None:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise CharlmError(f"no space left on device while writing {path}; free disk space and rerun") from e
+    if e.errno == errno.EFBIG:
+        raise CharlmError(f"file too large while writing {path} (the file system's or the process's file-size "
+                          f"limit); free space, raise the limit (ulimit -f) and rerun") from e
+
+
+def sweep_stale(path: Path) -> None:
+    """Remove temp files that killed writers of `path` left beside it (`.NAME.tmp-PID`, `.NAME.old-PID`)."""
+    try:
+        siblings = list(path.parent.glob(f".{glob.escape(path.name)}.*-*"))
+    except OSError:
+        return
+    for stale in siblings:
+        kind, _, pid = stale.name[len(path.name) + 2:].rpartition("-")
+        if kind not in ("tmp", "old") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            _unlink(stale)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # an earlier attempt of this very process, already given up
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: someone else's live process
+        return True
+    try:  # a killed writer stays a zombie until it is reaped: dead all the same
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _unlink(path: Path) -> None:
@@ -77,9 +150,13 @@ def read_json(path: str | os.PathLike, what: str, fix: str) -> dict:
 
 
 def write_npy(path: str | os.PathLike, array: np.ndarray) -> None:
+    """The bytes of `np.save`, written through Python's file object so that a full disk raises
+    OSError(ENOSPC) (np.save's C writer reports a short write without an errno)."""
+    array = np.ascontiguousarray(array)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
-            np.save(f, array, allow_pickle=False)
+            np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(array))
+            f.write(array.data)
 
 
 def read_npy(path: str | os.PathLike, fix: str, mmap: bool = True) -> np.ndarray:

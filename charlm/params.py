@@ -95,7 +95,7 @@ class TrainParams:
     batch_size: int = spec(64, ge=1)
     lr: float = spec(3.0e-3, gt=0.0, le=10.0)
     epochs: int = spec(20, ge=1)
-    max_steps: int = spec(2400, ge=0)
+    max_steps: int = spec(2000, ge=0)
     seed: int = spec(0, ge=0)
     device: str = spec("auto", choices=("auto", "cpu", "cuda"))
     warmup_steps: int = spec(100, ge=0)

@@ -47,7 +47,9 @@ def encode_prompt(vocab: Vocab, prompt: str) -> list[int]:
     """<eos> then the prompt: generation starts where an item starts. Unseen characters become <unk>."""
     unseen = vocab.unknown(prompt)
     if unseen:
-        warnings.warn(f"prompt {prompt!r}: characters {''.join(unseen)!r} are not in the vocabulary; "
+        shown = prompt if len(prompt) <= 60 else prompt[:50] + "..."  # a 5,000-character prompt is not echoed
+        listed = "".join(unseen) if len(unseen) <= 60 else "".join(unseen[:50]) + "..."
+        warnings.warn(f"prompt {shown!r}: characters {listed!r} are not in the vocabulary; "
                       f"they are read as <unk>", stacklevel=2)
     return [EOS_ID] + vocab.ids(prompt)
 

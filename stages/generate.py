@@ -26,10 +26,14 @@ def main() -> None:
                            seed=p.seed, stop_at_eos=p.stop_at_eos)
     for w in caught:
         print(f"generate: warning: {w.message}")
-    write_json(OUT_JSON, {"settings": {"length": p.length, "top_k": p.top_k, "top_p": p.top_p, "seed": p.seed,
-                                       "stop_at_eos": p.stop_at_eos},
-                          "samples": {f"{r['prompt']!r} @ T={r['temperature']:g}": r["text"] for r in records}})
-    write_text(OUT_MD, to_markdown(records, p.temperatures))
+    try:
+        write_json(OUT_JSON, {"settings": {"length": p.length, "top_k": p.top_k, "top_p": p.top_p,
+                                           "seed": p.seed, "stop_at_eos": p.stop_at_eos},
+                              "samples": {f"{r['prompt']!r} @ T={r['temperature']:g}": r["text"] for r in records}})
+        write_text(OUT_MD, to_markdown(records, p.temperatures))
+    except BaseException:
+        OUT_JSON.unlink(missing_ok=True)  # leave no outputs, not half of them
+        raise
     for r in records:
         print(f"T={r['temperature']:<4g} {r['text']!r}")
 

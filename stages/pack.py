@@ -1,7 +1,7 @@
 """pack: encode each split into one token stream and record the window layout.
 
 Reads `pack` from params.yaml. Writes data/packed/{train,val,test}.npy (one stream each, smallest integer
-dtype) and data/packed/meta.json (written last: its presence means the directory is complete).
+dtype) and data/packed/meta.json, all at once: the directory is replaced as a whole.
 The validation split is carved out of train by item with `pack.seed`; the same seed orders training windows
 (see charlm/data.py).
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 from charlm import params
 from charlm.data import FORMAT, encode_items, n_windows, sha256, split_items
 from charlm.errors import CharlmError, run_main
-from charlm.io import read_text, write_json, write_npy
+from charlm.io import atomic_dir, read_text, write_json, write_npy
 from charlm.vocab import Vocab
 
 PREPARED, OUT = Path("data/prepared"), Path("data/packed")
@@ -38,14 +38,19 @@ def main() -> None:
     if splits["train"]["windows"] == 0:
         raise CharlmError(f"the train split has {splits['train']['tokens']} tokens, too few for one window of "
                           f"pack.seq_len={p.seq_len}; lower pack.seq_len or use a larger corpus")
+    if p.val_fraction > 0 and splits["val"]["items"] == 0:
+        raise CharlmError(f"pack.val_fraction={p.val_fraction} of {splits['train']['items']} train item(s) holds "
+                          f"out no item; use a corpus of more items, or set pack.val_fraction: 0")
     if p.val_fraction > 0 and splits["val"]["windows"] == 0:
         raise CharlmError(f"the validation split ({splits['val']['tokens']} tokens) is shorter than one window "
                           f"of pack.seq_len={p.seq_len}; raise pack.val_fraction or lower pack.seq_len")
-    for split, stream in streams.items():
-        write_npy(OUT / f"{split}.npy", stream)
     meta = {"format": FORMAT, "seq_len": p.seq_len, "seed": p.seed, "val_fraction": p.val_fraction,
             "vocab_size": len(vocab), "dtype": vocab.dtype.name, "splits": splits}
-    write_json(OUT / "meta.json", meta)
+    # The directory is replaced as a whole: a killed or failed pack never leaves some files new, some old.
+    with atomic_dir(OUT) as tmp:
+        for split, stream in streams.items():
+            write_npy(tmp / f"{split}.npy", stream)
+        write_json(tmp / "meta.json", meta)
     for split, s in splits.items():
         print(f"pack: {split}: {s['items']:,} items, {s['tokens']:,} tokens, {s['windows']:,} windows")
 

@@ -30,10 +30,17 @@ def main() -> None:
         if not kept:
             raise CharlmError(f"{path}: no non-empty items after preparing; the corpus is empty")
         prepared[split] = (kept, len(items) - len(kept))
-    for split, (kept, dropped) in prepared.items():
-        write_text(OUT / f"{split}.txt", "\n".join(kept) + "\n")
-        print(f"prepare: {split}: {len(kept):,} items ({dropped} empty dropped), "
-              f"{sum(map(len, kept)):,} characters")
+    written = []
+    try:
+        for split, (kept, dropped) in prepared.items():
+            write_text(OUT / f"{split}.txt", "\n".join(kept) + "\n")
+            written.append(OUT / f"{split}.txt")
+            print(f"prepare: {split}: {len(kept):,} items ({dropped} empty dropped), "
+                  f"{sum(map(len, kept)):,} characters")
+    except BaseException:
+        for path in written:  # e.g. the disk filled up on the test split: leave no outputs, not half of them
+            path.unlink(missing_ok=True)
+        raise
 
 
 if __name__ == "__main__":

@@ -113,9 +113,7 @@ def snapshot_files(root: Path) -> dict[str, str]:
 
 def restore_files(root: Path, files: dict[str, str]) -> None:
     for rel, text in files.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
+        write_text(root / rel, text)
 
 
 class StopRequested:
@@ -175,6 +173,7 @@ def main() -> None:
                           f"{len(vocab)}; rerun `dvc repro pack`")
     # train.batch_size is the global batch: each process takes a disjoint 1/world of every minibatch.
     batches = Batches(packed.streams["train"], seq_len, tp.batch_size // world, meta["seed"], rank, world)
+    has_val = meta["splits"]["val"]["windows"] > 0  # pack.val_fraction: 0 means no validation split
     total = batches.per_epoch * tp.epochs if not tp.max_steps else min(batches.per_epoch * tp.epochs, tp.max_steps)
 
     if tp.deterministic and device.type == "cuda":
@@ -251,7 +250,7 @@ def main() -> None:
                 raise KeyboardInterrupt
             continue
         periodic_work = False
-        if done % tp.eval_every == 0 or done == total:
+        if has_val and (done % tp.eval_every == 0 or done == total):
             val_loss = validate(model, packed.streams["val"], seq_len, tp.batch_size, device, autocast)
             live.step = done
             live.log_metric("val/loss", val_loss)
@@ -285,12 +284,14 @@ def main() -> None:
     live.log_metric("train_chars_per_s", round(chars / max(progress["step_s"], 1e-9), 1), plot=False)
     live.log_metric("steps", total, plot=False)
     live.make_summary()
-    info = {"steps": total, "seq_len": seq_len, "train_time_s": round(train_s, 2),
-            "val_bpc": live.summary.get("val", {}).get("bpc"),
+    # Nothing run-dependent (such as timings) goes in the model file: identical runs give identical bytes,
+    # so DVC does not rerun evaluate and generate after a resume or a retrain.
+    info = {"steps": total, "seq_len": seq_len, "val_bpc": live.summary.get("val", {}).get("bpc"),
             "params": {"model": dataclasses.asdict(mp), "train": dataclasses.asdict(tp)}}
     model.to("cpu")
     artifact.save("models/model.pt", artifact.model_record(model, vocab, info))
-    print_fn(f"train: done, {total:,} steps in {train_s:,.0f}s, val {info['val_bpc']:.4f} bpc -> models/model.pt")
+    val = f", val {info['val_bpc']:.4f} bpc" if info["val_bpc"] is not None else ""
+    print_fn(f"train: done, {total:,} steps in {train_s:,.0f}s{val} -> models/model.pt")
 
 
 def relaunch_under_torchrun() -> None:
@@ -344,7 +345,7 @@ def resume(run_id, model, optimizer, scheduler, scaler, device, progress, print_
     if not CHECKPOINT.exists():
         return None
     try:
-        ck = artifact.load(CHECKPOINT, "it will be replaced", map_location=device)
+        ck = artifact.load(CHECKPOINT, "Starting from scratch.", map_location=device)
     except CharlmError as e:
         print_fn(f"train: ignoring unusable checkpoint: {e}")
         return None

@@ -1,0 +1,168 @@
+"""Training loops for the benchmark.
+
+`CharlmLoop` is charlm's real training step: `charlm.data.Batches` over a packed stream, `CharRNN`, AdamW with
+the stage's two parameter groups, `LambdaLR` with the stage's own `lr_factor` (imported from stages/train.py),
+the disabled-on-CPU GradScaler calls, gradient clipping, and the loss accumulated on the device without a host
+sync per step. The body of `step()` mirrors the loop in stages/train.py line for line, minus the tqdm bar and
+the periodic validation, sampling and checkpoints (which train.py keeps out of its own throughput figure).
+`check_fidelity` in bench/run.py verifies that it ends with exactly the weights of the stage itself.
+
+`BareLoop` is the practical limit: the same network built from plain modules, trained on pre-made tensors
+with plain Adam, no data pipeline, no clipping, no schedule.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import sys
+import time
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from bench.harness import ROOT
+from charlm import params
+from charlm.data import Batches
+from charlm.model import CharRNN
+
+
+def load_stage(name: str):
+    """Import stages/<name>.py as a module (its main() is not run)."""
+    key = f"charlm_stage_{name}"
+    if key in sys.modules:
+        return sys.modules[key]
+    spec = importlib.util.spec_from_file_location(key, ROOT / "stages" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[key] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def shape_params(layers: int, hidden: int, embedding: int, cell: str = "lstm") -> params.ModelParams:
+    return params.ModelParams(cell=cell, hidden=hidden, layers=layers, dropout=0.0, embedding=embedding)
+
+
+class CharlmLoop:
+    """stages/train.py's training step (single process)."""
+
+    def __init__(self, stream: np.ndarray, seq_len: int, vocab_size: int, seed: int, mp: params.ModelParams,
+                 tp: params.TrainParams, device: str = "cpu", total: int | None = None):
+        train_stage = load_stage("train")
+        self.device = device = torch.device(device)
+        self.tp, self.seq_len = tp, seq_len
+        self.batches = batches = Batches(stream, seq_len, tp.batch_size, seed)
+        # As in train.py; `total` may be given (the time-budgeted run fits the schedule to its budget).
+        default_total = (batches.per_epoch * tp.epochs if not tp.max_steps
+                         else min(batches.per_epoch * tp.epochs, tp.max_steps))
+        self.total = total or default_total
+        torch.manual_seed(tp.seed)
+        self.model = model = CharRNN(vocab_size, **dataclasses.asdict(mp)).to(device)
+        decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tp.weight_decay},
+                                            {"params": no_decay, "weight_decay": 0.0}], lr=tp.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: train_stage.lr_factor(s, self.total, tp))
+        self.use_amp = device.type == "cuda" and tp.amp != "none"
+        self.amp_dtype = torch.bfloat16 if tp.amp == "bf16" else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and tp.amp == "fp16")
+        self.loss_sum, self.loss_n = torch.zeros((), device=device), 0
+        self.done = 0
+        self.losses: list[tuple[int, float]] = []
+        model.train()
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.use_amp else contextlib.nullcontext()
+
+    def step(self) -> int:
+        """One training step; returns the characters it trained on."""
+        tp, device, batches = self.tp, self.device, self.batches
+        model, optimizer, scheduler, scaler = self.model, self.optimizer, self.scheduler, self.scaler
+        step = self.done
+        x, y = batches.batch(*divmod(step, batches.per_epoch))
+        x, y = torch.from_numpy(x).to(device, non_blocking=True), torch.from_numpy(y).to(device, non_blocking=True)
+        with self.autocast():
+            logits, _ = model(x)
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if tp.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tp.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        self.loss_sum += loss.detach()
+        self.loss_n += 1
+        self.done = done = step + 1
+        if done % tp.log_every == 0:
+            self.losses.append((done, (self.loss_sum / self.loss_n).item()))  # the only host sync between logs
+            self.loss_sum.zero_()
+            self.loss_n = 0
+        return tp.batch_size * self.seq_len
+
+    def train_for(self, seconds: float, calibrate_steps: int = 20) -> dict:
+        """Train for a wall-clock budget (max_steps and epochs are ignored). The schedule's length is set from
+        the rate of steps 2..`calibrate_steps` (warm-up steps do not depend on it), so that the decay ends
+        when the budget does."""
+        windows = []
+        t0 = time.perf_counter()
+        first_t, mark, mark_t = None, 0, t0
+        while True:
+            self.step()
+            now = time.perf_counter()
+            if self.done == 1:
+                first_t = now
+            elif self.done == calibrate_steps:
+                rate = (self.done - 1) / max(now - first_t, 1e-9)
+                self.total = max(self.done + 1, int(self.done + rate * (seconds - (now - t0))))
+            if now - mark_t >= max(seconds / 15, 1.0):
+                windows.append((self.done - mark) * self.tp.batch_size * self.seq_len / (now - mark_t))
+                mark, mark_t = self.done, now
+            if now - t0 >= seconds:
+                break
+        elapsed = time.perf_counter() - t0
+        calibrated = self.done >= calibrate_steps
+        self.model.eval()
+        return {"steps": self.done, "seconds": elapsed, "schedule_steps": self.total if calibrated else None,
+                "chars_per_s": self.done * self.tp.batch_size * self.seq_len / elapsed, "windows": windows}
+
+
+class BareLoop:
+    """The practical limit: embedding (or pre-made one-hot input) -> nn.LSTM -> nn.Linear, F.cross_entropy,
+    backward, Adam; on pre-made, contiguous tensors that are already on the device."""
+
+    def __init__(self, stream: np.ndarray, seq_len: int, vocab_size: int, mp: params.ModelParams,
+                 batch_size: int = 64, lr: float = 3e-3, device: str = "cpu", n_batches: int = 8, seed: int = 0):
+        torch.manual_seed(seed)
+        self.device = device = torch.device(device)
+        self.vocab_size, self.chars = vocab_size, batch_size * seq_len
+        self.embed = nn.Embedding(vocab_size, mp.embedding).to(device) if mp.embedding else None
+        width = mp.embedding or vocab_size
+        self.rnn = nn.LSTM(width, mp.hidden, mp.layers, batch_first=True).to(device)
+        self.head = nn.Linear(mp.hidden, vocab_size).to(device)
+        modules = [m for m in (self.embed, self.rnn, self.head) if m is not None]
+        self.optimizer = torch.optim.Adam([p for m in modules for p in m.parameters()], lr=lr)
+        rng = np.random.default_rng(seed)
+        starts = rng.integers(0, len(stream) - seq_len - 1, size=(n_batches, batch_size))
+        windows = torch.from_numpy(np.asarray(stream)[starts[..., None] + np.arange(seq_len + 1)].astype(np.int64))
+        self.ys = [w[:, 1:].contiguous().to(device) for w in windows]
+        if self.embed is None:  # one-hot input, made once
+            self.xs = [F.one_hot(w[:, :-1], vocab_size).float().to(device) for w in windows]
+        else:
+            self.xs = [w[:, :-1].contiguous().to(device) for w in windows]
+        self.i = 0
+
+    def step(self) -> int:
+        x, y = self.xs[self.i], self.ys[self.i]
+        self.i = (self.i + 1) % len(self.xs)
+        inp = self.embed(x) if self.embed is not None else x
+        out, _ = self.rnn(inp)
+        loss = F.cross_entropy(self.head(out).reshape(-1, self.vocab_size), y.reshape(-1))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return self.chars
