@@ -36,7 +36,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import PIPELINE_FILES, ROOT, TINY, Project, ag_news_rows, csv_bytes, md5
+from conftest import ag_news_rows, copy_pipeline, csv_bytes, md5, Project, ROOT, TINY
 
 pytestmark = pytest.mark.slow
 
@@ -151,13 +151,7 @@ class Reference:
 
 
 def new_project(root: Path) -> Project:
-    root.mkdir(parents=True)
-    for name in PIPELINE_FILES:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
-            shutil.copy2(src, root / name)
+    copy_pipeline(root)
     (root / ".dvc").mkdir()
     shutil.copy2(ROOT / ".dvc" / "config", root / ".dvc" / "config")
     (root / ".gitignore").write_text("/checkpoints/\n__pycache__/\n")

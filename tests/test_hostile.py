@@ -33,7 +33,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import PIPELINE_FILES, ROOT, TINY, WORDS, Project, ag_news_rows, csv_bytes
+from conftest import ag_news_rows, copy_pipeline, csv_bytes, Project, TINY, WORDS
 
 ENV = {"OMP_NUM_THREADS": "1"}
 CHARLM = Path(sys.executable).parent / "charlm"
@@ -77,13 +77,7 @@ def say(request):
 
 def new_project(root: Path, train: bytes | None = None, test: bytes | None = None) -> Project:
     """The pipeline in `root` (no git, no DVC: stages run on their own) with TINY params and raw CSVs."""
-    root.mkdir(parents=True)
-    for name in PIPELINE_FILES:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
-            shutil.copy2(src, root / name)
+    copy_pipeline(root)
     raw = root / "data" / "raw"
     raw.mkdir(parents=True)
     (raw / "train.csv").write_bytes(csv_bytes(ag_news_rows(240, seed=1)) if train is None else train)
