@@ -3,7 +3,7 @@
 `CharlmLoop` is charlm's real training step: `charlm.data.Batches` over a packed stream, `CharRNN`, AdamW with
 the stage's two parameter groups, `LambdaLR` with the stage's own `lr_factor` (imported from stages/train.py),
 the disabled-on-CPU GradScaler calls, gradient clipping, and the loss accumulated on the device without a host
-sync per step. The body of `step()` mirrors the loop in stages/train.py line for line, minus the tqdm bar and
+sync per step. `step()` calls stages/train.py's own `train_step`, and does the rest of that loop, minus the tqdm bar and
 the periodic validation, sampling and checkpoints (which train.py keeps out of its own throughput figure).
 `check_fidelity` in bench/run.py verifies that it ends with exactly the weights of the stage itself.
 
@@ -12,7 +12,6 @@ with plain Adam, no data pipeline, no clipping, no schedule.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib.util
 import sys
@@ -60,22 +59,13 @@ class CharlmLoop:
         self.total = total or default_total
         torch.manual_seed(tp.seed)
         self.model = model = CharRNN(vocab_size, **dataclasses.asdict(mp)).to(device)
-        decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-        no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tp.weight_decay},
-                                            {"params": no_decay, "weight_decay": 0.0}], lr=tp.lr)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: train_stage.lr_factor(s, self.total, tp))
-        self.use_amp = device.type == "cuda" and tp.amp != "none"
-        self.amp_dtype = torch.bfloat16 if tp.amp == "bf16" else torch.float16
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and tp.amp == "fp16")
+        self.optimizer, self.scheduler, self.scaler, self.autocast = train_stage.make_optimizer(
+            model, tp, self.total, device)
+        self.train_step = train_stage.train_step
         self.loss_sum, self.loss_n = torch.zeros((), device=device), 0
         self.done = 0
         self.losses: list[tuple[int, float]] = []
         model.train()
-
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.use_amp else contextlib.nullcontext()
 
     def step(self) -> int:
         """One training step; returns the characters it trained on."""
@@ -84,18 +74,7 @@ class CharlmLoop:
         step = self.done
         x, y = batches.batch(*divmod(step, batches.per_epoch))
         x, y = torch.from_numpy(x).to(device, non_blocking=True), torch.from_numpy(y).to(device, non_blocking=True)
-        with self.autocast():
-            logits, _ = model(x)
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if tp.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tp.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        self.loss_sum += loss.detach()
+        self.loss_sum += self.train_step(model, model, x, y, optimizer, scheduler, scaler, tp.grad_clip, self.autocast)
         self.loss_n += 1
         self.done = done = step + 1
         if done % tp.log_every == 0:
