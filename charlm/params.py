@@ -116,7 +116,7 @@ class TrainParams:
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    batch_size: int = spec(256, ge=1)
+    batch_size: int = spec(64, ge=1)
     device: str = spec("auto", choices=("auto", "cpu", "cuda"))
 
 
