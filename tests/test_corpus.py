@@ -27,8 +27,8 @@ REPAIRS = [
     (" #36;5.5 billion deal", "$5.5 billion deal"),
     ("a \\$1 billion deal", "a $1 billion deal"),
     ("costs \\$2.50 a share", "costs $2.50 a share"),
-    ("Reuters - Short-sellers, Wall Street's dwindling\\band of ultra-cynics",
-     "Reuters - Short-sellers, Wall Street's dwindling band of ultra-cynics"),
+    ("Reuters - Dock workers, the port's largest\\union of crane operators",
+     "Reuters - Dock workers, the port's largest union of crane operators"),
     ("which has a reputation\\for making well-timed\\plays", "which has a reputation for making well-timed plays"),
     ("&lt;b&gt;Bold&lt;/b&gt;", "Bold"),
     ("&lt;p&gt;ADVERTISEMENT&lt;/p&gt;&lt;p&gt;Text", "ADVERTISEMENT Text"),
@@ -98,8 +98,8 @@ def write_csv(path, rows, *, bom=False, newline="\n"):
 
 
 ROWS = [
-    ("3", "Wall St. Bears Claw Back Into the Black (Reuters)",
-     "Reuters - Short-sellers, Wall Street's dwindling\\band of ultra-cynics, are seeing green again."),
+    ("3", "Harbor Cranes Idle as Dock Talks Stall (Reuters)",
+     "Reuters - Dock workers, the port's largest\\union of crane operators, are waiting again."),
     ("2", 'He said "no"', "Procter  amp; Gamble #39;s profit"),
     ("1", "NaN", "1"),
     ("4", "1", "null"),
@@ -108,16 +108,16 @@ ROWS = [
 
 @pytest.mark.parametrize("fields, expected", [
     (["title", "description"], [
-        "Wall St. Bears Claw Back Into the Black (Reuters) Reuters - Short-sellers, Wall Street's dwindling band "
-        "of ultra-cynics, are seeing green again.",
+        "Harbor Cranes Idle as Dock Talks Stall (Reuters) Reuters - Dock workers, the port's largest union "
+        "of crane operators, are waiting again.",
         'He said "no" Procter & Gamble\'s profit', "NaN 1", "1 null"]),
-    (["title"], ["Wall St. Bears Claw Back Into the Black (Reuters)", 'He said "no"', "NaN", "1"]),
+    (["title"], ["Harbor Cranes Idle as Dock Talks Stall (Reuters)", 'He said "no"', "NaN", "1"]),
     (["description"], [
-        "Reuters - Short-sellers, Wall Street's dwindling band of ultra-cynics, are seeing green again.",
+        "Reuters - Dock workers, the port's largest union of crane operators, are waiting again.",
         "Procter & Gamble's profit", "1", "null"]),
     (["description", "title"], [
-        "Reuters - Short-sellers, Wall Street's dwindling band of ultra-cynics, are seeing green again. "
-        "Wall St. Bears Claw Back Into the Black (Reuters)",
+        "Reuters - Dock workers, the port's largest union of crane operators, are waiting again. "
+        "Harbor Cranes Idle as Dock Talks Stall (Reuters)",
         'Procter & Gamble\'s profit He said "no"', "1 NaN", "null 1"]),
 ])
 def test_read_ag_news_selects_fields_and_cleans(tmp_path, fields, expected):
