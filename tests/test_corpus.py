@@ -29,7 +29,7 @@ REPAIRS = [
     ("costs \\$2.50 a share", "costs $2.50 a share"),
     ("Reuters - Dock workers, the port's largest\\union of crane operators",
      "Reuters - Dock workers, the port's largest union of crane operators"),
-    ("which has a reputation\\for making well-timed\\plays", "which has a reputation for making well-timed plays"),
+    ("which keeps a habit\\of filing early\\returns", "which keeps a habit of filing early returns"),
     ("&lt;b&gt;Bold&lt;/b&gt;", "Bold"),
     ("&lt;p&gt;ADVERTISEMENT&lt;/p&gt;&lt;p&gt;Text", "ADVERTISEMENT Text"),
     ("first&lt;br/&gt;second", "first second"),
