@@ -210,10 +210,8 @@ def raw_project(root: Path) -> Project:
     return project
 
 
-@pytest.fixture
-def project(tmp_path) -> Project:
-    """A fresh git + DVC repo with the pipeline and TINY params (download URLs still unset)."""
-    root = tmp_path / "repo"
+def git_project(root: Path) -> Project:
+    """A fresh git + DVC repo at root with the pipeline and TINY params (download URLs still unset)."""
     copy_pipeline(root)
     (root / ".dvc").mkdir()
     shutil.copy2(ROOT / ".dvc" / "config", root / ".dvc" / "config")
@@ -224,6 +222,11 @@ def project(tmp_path) -> Project:
     p.git("config", "user.name", "charlm tests")
     p.set_params(**TINY)
     return p
+
+
+@pytest.fixture
+def project(tmp_path) -> Project:
+    return git_project(tmp_path / "repo")
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ag_news_rows, copy_pipeline, csv_bytes, md5, Project, ROOT, TINY
+from conftest import ag_news_rows, csv_bytes, git_project, md5, Project
 
 pytestmark = pytest.mark.slow
 
@@ -151,13 +151,7 @@ class Reference:
 
 
 def new_project(root: Path) -> Project:
-    copy_pipeline(root)
-    (root / ".dvc").mkdir()
-    shutil.copy2(ROOT / ".dvc" / "config", root / ".dvc" / "config")
-    (root / ".gitignore").write_text("/checkpoints/\n__pycache__/\n")
-    p = Project(root)
-    p.git("init", "-q", "-b", "main")
-    p.set_params(**TINY)
+    p = git_project(root)
     p.set_params(**FAULT_PARAMS)
     return p
 
