@@ -65,7 +65,7 @@ class Budget:
     fidelity: bool = True    # check that the benchmark's loop gives stages/train.py's exact weights
 
 
-FULL = Budget("full", train_rounds=3, train_seconds=2.0, gap_seconds=0.5, quality_seconds=150.0, pack_mb=30.0, pack_rounds=3,
+FULL = Budget("full", train_rounds=5, train_seconds=2.5, gap_seconds=0.5, quality_seconds=150.0, pack_mb=30.0, pack_rounds=3,
               gen_rounds=3, gen_seconds=0.5, gen_length=200, prefix_single=200, prefix_batch=30,
               eval_cells=4, eval_rounds=4, eval_cap_seconds=45.0)
 QUICK = Budget("quick", train_rounds=2, train_seconds=0.3, gap_seconds=0.1, quality_seconds=20.0, pack_mb=6.0, pack_rounds=2,
@@ -74,6 +74,8 @@ QUICK = Budget("quick", train_rounds=2, train_seconds=0.3, gap_seconds=0.1, qual
 
 TRAIN_SHAPES = [(1, 64, 0), (2, 256, 32), (2, 512, 32)]     # layers, hidden, embedding
 GEN_SHAPES = [(1, 256, 32), (2, 512, 32)]
+CROSSOVER_SHAPES = [(1, 256, 32), (2, 256, 32), (2, 512, 32)]  # + params.yaml's default model
+CROSSOVER_STREAMS = (1, 4, 16, 32, 64)
 EVAL_SHAPES = [(1, 256, 32), (2, 512, 32)]
 SEQ_LEN, BATCH = 100, 64
 CUDA = "cuda"  # the device of the CUDA columns (a test may point it at the CPU to exercise that code)
@@ -477,18 +479,6 @@ def section_generation(ctx: Context) -> list[Table]:
             t_cmp.add(name, batch, "cpu", r["charlm"].fmt(), r["lesson-stateful"].fmt(),
                       f"{r['lesson-prefix'].fmt()} (n = {plen})", label[best],
                       ratio_stat(r["charlm"], r["lesson-stateful"]).fmt("×", 2))
-        ctx.log(f"  oneDNN crossover {name}")
-        with forced_backend():
-            for batch in (1, 4, 16, 64):
-                cases = [Case("on", charlm_unit(model, batch, "cpu"), mkldnn=True),
-                         Case("off", charlm_unit(model, batch, "cpu"), mkldnn=False)]
-                r = measure(cases, bud.gen_rounds, bud.gen_seconds, log=ctx.log)
-                ratio = ratio_stat(r["on"], r["off"])
-                faster = "on" if ratio.median >= 1 else "off"
-                picks = "off" if batch <= threshold else "on"
-                t_x.add(name, batch, r["on"].fmt(), r["off"].fmt(), ratio.fmt("×", 2), f"oneDNN {faster}",
-                        f"oneDNN {picks}", "yes" if picks == faster else "**no**")
-                crossover.setdefault(name, []).append((batch, ratio.median))
         if ctx.cuda:
             cmodel = CharRNN(len(vocab), "lstm", hidden, layers, 0.0, emb).to(CUDA).eval()
             for batch in (1, 64):
@@ -499,6 +489,22 @@ def section_generation(ctx: Context) -> list[Table]:
                 t_cmp.add(name, batch, CUDA, r["charlm"].fmt(), r["lesson-stateful"].fmt(), "—",
                           "charlm" if r["charlm"].median >= r["lesson-stateful"].median else "lesson stateful",
                           ratio_stat(r["charlm"], r["lesson-stateful"]).fmt("×", 2))
+    for layers, hidden, emb in CROSSOVER_SHAPES:
+        name = shape_name(layers, hidden, emb)
+        torch.manual_seed(0)
+        model = CharRNN(len(vocab), "lstm", hidden, layers, 0.0, emb).eval()
+        ctx.log(f"  oneDNN crossover {name}")
+        with forced_backend():
+            for batch in CROSSOVER_STREAMS:
+                cases = [Case("on", charlm_unit(model, batch, "cpu"), mkldnn=True),
+                         Case("off", charlm_unit(model, batch, "cpu"), mkldnn=False)]
+                r = measure(cases, bud.gen_rounds, bud.gen_seconds, log=ctx.log)
+                ratio = ratio_stat(r["on"], r["off"])
+                faster = "on" if ratio.median >= 1 else "off"
+                picks = "off" if batch <= threshold else "on"
+                t_x.add(name, batch, r["on"].fmt(), r["off"].fmt(), ratio.fmt("×", 2), f"oneDNN {faster}",
+                        f"oneDNN {picks}", "yes" if picks == faster else "**no**")
+                crossover.setdefault(name, []).append((batch, ratio.median))
     t_cmp.notes += [
         f"Random weights, vocabulary of the AG News data ({len(vocab)} symbols), prompt {prompt!r}, temperature {temp}; "
         f"{bud.gen_length} characters per stream per call for the stateful methods; the prefix re-run (Recipe A, "

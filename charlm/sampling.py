@@ -54,11 +54,17 @@ def encode_prompt(vocab: Vocab, prompt: str) -> list[int]:
     return [EOS_ID] + vocab.ids(prompt)
 
 
+# Up to this many CPU streams, generation runs faster with oneDNN off: one-character steps of a few rows are
+# dominated by oneDNN's per-call overhead. Measured in BENCHMARKS.md (section 4b): 1.9x faster for the default
+# 2x256 model with the default grid's 25 streams, up to 8x for 3x512 at 1 stream; past ~64 streams oneDNN wins.
+ONEDNN_OFF_MAX_STREAMS = 32
+
+
 @contextlib.contextmanager
 def single_stream_backend(device: torch.device, batch: int):
-    """oneDNN's RNN kernels lose to the native ones for a few CPU streams at a time (see BENCHMARKS.md)."""
+    """Turn oneDNN off for generating a few streams at a time on CPU, and restore the setting afterwards."""
     previous = torch.backends.mkldnn.enabled
-    if device.type == "cpu" and batch <= 4:
+    if device.type == "cpu" and batch <= ONEDNN_OFF_MAX_STREAMS:
         torch.backends.mkldnn.enabled = False
     try:
         yield

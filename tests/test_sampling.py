@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from charlm.model import CharRNN
-from charlm.sampling import encode_prompt, generate, sample, stream
+from charlm.sampling import encode_prompt, generate, sample, single_stream_backend, stream
 from charlm.vocab import EOS_ID, PAD_ID, UNK_ID, Vocab
 
 VOCAB = Vocab(list("abcdefghijklmnopqrstuvwxyz .,"))
@@ -262,3 +262,20 @@ def test_generate_text_never_shows_specials(model):
         body = r["text"][len(r["prompt"]):]
         assert r["stopped_at_eos"] or len(body) == 100
         assert "\n" not in body
+
+
+@pytest.mark.parametrize("device, batch, inside", [("cpu", 1, False), ("cpu", 32, False), ("cpu", 33, True),
+                                                   ("cuda", 1, True)])
+def test_onednn_is_off_only_while_generating_few_cpu_streams(device, batch, inside):
+    before = torch.backends.mkldnn.enabled
+    try:
+        torch.backends.mkldnn.enabled = True
+        with single_stream_backend(torch.device(device), batch):
+            assert torch.backends.mkldnn.enabled is inside
+        assert torch.backends.mkldnn.enabled is True
+        with pytest.raises(RuntimeError), single_stream_backend(torch.device(device), batch):
+            raise RuntimeError  # an error inside generation still restores the setting
+        assert torch.backends.mkldnn.enabled is True
+    finally:
+        torch.backends.mkldnn.enabled = before
+
