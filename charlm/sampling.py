@@ -55,7 +55,7 @@ def encode_prompt(vocab: Vocab, prompt: str) -> list[int]:
 
 
 # Up to this many CPU streams, generation runs faster with oneDNN off: one-character steps of a few rows are
-# dominated by oneDNN's per-call overhead. BENCHMARKS.md, section 4b: off is 1.2-2.2x faster for 1x256 and 2x256
+# dominated by oneDNN's per-call overhead. BENCHMARKS.md, section 4b: off is 1.1-2.2x faster for 1x256 and 2x256
 # at 1-32 streams (the default grid has 25) and 1.8-2.4x for 2x512 at 1-4; oneDNN catches up near 16-64 streams.
 ONEDNN_OFF_MAX_STREAMS = 32
 
