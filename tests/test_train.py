@@ -118,6 +118,16 @@ def test_dvclive_logs_metrics_and_one_row_per_evaluation(uninterrupted):
     assert checkpoint_step(p) == 200
 
 
+def resume_and_compare(p, step: int, reference, reference_weights) -> None:
+    """Rerun train: it must resume at `step` and end with the uninterrupted run's weights and logs, with no
+    logged row lost or repeated."""
+    again = train(p)
+    assert f"resuming at step {step:,}" in again.stdout + again.stderr
+    assert_same_weights(weights(p), reference_weights)
+    assert tsv(p, "val/bpc") == tsv(reference, "val/bpc")
+    assert tsv(p, "train/loss") == tsv(reference, "train/loss")
+
+
 def test_resume_after_sigkill_is_bit_identical(base, uninterrupted, tmp_path):
     reference, reference_weights, _ = uninterrupted
     p = copy_of(base, tmp_path / "repo")
@@ -132,12 +142,7 @@ def test_resume_after_sigkill_is_bit_identical(base, uninterrupted, tmp_path):
     assert killed_at is not None and 10 <= killed_at < 200 and killed_at % 10 == 0
     assert not (p.path / "models/model.pt").exists()
 
-    again = train(p)
-    assert f"resuming at step {killed_at:,}" in again.stdout + again.stderr
-    assert_same_weights(weights(p), reference_weights)
-    # The logs continue the killed run's, with no row lost or repeated.
-    assert tsv(p, "val/bpc") == tsv(reference, "val/bpc")
-    assert tsv(p, "train/loss") == tsv(reference, "train/loss")
+    resume_and_compare(p, killed_at, reference, reference_weights)
     assert (p.path / "reports/train_samples.md").read_text() == (reference.path / "reports/train_samples.md").read_text()
 
 
@@ -160,12 +165,8 @@ def test_sigint_saves_a_checkpoint_exits_130_and_resumes(base, uninterrupted, tm
     assert last == f"train: interrupted; checkpoint saved at step {stopped_at:,}; rerun to resume", err
     assert not (p.path / "models/model.pt").exists()
 
-    again = train(p)
-    assert f"resuming at step {stopped_at:,}" in again.stdout + again.stderr
-    assert_same_weights(weights(p), reference_weights)
-    assert tsv(p, "val/bpc") == tsv(reference, "val/bpc")
     # SIGINT lands between two train-loss logs: the average must still span the steps before the interrupt.
-    assert tsv(p, "train/loss") == tsv(reference, "train/loss")
+    resume_and_compare(p, stopped_at, reference, reference_weights)
 
 
 def test_same_seed_reproduces_and_stale_or_broken_checkpoints_are_ignored(base, tmp_path):
