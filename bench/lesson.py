@@ -10,7 +10,6 @@ directly comparable with a charlm model's.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import time
@@ -21,17 +20,11 @@ import torch
 
 from charlm.data import item_bounds, load_packed
 from charlm.model import CharRNN
+from charlm.scoring import score_items
 from charlm.vocab import EOS_ID, Vocab
 
 NCHARS = 100
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def load_scorer():
-    spec = importlib.util.spec_from_file_location("evaluate_stage", ROOT / "stages" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.score_items
 
 
 def get_batch(vocab: Vocab, text: str):
@@ -113,7 +106,7 @@ def generate_prefix(net: CharRNN, vocab: Vocab, prompts: list[str], size: int, t
 def test_bpc(model: CharRNN, data_dir: Path) -> float:
     stream = np.asarray(load_packed(data_dir / "packed").streams["test"])
     starts, lengths = item_bounds(stream, EOS_ID)
-    nats, count, _ = load_scorer()(model, stream, starts, lengths, 256, torch.device("cpu"))
+    nats, count, _ = score_items(model, stream, starts, lengths, 256, torch.device("cpu"))
     return nats / count / math.log(2)
 
 

@@ -39,6 +39,7 @@ from bench.loops import BareLoop, CharlmLoop, load_stage, shape_params
 from charlm import params
 from charlm.data import item_bounds
 from charlm.model import CharRNN, n_params
+from charlm.scoring import score_items
 from charlm.vocab import EOS_ID
 
 
@@ -275,7 +276,6 @@ def section_quality(ctx: Context) -> list[Table]:
     bud = ctx.budget
     data = ctx.data()
     vocab, packed = data.vocab(), data.packed()
-    score_items = load_stage("evaluate").score_items
     ep = params.load(params.EvaluateParams, ROOT / "params.yaml")
     mp = params.load(params.ModelParams, ROOT / "params.yaml")
     # max_steps and epochs give way to the wall-clock budget
@@ -559,7 +559,6 @@ def lesson_cuda_unit(model, vocab, batch, length, prompt, temp):
 def section_evaluation(ctx: Context) -> list[Table]:
     bud = ctx.budget
     packed = ctx.data().packed()
-    score_items = load_stage("evaluate").score_items
     test = np.asarray(packed.streams["test"])
     starts, lengths = item_bounds(test, EOS_ID)
     vocab_size = packed.meta["vocab_size"]

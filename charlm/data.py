@@ -3,8 +3,12 @@
 A split is one contiguous stream: `<eos> item1 <eos> item2 <eos> ... itemN <eos>`. Every item is thus
 preceded by `<eos>`, the same context the evaluation protocol gives the first character of an item.
 
-Training windows are `seq_len + 1` tokens starting at multiples of `seq_len`; a window is only ever an
-offset, never a copy. Each epoch visits every window once in an order drawn from `(seed, epoch)`, cut into
+Training windows are `seq_len + 1` tokens; a window is only ever an offset, never a copy. Where they start is
+`pack.align`:
+- `stream`: at multiples of `seq_len`, so windows tile the stream and most start mid-item;
+- `item`: at the <eos> before every item, plus continuation windows every `seq_len` tokens through an item
+  longer than one window. Each window then begins exactly as the evaluation protocol scores an item: from a
+  zero state, conditioned on <eos>. Windows of consecutive short items overlap; every token is still covered. Each epoch visits every window once in an order drawn from `(seed, epoch)`, cut into
 equal-size minibatches (the last partial batch of an epoch is dropped). Memory is O(stream), and one
 minibatch is gathered at a time.
 """
@@ -18,10 +22,11 @@ import numpy as np
 
 from charlm.errors import CharlmError
 from charlm.io import read_json, read_npy
-from charlm.vocab import Vocab
+from charlm.vocab import EOS_ID, Vocab
 
 FORMAT = "charlm-packed/1"
 SPLITS = ("train", "val", "test")
+ALIGNS = ("stream", "item")
 _CHUNK = 1 << 20  # characters encoded at a time, so temporaries stay small next to the corpus
 
 
@@ -56,6 +61,23 @@ def n_windows(stream_len: int, seq_len: int) -> int:
     return max(stream_len - 1, 0) // seq_len
 
 
+def window_starts(stream: np.ndarray, seq_len: int, align: str = "stream") -> np.ndarray:
+    """Sorted start offsets of the training windows of a stream (see the module docstring)."""
+    if align == "stream":
+        return np.arange(n_windows(len(stream), seq_len), dtype=np.int64) * seq_len
+    last = len(stream) - seq_len - 1  # the last offset where a whole window fits
+    if last < 0:
+        return np.zeros(0, dtype=np.int64)
+    eos = np.flatnonzero(np.asarray(stream) == EOS_ID)
+    spans = np.diff(eos)  # an item with its opening <eos>
+    per_item = -(-spans // seq_len)
+    first = np.repeat(eos[:-1], per_item)
+    # k-th window of its item: k = position in the flattened list minus where the item's windows begin
+    k = np.arange(len(first)) - np.repeat(np.cumsum(per_item) - per_item, per_item)
+    # Windows past the end are pulled back to the last fitting offset, so the stream's tail is still covered.
+    return np.unique(np.minimum(first + k * seq_len, last))
+
+
 class Batches:
     """Equal-size `(inputs, targets)` minibatches of shuffled windows, addressed by `(epoch, index)`.
 
@@ -63,10 +85,12 @@ class Batches:
     batches equals the single-process batch of size `batch_size * world`.
     """
 
-    def __init__(self, stream: np.ndarray, seq_len: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+    def __init__(self, stream: np.ndarray, seq_len: int, batch_size: int, seed: int, rank: int = 0, world: int = 1,
+                 align: str = "stream"):
         self.stream, self.seq_len, self.batch_size = stream, seq_len, batch_size
         self.seed, self.rank, self.world = seed, rank, world
-        self.n_windows = n_windows(len(stream), seq_len)
+        self._starts = window_starts(stream, seq_len, align)
+        self.n_windows = len(self._starts)
         self.per_epoch = self.n_windows // (batch_size * world)
         if self.per_epoch == 0:
             raise CharlmError(
@@ -87,20 +111,11 @@ class Batches:
         if not 0 <= index < self.per_epoch:
             raise IndexError(index)
         b, g = self.batch_size, self.batch_size * self.world
-        return self.order(epoch)[index * g + self.rank * b:index * g + (self.rank + 1) * b] * self.seq_len
+        return self._starts[self.order(epoch)[index * g + self.rank * b:index * g + (self.rank + 1) * b]]
 
     def batch(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
         windows = self.stream[self.starts(epoch, index)[:, None] + self._offsets].astype(np.int64)
         return windows[:, :-1], windows[:, 1:]
-
-
-def eval_windows(stream: np.ndarray, seq_len: int, batch_size: int):
-    """All windows of a stream in order, in batches (the last may be smaller): for validation loss."""
-    starts = np.arange(n_windows(len(stream), seq_len)) * seq_len
-    offsets = np.arange(seq_len + 1)
-    for i in range(0, len(starts), batch_size):
-        windows = stream[starts[i:i + batch_size, None] + offsets].astype(np.int64)
-        yield windows[:, :-1], windows[:, 1:]
 
 
 @dataclass

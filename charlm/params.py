@@ -77,6 +77,7 @@ class VocabParams:
 @dataclass(frozen=True)
 class PackParams:
     seq_len: int = spec(100, ge=1, le=1_000_000)
+    align: str = spec("item", choices=("item", "stream"))
     val_fraction: float = spec(0.05, ge=0.0, lt=1.0)
     seed: int = spec(0, ge=0)
 
@@ -94,6 +95,7 @@ class ModelParams:
 class TrainParams:
     batch_size: int = spec(64, ge=1)
     lr: float = spec(3.0e-3, gt=0.0, le=10.0)
+    beta2: float = spec(0.99, gt=0.0, lt=1.0)
     epochs: int = spec(20, ge=1)
     max_steps: int = spec(2000, ge=0)
     seed: int = spec(0, ge=0)

@@ -2,15 +2,15 @@
 
 Reads `pack` from params.yaml. Writes data/packed/{train,val,test}.npy (one stream each, smallest integer
 dtype) and data/packed/meta.json, all at once: the directory is replaced as a whole.
-The validation split is carved out of train by item with `pack.seed`; the same seed orders training windows
-(see charlm/data.py).
+The validation split is carved out of train by item with `pack.seed`; the same seed orders training windows,
+which start where `pack.align` says (see charlm/data.py).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 from charlm import params
-from charlm.data import FORMAT, encode_items, n_windows, sha256, split_items
+from charlm.data import FORMAT, encode_items, sha256, split_items, window_starts
 from charlm.errors import CharlmError, run_main
 from charlm.io import atomic_dir, read_text, write_json, write_npy
 from charlm.vocab import Vocab
@@ -33,7 +33,7 @@ def main() -> None:
         streams[split] = stream = encode_items(vocab, "\n".join(lines))
         texts[split] = None  # free the text before encoding the next split
         splits[split] = {"items": len(lines), "tokens": int(len(stream)),
-                         "windows": n_windows(len(stream), p.seq_len), "sha256": sha256(stream)}
+                         "windows": len(window_starts(stream, p.seq_len, p.align)), "sha256": sha256(stream)}
     # Check everything before writing anything, so a failed pack leaves no partial output.
     if splits["train"]["windows"] == 0:
         raise CharlmError(f"the train split has {splits['train']['tokens']} tokens, too few for one window of "
@@ -41,10 +41,7 @@ def main() -> None:
     if p.val_fraction > 0 and splits["val"]["items"] == 0:
         raise CharlmError(f"pack.val_fraction={p.val_fraction} of {splits['train']['items']} train item(s) holds "
                           f"out no item; use a corpus of more items, or set pack.val_fraction: 0")
-    if p.val_fraction > 0 and splits["val"]["windows"] == 0:
-        raise CharlmError(f"the validation split ({splits['val']['tokens']} tokens) is shorter than one window "
-                          f"of pack.seq_len={p.seq_len}; raise pack.val_fraction or lower pack.seq_len")
-    meta = {"format": FORMAT, "seq_len": p.seq_len, "seed": p.seed, "val_fraction": p.val_fraction,
+    meta = {"format": FORMAT, "seq_len": p.seq_len, "align": p.align, "seed": p.seed, "val_fraction": p.val_fraction,
             "vocab_size": len(vocab), "dtype": vocab.dtype.name, "splits": splits}
     # The directory is replaced as a whole: a killed or failed pack never leaves some files new, some old.
     with atomic_dir(OUT) as tmp:

@@ -28,11 +28,12 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from charlm import artifact, params
-from charlm.data import Batches, eval_windows, load_packed
+from charlm.data import Batches, load_packed
 from charlm.errors import CharlmError, run_main
 from charlm.io import write_text
 from charlm.model import CharRNN, n_params
 from charlm.sampling import generate
+from charlm.scoring import stream_bpc
 from charlm.vocab import Vocab
 
 CHECKPOINT = Path("checkpoints/train.pt")
@@ -40,6 +41,7 @@ LIVE_DIR = Path("dvclive")
 SAMPLES = Path("reports/train_samples.md")
 CHECKPOINT_FORMAT = "charlm-checkpoint/2"
 LN2 = math.log(2)
+VAL_BATCH = 64  # validation items per forward pass, as evaluate.batch_size
 
 
 def lr_factor(step: int, total: int, p: params.TrainParams) -> float:
@@ -58,7 +60,7 @@ def make_optimizer(model: CharRNN, tp: params.TrainParams, total: int, device: t
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tp.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=tp.lr)
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=tp.lr, betas=(0.9, tp.beta2))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, tp))
     use_amp = device.type == "cuda" and tp.amp != "none"
     amp_dtype = torch.bfloat16 if tp.amp == "bf16" else torch.float16
@@ -84,23 +86,6 @@ def train_step(net, model: CharRNN, x, y, optimizer, scheduler, scaler, grad_cli
     scaler.update()
     scheduler.step()
     return loss.detach()
-
-
-@torch.no_grad()
-def validate(model: CharRNN, stream, seq_len: int, batch_size: int, device, autocast) -> float:
-    """Mean loss in nats per character over every window of `stream` (each window from a zero state)."""
-    was_training = model.training
-    model.eval()
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    count = 0
-    for x, y in eval_windows(stream, seq_len, batch_size):
-        x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
-        with autocast():
-            logits, _ = model(x)
-        total += F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), reduction="sum")
-        count += y.numel()
-    model.train(was_training)
-    return (total / max(count, 1)).item()
 
 
 def fingerprint(*parts) -> str:
@@ -172,8 +157,9 @@ def main() -> None:
         raise CharlmError(f"data/packed was built with {meta['vocab_size']} symbols but data/vocab.json has "
                           f"{len(vocab)}; rerun `dvc repro pack`")
     # train.batch_size is the global batch: each process takes a disjoint 1/world of every minibatch.
-    batches = Batches(packed.streams["train"], seq_len, tp.batch_size // world, meta["seed"], rank, world)
-    has_val = meta["splits"]["val"]["windows"] > 0  # pack.val_fraction: 0 means no validation split
+    batches = Batches(packed.streams["train"], seq_len, tp.batch_size // world, meta["seed"], rank, world,
+                      align=meta.get("align", "stream"))
+    has_val = meta["splits"]["val"]["items"] > 0  # pack.val_fraction: 0 means no validation split
     total = batches.per_epoch * tp.epochs if not tp.max_steps else min(batches.per_epoch * tp.epochs, tp.max_steps)
 
     if tp.deterministic and device.type == "cuda":
@@ -251,11 +237,13 @@ def main() -> None:
             continue
         periodic_work = False
         if has_val and (done % tp.eval_every == 0 or done == total):
-            val_loss = validate(model, packed.streams["val"], seq_len, tp.batch_size, device, autocast)
+            # scored exactly as evaluate scores the test split, so val bpc and test bpc are comparable
+            with autocast():
+                val_bpc = stream_bpc(model, packed.streams["val"], VAL_BATCH, device)
             live.step = done
-            live.log_metric("val/loss", val_loss)
-            live.log_metric("val/bpc", val_loss / LN2)
-            print_fn(f"step {done:,}: val loss {val_loss:.4f} nats/char, {val_loss / LN2:.4f} bpc")
+            live.log_metric("val/loss", val_bpc * LN2)
+            live.log_metric("val/bpc", val_bpc)
+            print_fn(f"step {done:,}: val {val_bpc:.4f} bpc")
             periodic_work = True
         if tp.sample_every and (done % tp.sample_every == 0 or done == total):
             log_sample(model, vocab, tp, done, print_fn)

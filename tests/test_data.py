@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from charlm import data
-from charlm.data import Batches, encode_items, eval_windows, item_bounds, load_packed, n_windows, split_items
+from charlm.data import Batches, encode_items, item_bounds, load_packed, n_windows, split_items
 from charlm.errors import CharlmError
 from charlm.io import write_json, write_npy
 from charlm.vocab import EOS_ID, Vocab
@@ -187,26 +187,6 @@ def test_batches_too_few_windows(length, seq_len, batch_size, world):
     message = str(info.value)
     assert f"pack.seq_len={seq_len}" in message and f"train.batch_size={batch_size}" in message
     assert "\n" not in message
-
-
-# --------------------------------------------------------------------------- eval_windows
-
-
-@settings(max_examples=100, deadline=None)
-@given(length=st.integers(0, 300), seq_len=st.integers(1, 20), batch_size=st.integers(1, 7))
-def test_eval_windows_cover_the_stream_in_order(length, seq_len, batch_size):
-    stream = unique_stream(length)
-    n = n_windows(length, seq_len)
-    batches = list(eval_windows(stream, seq_len, batch_size))
-    assert len(batches) == -(-n // batch_size)
-    assert all(len(x) == batch_size for x, _ in batches[:-1])
-    assert all(0 < len(x) <= batch_size for x, _ in batches)
-    inputs = np.concatenate([x for x, _ in batches]).reshape(-1) if batches else np.zeros(0, np.int64)
-    targets = np.concatenate([y for _, y in batches]).reshape(-1) if batches else np.zeros(0, np.int64)
-    assert inputs.tolist() == stream[:n * seq_len].tolist()
-    assert targets.tolist() == stream[1:n * seq_len + 1].tolist()
-    # Only a tail shorter than one window is left out.
-    assert 0 <= (length - 1) - n * seq_len < seq_len or length < 2
 
 
 # --------------------------------------------------------------------------- item_bounds

@@ -2,7 +2,6 @@
 of the item scored and the closing <eos> not; batching and chunking must not change the result."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -12,23 +11,16 @@ import pytest
 import torch
 from conftest import Project, raw_project, ROOT, TINY
 
-from charlm import artifact
+from charlm import artifact, scoring
 from charlm.model import CharRNN
 from charlm.vocab import EOS_ID, UNK_ID
 
 ENV = {"OMP_NUM_THREADS": "1"}  # 2 OpenMP threads on a busy 2-core machine slow tiny models down many times
 
 
-def load_stage(name: str):
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture
 def evaluate():
-    return load_stage("evaluate")
+    return scoring
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -38,7 +38,7 @@ def error_of(tmp_path: Path, text: str, cls) -> str:
 REJECTED = [
     # unknown keys and sections, with a suggestion
     (params.TrainParams, "train:\n  lrr: 0.1\n", ["unknown key train.lrr", "did you mean 'lr'"]),
-    (params.PackParams, "pack:\n  seqlen: 10\n", ["unknown key pack.seqlen", "did you mean 'seq_len'", "seq_len, val_fraction, seed"]),
+    (params.PackParams, "pack:\n  seqlen: 10\n", ["unknown key pack.seqlen", "did you mean 'seq_len'", "seq_len, align, val_fraction, seed"]),
     (params.DownloadParams, "download:\n  train: {url: x, md6: null}\n", ["download.train.md6", "did you mean 'md5'"]),
     (params.TrainParams, "trian:\n  lr: 0.1\n", ["unknown section 'trian'", "did you mean 'train'"]),
     (params.PackParams, "packing:\n  seq_len: 10\n", ["unknown section 'packing'", "sections are"]),

@@ -1,0 +1,60 @@
+"""charlm's evaluation protocol, in one place for evaluate (test bpc) and train (validation bpc).
+
+Each item is scored on its own from a zero state; its first character is conditioned on <eos>; every character
+of the item is scored, the closing <eos> is not. bpc = total -log2 p over scored characters / their count.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from charlm.data import item_bounds
+from charlm.vocab import EOS_ID, PAD_ID, UNK_ID
+
+IGNORE = -100
+CHUNK = 512  # time steps per forward call; the state is carried, so items of any length fit in memory
+
+
+@torch.no_grad()
+def score_items(model, stream: np.ndarray, starts: np.ndarray, lengths: np.ndarray, batch_size: int,
+                device) -> tuple[float, int, int]:
+    """Total nats, scored characters and <unk> targets over items given by (start, length) in `stream`.
+
+    Items are sorted by length so a batch pads little; padding sits after every item's last character,
+    where a forward-only RNN cannot let it change any scored position.
+    """
+    order = np.argsort(lengths, kind="stable")
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    chars = unk = 0
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        first, n = starts[idx][:, None] - 1, lengths[idx][:, None]  # first: the <eos> before each item
+        state = None
+        for t in range(0, int(n.max()), CHUNK):
+            steps = np.arange(t, min(t + CHUNK, int(n.max())))
+            valid = steps < n
+            window = stream[np.minimum(first + steps, len(stream) - 2)[..., None] + (0, 1)].astype(np.int64)
+            x = np.where(valid, window[..., 0], PAD_ID)
+            y = np.where(valid, window[..., 1], IGNORE)
+            logits, state = model(torch.from_numpy(x).to(device), state)
+            total += F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(),
+                                     torch.from_numpy(y).to(device).reshape(-1), ignore_index=IGNORE, reduction="sum")
+            chars += int(valid.sum())
+            unk += int((y == UNK_ID).sum())
+    return total.item(), chars, unk
+
+
+def stream_bpc(model, stream: np.ndarray, batch_size: int, device) -> float:
+    """Bits per character of every item of a packed split, by the protocol above; the model is left as it was."""
+    stream = np.asarray(stream)
+    starts, lengths = item_bounds(stream, EOS_ID)
+    was_training = model.training
+    model.eval()
+    try:
+        nats, chars, _ = score_items(model, stream, starts, lengths, batch_size, device)
+    finally:
+        model.train(was_training)
+    return nats / max(chars, 1) / math.log(2)
