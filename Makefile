@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run test test-fast bench clean
+.PHONY: setup run test test-fast bench bench-quality clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,10 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python bench/run.py
+
+# About an hour: the recipes against the plain loop, the lesson's recipe and the compressors (BENCHMARKS.md, Quality).
+bench-quality: setup
+	$(BIN)/python bench/quality.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

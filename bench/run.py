@@ -4,9 +4,10 @@
     .venv/bin/python bench/run.py --quick         # small budgets and repeats, for development (~2 min)
     .venv/bin/python bench/run.py --only train    # one section (or several: --only train,generation)
 
-Sections: train (training-step throughput vs a bare loop, oneDNN on/off), quality (test bpc after the same
-wall-clock budget as the lesson's recipe), packing (prepare/vocab/pack on a ~30 MB corpus: time and peak RSS),
-generation (charlm vs the lesson's two styles; oneDNN crossover), evaluation (score_items throughput).
+Sections: train (training-step throughput vs a bare loop, oneDNN on/off), packing (prepare/vocab/pack on a ~30 MB
+corpus: time and peak RSS), generation (charlm vs the lesson's two styles; oneDNN crossover), evaluation
+(score_items throughput). Quality (test bpc per training second) takes an hour: bench/quality.py measures it and
+writes its own part of BENCHMARKS.md, which this script keeps.
 CPU always; CUDA columns or rows appear when torch.cuda.is_available().
 
 Every number is measured in this run: the median of several repeats with the min-max range; cases that are
@@ -33,7 +34,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` and `charlm` impo
 import numpy as np
 import torch
 
-from bench import harness, lesson
+from bench import harness, lesson, quality
 from bench.harness import ROOT, Case, Stat, Table, best_of, measure, onednn, ratio_stat, sync, time_calls
 from bench.loops import BareLoop, CharlmLoop, load_stage, shape_params
 from charlm import params
@@ -52,7 +53,6 @@ class Budget:
     train_rounds: int        # interleaved rounds per training case
     train_seconds: float     # seconds per training case per round (whole steps, at least one)
     gap_seconds: float       # seconds per piece of the training-gap profile (5 repeats, at least 2 calls each)
-    quality_seconds: float   # wall-clock training budget for each recipe in section 2
     pack_mb: float           # synthetic corpus size for section 3
     pack_rounds: int         # fresh runs of each data stage
     gen_rounds: int          # interleaved rounds per generation case
@@ -66,10 +66,10 @@ class Budget:
     fidelity: bool = True    # check that the benchmark's loop gives stages/train.py's exact weights
 
 
-FULL = Budget("full", train_rounds=5, train_seconds=2.5, gap_seconds=0.5, quality_seconds=150.0, pack_mb=30.0, pack_rounds=3,
+FULL = Budget("full", train_rounds=5, train_seconds=2.5, gap_seconds=0.5, pack_mb=30.0, pack_rounds=3,
               gen_rounds=3, gen_seconds=0.5, gen_length=200, prefix_single=200, prefix_batch=30,
               eval_cells=4, eval_rounds=4, eval_cap_seconds=45.0)
-QUICK = Budget("quick", train_rounds=2, train_seconds=0.3, gap_seconds=0.1, quality_seconds=20.0, pack_mb=6.0, pack_rounds=2,
+QUICK = Budget("quick", train_rounds=2, train_seconds=0.3, gap_seconds=0.1, pack_mb=6.0, pack_rounds=2,
                gen_rounds=2, gen_seconds=0.15, gen_length=100, prefix_single=100, prefix_batch=20,
                eval_cells=16, eval_rounds=1, eval_cap_seconds=10.0, fidelity=False)
 
@@ -267,72 +267,6 @@ def section_train(ctx: Context) -> list[Table]:
             t_main.notes.append(f"Loop fidelity: NOT CHECKED, running stages/train.py failed: "
                                 f"{str(e).strip().splitlines()[0][:200]}")
     return tables
-
-
-# ----------------------------------------------------------------------------------- 2. quality
-
-
-def section_quality(ctx: Context) -> list[Table]:
-    bud = ctx.budget
-    data = ctx.data()
-    vocab, packed = data.vocab(), data.packed()
-    ep = params.load(params.EvaluateParams, ROOT / "params.yaml")
-    mp = params.load(params.ModelParams, ROOT / "params.yaml")
-    # max_steps and epochs give way to the wall-clock budget
-    tp = dataclasses.replace(params.load(params.TrainParams, ROOT / "params.yaml"), max_steps=0)
-    test = np.asarray(packed.streams["test"])
-    starts, lengths = item_bounds(test, EOS_ID)
-
-    def score(model, device="cpu"):
-        t0 = time.perf_counter()
-        nats, chars, _ = score_items(model.to(device).eval(), test, starts, lengths, ep.batch_size, torch.device(device))
-        return nats / chars / math.log(2), time.perf_counter() - t0, chars
-
-    table = Table(f"2. Test bpc after the same wall-clock training budget ({bud.quality_seconds:g} s each)",
-                  ["recipe", "model", "params", "steps", "train s", "chars/s: whole run", "chars/s: per interval",
-                   "test bpc", "scoring s"])
-    items = data.train_items()
-    ctx.log(f"  lesson recipe B for {bud.quality_seconds:g}s on {len(items):,} train items")
-    windows: list[float] = []
-    net, st = lesson.train_lesson(vocab, items, bud.quality_seconds, seed=0, windows=windows)
-    bpc, secs, chars = score(net)
-    table.add("lesson Recipe B (bench/lesson.py)", "1×64 one-hot LSTM", f"{n_params(net):,}", f"{st['steps']:,}",
-              f"{st['train_s']:.0f}", f"{st['chars_per_s']:,.0f}", Stat(windows).fmt() if windows else "n/a",
-              f"**{bpc:.4f}**", f"{secs:.1f}")
-    del net
-    devices = ["cpu"] + ([CUDA] if ctx.cuda else [])
-    notes_schedule = []
-    for device in devices:
-        ctx.log(f"  charlm defaults for {bud.quality_seconds:g}s on {device}")
-        loop = CharlmLoop(packed.streams["train"], packed.meta["seq_len"], packed.meta["vocab_size"],
-                          packed.meta["seed"], mp, tp, device)
-        st = loop.train_for(bud.quality_seconds, calibrate_steps=max(2, min(20, tp.warmup_steps)))
-        sync(device)
-        bpc, secs, chars = score(loop.model, device)
-        table.add(f"charlm defaults ({device})", f"{mp.layers}×{mp.hidden} {mp.cell}, emb {mp.embedding}",
-                  f"{n_params(loop.model):,}", f"{st['steps']:,}", f"{st['seconds']:.0f}", f"{st['chars_per_s']:,.0f}",
-                  Stat(st["windows"]).fmt() if st["windows"] else "n/a", f"**{bpc:.4f}**", f"{secs:.1f}")
-        notes_schedule.append(
-            f"charlm ({device}): linear warm-up over {tp.warmup_steps} steps, then {tp.schedule} decay over a schedule "
-            f"of " + (f"{st['schedule_steps']:,} steps, projected from the rate of the first steps so that the decay "
-                      f"ends with the budget" if st["schedule_steps"] else
-                      f"{loop.total:,} steps (the budget ended before the schedule could be fitted to it)")
-            + f"; {st['steps']:,} step{'s' if st['steps'] != 1 else ''} done "
-              f"({st['steps'] / loop.batches.per_epoch:.2f} epochs)"
-            + (", so training ended inside the warm-up (the budget is too short for charlm's schedule)"
-               if st["steps"] < tp.warmup_steps else "") + ".")
-        del loop
-    table.notes += [
-        f"Data: the first {harness.TRAIN_ROWS:,} rows of the local AG News test.csv as the train split and the last "
-        f"1,000 as the test split, through the real prepare, vocab and pack stages ({packed.meta['vocab_size']} "
-        f"symbols; {len(items):,} training items after pack's validation split, which the lesson recipe also uses).",
-        "Both are scored by stages/evaluate.py's `score_items` (charlm's protocol: every test item from a zero state, "
-        f"first character conditioned on <eos>), batch {ep.batch_size}, CPU.",
-        "chars/s counts training positions: the lesson's windows of one item overlap (each character is seen ~100 "
-        "times per pass); charlm's windows do not. The per-interval column is the median (min–max) over "
-        f"successive intervals of ~{max(bud.quality_seconds / 15, 1.0):.0f} s of the run. One run per recipe with seed 0: the bpc has no repeat, so treat differences below ~0.02 bpc as noise.",
-    ] + notes_schedule
-    return [table]
 
 
 # ----------------------------------------------------------------------------------- 3. packing
@@ -644,7 +578,6 @@ def section_evaluation(ctx: Context) -> list[Table]:
 
 SECTIONS = {
     "train": ("1. Training step throughput", section_train),
-    "quality": ("2. Quality per second vs the lesson's recipe", section_quality),
     "packing": ("3. Packing", section_packing),
     "generation": ("4. Generation", section_generation),
     "evaluation": ("5. Evaluation", section_evaluation),
@@ -739,7 +672,10 @@ def main(argv=None) -> None:
         ", ".join(f"{k} {v:.1f} s" for k, v in ctx._prepared.seconds.items()) if ctx._prepared else "not needed")
     print(f"\ntotal wall time: {total:.0f} s")
     if output is not None:
-        output.write_text(render(ctx, command, facts, total), encoding="utf-8")
+        # The Quality part is bench/quality.py's (an hour of its own); keep it as it is.
+        kept = output.read_text(encoding="utf-8").partition(quality.MARKER) if output.exists() else ("", "", "")
+        output.write_text(render(ctx, command, facts, total) + ("\n" + kept[1] + kept[2] if kept[1] else ""),
+                          encoding="utf-8")
         print(f"wrote {output}")
 
 

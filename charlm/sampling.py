@@ -6,8 +6,9 @@ scaling, so any temperature is numerically safe. <pad> and <unk> are never emitt
 from __future__ import annotations
 
 import contextlib
+import re
 import warnings
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 
@@ -98,6 +99,34 @@ def stream(model: CharRNN, vocab: Vocab, prompts: list[str], temperatures: list[
                 if not alive.any():
                     return
             logits, state = model.step(token, state)
+
+
+# A word is a run of letters (any script); digits, punctuation and spaces separate words.
+WORD = re.compile(r"[^\W\d_]+")
+
+
+def words_in(lines: Iterable[str]) -> set[str]:
+    """Every distinct word of a text given line by line (case kept: "apple" is not "Apple")."""
+    known: set[str] = set()
+    for line in lines:
+        known.update(WORD.findall(line))
+    return known
+
+
+def generated_words(record: dict) -> list[str]:
+    """The words of a sample that hold generated characters: words wholly inside the prompt are not the model's,
+    and a last word cut off by the length limit (not by <eos>) is not a whole word."""
+    text, start = record["text"], len(record["prompt"])
+    words = [m for m in WORD.finditer(text) if m.end() > start]
+    if words and not record["stopped_at_eos"] and words[-1].end() == len(text):
+        words.pop()
+    return [m.group() for m in words]
+
+
+def known_word_share(records: Iterable[dict], known: set[str]) -> tuple[float | None, int]:
+    """(share of the samples' generated words found in `known`, their number); None when there are none."""
+    words = [w for r in records for w in generated_words(r)]
+    return (sum(w in known for w in words) / len(words) if words else None), len(words)
 
 
 def generate(model: CharRNN, vocab: Vocab, prompts: list[str], temperatures: list[float], length: int,

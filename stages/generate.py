@@ -1,7 +1,10 @@
-"""generate: sample text for every prompt x temperature pair.
+"""generate: sample text for every prompt x temperature pair, and how many of its words are real.
 
-Reads `generate` from params.yaml and models/model.pt. Writes reports/samples.md (a table to read) and
-reports/samples.json (the same samples for tools; `dvc diff`-friendly, keyed by prompt and temperature).
+Reads `generate` from params.yaml, models/model.pt and data/prepared/train.txt. Writes reports/samples.md (a table
+to read), reports/samples.json (the same samples for tools; `dvc diff`-friendly, keyed by prompt and temperature)
+and metrics/generate.json: per temperature, the share of generated words (letter runs) that occur in the
+training text. It shows in `dvc exp show`. A high share says the model spells like its corpus; it says nothing
+of grammar or sense, and copying the training text verbatim would score 1.0.
 """
 from __future__ import annotations
 
@@ -10,10 +13,12 @@ from pathlib import Path
 
 from charlm import artifact, params
 from charlm.errors import run_main
-from charlm.io import write_json, write_text
-from charlm.sampling import generate
+from charlm.io import read_text, write_json, write_text
+from charlm.sampling import generate, known_word_share, words_in
 
 OUT_MD, OUT_JSON = Path("reports/samples.md"), Path("reports/samples.json")
+OUT_METRICS = Path("metrics/generate.json")
+TRAIN_TEXT = Path("data/prepared/train.txt")
 
 
 def main() -> None:
@@ -26,19 +31,29 @@ def main() -> None:
                            seed=p.seed, stop_at_eos=p.stop_at_eos)
     for w in caught:
         print(f"generate: warning: {w.message}")
+    known = words_in(read_text(TRAIN_TEXT, "prepared train split", "rerun `dvc repro prepare`").splitlines())
+    metrics: dict[str, dict] = {"known_words": {}, "generated_words": {}}
+    for t in p.temperatures:
+        share, n = known_word_share([r for r in records if r["temperature"] == t], known)
+        metrics["known_words"][f"T={t:g}"] = None if share is None else round(share, 4)
+        metrics["generated_words"][f"T={t:g}"] = n
     try:
         write_json(OUT_JSON, {"settings": {"length": p.length, "top_k": p.top_k, "top_p": p.top_p,
                                            "seed": p.seed, "stop_at_eos": p.stop_at_eos},
                               "samples": {f"{r['prompt']!r} @ T={r['temperature']:g}": r["text"] for r in records}})
-        write_text(OUT_MD, to_markdown(records, p.temperatures))
+        write_text(OUT_MD, to_markdown(records))
+        write_json(OUT_METRICS, metrics)
     except BaseException:
-        OUT_JSON.unlink(missing_ok=True)  # leave no outputs, not half of them
+        for path in (OUT_JSON, OUT_MD):  # leave no outputs, not some of them
+            path.unlink(missing_ok=True)
         raise
     for r in records:
         print(f"T={r['temperature']:<4g} {r['text']!r}")
+    print("generate: known words " + ", ".join(f"{k} {'-' if v is None else f'{v:.1%}'}"
+                                                for k, v in metrics["known_words"].items()))
 
 
-def to_markdown(records: list[dict], temperatures: list[float]) -> str:
+def to_markdown(records: list[dict]) -> str:
     """One table per prompt: a row per temperature."""
     def cell(text: str) -> str:
         return text.replace("|", "\\|").replace("\n", " ⏎ ")

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from charlm import data
-from charlm.data import Batches, encode_items, item_bounds, load_packed, n_windows, split_items
+from charlm.data import Batches, encode_items, item_bounds, load_packed, n_windows, split_items, window_starts
 from charlm.errors import CharlmError
 from charlm.io import write_json, write_npy
 from charlm.vocab import EOS_ID, Vocab
@@ -187,6 +187,60 @@ def test_batches_too_few_windows(length, seq_len, batch_size, world):
     message = str(info.value)
     assert f"pack.seq_len={seq_len}" in message and f"train.batch_size={batch_size}" in message
     assert "\n" not in message
+
+
+# --------------------------------------------------------------------------- window_starts (pack.align)
+
+
+@settings(max_examples=200, deadline=None)
+@given(items=st.lists(item_text.filter(bool), min_size=1, max_size=12), seq_len=st.integers(1, 20))
+def test_item_windows_start_at_items_and_cover_every_target(items, seq_len):
+    stream = encode_items(VOCAB, "\n".join(items))
+    starts = window_starts(stream, seq_len, "item")
+    last = len(stream) - seq_len - 1  # the last offset where a whole window fits
+    if last < 0:
+        assert len(starts) == 0
+        return
+    assert starts.dtype == np.int64 and (np.diff(starts) > 0).all() and 0 <= starts[0] and starts[-1] <= last
+    eos = np.flatnonzero(stream == EOS_ID)
+    # Every item whose window fits gets one starting at its <eos>: the state the evaluation scores it from.
+    assert set(eos[eos <= last].tolist()) <= set(starts.tolist())
+    # The others continue their item a whole number of windows on, or were pulled back to the last offset.
+    opening = eos[np.searchsorted(eos, starts, side="right") - 1]
+    assert all((s - o) % seq_len == 0 or s == last for s, o in zip(starts.tolist(), opening.tolist()))
+    # Every token after the first is a target of some window.
+    covered = np.zeros(len(stream), dtype=bool)
+    for s in starts.tolist():
+        covered[s + 1:s + seq_len + 1] = True
+    assert covered[1:].all()
+
+
+def test_item_windows_of_a_long_item_continue_every_seq_len():
+    stream = encode_items(VOCAB, "\n".join(["abcdefghab", "ab", "abc"]))  # <eos> at 0, 11, 14, 18
+    assert window_starts(stream, 4, "item").tolist() == [0, 4, 8, 11, 14]
+    assert window_starts(stream, 5, "item").tolist() == [0, 5, 10, 11, 13]  # 13: 14 pulled back to fit
+    assert window_starts(stream, 4, "stream").tolist() == [0, 4, 8, 12]
+    assert window_starts(stream, 18, "item").tolist() == [0]
+
+
+@given(length=st.integers(1, 300), seq_len=st.integers(1, 40))
+def test_stream_windows_tile_the_stream(length, seq_len):
+    stream = unique_stream(length)
+    assert window_starts(stream, seq_len, "stream").tolist() == list(range(0, n_windows(length, seq_len) * seq_len,
+                                                                        seq_len))
+
+
+def test_item_aligned_batches_visit_every_item_window_once_per_epoch():
+    stream = encode_items(VOCAB, "\n".join(["abcdefgh" * (i % 3 + 1) for i in range(40)]))
+    b = Batches(stream, 12, 5, seed=3, align="item")
+    expected = window_starts(stream, 12, "item")
+    assert b.n_windows == len(expected) and b.per_epoch == len(expected) // 5
+    for epoch in (0, 1):
+        seen = all_starts(b, epoch)
+        assert len(set(seen)) == len(seen) == b.per_epoch * 5 and set(seen) <= set(expected.tolist())
+    x, y = b.batch(0, 0)
+    starts = b.starts(0, 0)
+    assert (x[:, 0] == stream[starts]).all() and (y[:, -1] == stream[starts + 12]).all()
 
 
 # --------------------------------------------------------------------------- item_bounds

@@ -71,6 +71,16 @@ def model(request) -> CharRNN:
     return m
 
 
+def test_stream_bpc_is_the_naive_score_in_bits_and_leaves_the_mode_alone(model):
+    # train validates with stream_bpc: the same protocol as the test score, on a whole packed split.
+    stream, items = random_stream()
+    chars = sum(len(item) for item in items)
+    model.train()  # dropout on: scoring must switch it off, then give the model back as it came
+    bpc = scoring.stream_bpc(model, stream, 3, "cpu")
+    assert model.training
+    assert bpc == pytest.approx(naive_nats(model.eval(), items) / chars / math.log(2), rel=1e-5)
+
+
 def test_score_items_equals_a_naive_per_character_loop(evaluate, model):
     stream, items = random_stream()
     starts, lengths = item_bounds_of(stream)

@@ -6,6 +6,8 @@ import json
 import numpy as np
 import pytest
 
+from charlm.data import window_starts
+
 pytestmark = pytest.mark.slow
 
 DATA_STAGES = ["download", "prepare", "vocab", "pack"]
@@ -23,12 +25,13 @@ def test_data_stages_run_cache_and_rerun_only_what_changed(served_project):
 
     meta = json.loads((p.path / "data/packed/meta.json").read_text())
     vocab = json.loads((p.path / "data/vocab.json").read_text())
-    assert meta["seq_len"] == 32 and meta["vocab_size"] == vocab["size"]
+    assert meta["seq_len"] == 32 and meta["vocab_size"] == vocab["size"] and meta["align"] == "item"
     assert meta["splits"]["train"]["items"] + meta["splits"]["val"]["items"] == 240
     assert meta["splits"]["test"]["items"] == 40
     train = np.load(p.path / "data/packed/train.npy")
     assert train.dtype == np.uint8 and len(train) == meta["splits"]["train"]["tokens"]
     assert train[0] == train[-1] == 1  # the stream starts and ends with <eos>
+    assert meta["splits"]["train"]["windows"] == len(window_starts(train, 32, "item"))
     prepared = (p.path / "data/prepared/train.txt").read_text()
     assert "#39;" not in prepared and "\\" not in prepared and "company's" in prepared
 
@@ -56,6 +59,11 @@ def test_full_pipeline_produces_metrics_plots_and_samples(served_project):
     assert {"bits per character", "learning rate", "throughput"} <= plots.keys()
     curve = json.dumps(plots["bits per character"][0]["content"])
     assert "train/bpc.tsv" in curve and "val/bpc.tsv" in curve
+
+    # generate's readability figure: per temperature, a share of real words, shown with the other metrics
+    known = json.loads((p.path / "metrics/generate.json").read_text())["known_words"]
+    assert known.keys() == {"T=0", "T=1"} and all(0 <= v <= 1 for v in known.values() if v is not None)
+    assert any(v is not None for v in known.values()) and "known_words" in flat
 
     samples = json.loads((p.path / "reports/samples.json").read_text())["samples"]
     assert len(samples) == 4 and all(text.startswith(("The ", "A ")) for text in samples.values())

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from charlm.model import CharRNN
-from charlm.sampling import encode_prompt, generate, sample, single_stream_backend, stream
+from charlm.sampling import (encode_prompt, generate, generated_words, known_word_share, sample,
+                             single_stream_backend, stream, words_in)
 from charlm.vocab import EOS_ID, PAD_ID, UNK_ID, Vocab
 
 VOCAB = Vocab(list("abcdefghijklmnopqrstuvwxyz .,"))
@@ -279,3 +280,33 @@ def test_onednn_is_off_only_while_generating_few_cpu_streams(device, batch, insi
     finally:
         torch.backends.mkldnn.enabled = before
 
+
+
+# --------------------------------------------------------------------------- known-word share (generate's metric)
+
+
+def record(prompt: str, text: str, stopped: bool) -> dict:
+    return {"prompt": prompt, "temperature": 1.0, "text": text, "stopped_at_eos": stopped}
+
+
+@pytest.mark.parametrize("rec, words", [
+    # a word that the model finished counts; words wholly inside the prompt do not
+    (record("Tod", "Today the cat", True), ["Today", "the", "cat"]),
+    (record("Moscow, ", "Moscow, Putin said", True), ["Putin", "said"]),
+    # a last word cut by the length limit is not a whole word; one ended by <eos> is
+    (record("A ", "A big cat", False), ["big"]),
+    (record("A ", "A big cat.", False), ["big", "cat"]),
+    # digits, punctuation and spaces separate words; any script's letters make one
+    (record("", "a1b c-d \u00e9t\u00e9 \u6771\u4eac", True), ["a", "b", "c", "d", "\u00e9t\u00e9", "\u6771\u4eac"]),
+    (record("The ", "The ", False), []),
+])
+def test_generated_words(rec, words):
+    assert generated_words(rec) == words
+
+
+def test_known_word_share_counts_words_of_the_training_text():
+    known = words_in(["The cat sat.", "on 3 mats"])
+    assert known == {"The", "cat", "sat", "on", "mats"}
+    share, n = known_word_share([record("", "The cat ate", True), record("", "the mats", True)], known)
+    assert (share, n) == (pytest.approx(3 / 5), 5)  # "ate" is new and "the" is not "The"
+    assert known_word_share([record("x", "x", True)], known) == (None, 0)

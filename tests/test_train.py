@@ -16,11 +16,15 @@ import pytest
 import torch
 from conftest import Project, raw_project
 
+from charlm import artifact
+from charlm.data import load_packed
+from charlm.scoring import stream_bpc
+
 pytestmark = pytest.mark.slow
 
 ENV = {"OMP_NUM_THREADS": "1"}  # 2 OpenMP threads on a busy 2-core machine slow tiny models down many times
 CHECKPOINT = "checkpoints/train.pt"
-# Long enough to be stopped part-way (200 steps, over an epoch boundary at step 172), checkpoints every
+# Long enough to be stopped part-way (200 steps, over an epoch boundary at step 184), checkpoints every
 # 10 steps, dropout on so that resuming must restore the RNG too.
 LONG = {"model": {"dropout": 0.1},
         "train": {"epochs": 2, "max_steps": 200, "checkpoint_every": 10, "eval_every": 30, "log_every": 10,
@@ -116,6 +120,21 @@ def test_dvclive_logs_metrics_and_one_row_per_evaluation(uninterrupted):
     samples = (p.path / "reports/train_samples.md").read_text()
     assert "## step 100" in samples and "## step 200" in samples
     assert checkpoint_step(p) == 200
+
+
+def test_val_bpc_is_the_test_protocol_on_the_val_split(uninterrupted):
+    p, _, _ = uninterrupted
+    model, _, info = artifact.load_model(p.path / "models/model.pt", torch.device("cpu"))
+    val = load_packed(p.path / "data/packed").streams["val"]
+    assert stream_bpc(model, val, 7, "cpu") == pytest.approx(info["val_bpc"], rel=1e-4)
+
+
+def test_adam_beta2_reaches_the_optimizer(base, tmp_path):
+    p = copy_of(base, tmp_path / "repo")
+    p.set_params(train={"beta2": 0.95, "max_steps": 10})
+    train(p)
+    groups = torch.load(p.path / CHECKPOINT, weights_only=True)["optimizer"]["param_groups"]
+    assert {tuple(g["betas"]) for g in groups} == {(0.9, 0.95)}
 
 
 def resume_and_compare(p, step: int, reference, reference_weights) -> None:
