@@ -120,6 +120,7 @@ class TrainParams:
 class EvaluateParams:
     batch_size: int = spec(64, ge=1)
     device: str = spec("auto", choices=("auto", "cpu", "cuda"))
+    dynamic_lr: float = spec(0.0, ge=0.0, le=10.0)
 
 
 @dataclass(frozen=True)

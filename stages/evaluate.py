@@ -3,6 +3,8 @@
 Reads `evaluate` from params.yaml, models/model.pt and data/packed/test.npy. Writes metrics/eval.json.
 The protocol (also in the README) is charlm/scoring.py's: each test item is scored on its own from a zero
 state, its first character conditioned on <eos>; test_bpc = total -log2 p over scored characters / their count.
+With `evaluate.dynamic_lr` > 0 it also reports test_bpc_dynamic: the same characters scored while the model
+keeps learning from the test text it has already scored (dynamic evaluation), which is how PPMd reads it.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from charlm import artifact, params
 from charlm.data import item_bounds, load_packed
 from charlm.errors import CharlmError, run_main
 from charlm.io import write_json
-from charlm.scoring import score_items
+from charlm.scoring import score_items, score_items_dynamic
 from charlm.vocab import EOS_ID
 
 OUT = Path("metrics/eval.json")
@@ -45,8 +47,12 @@ def main() -> None:
         "unk_rate": round(unk / chars, 8),
         "eval_chars_per_s": round(chars / seconds, 1),
     }
+    if p.dynamic_lr > 0:
+        nats, _ = score_items_dynamic(model, np.asarray(stream), starts, lengths, p.dynamic_lr, device)
+        metrics["test_bpc_dynamic"] = round(nats / chars / math.log(2), 6)
     write_json(OUT, metrics)
-    print(f"evaluate: {metrics['test_bpc']:.4f} bpc over {chars:,} characters of {len(starts):,} items "
+    dynamic = f" ({metrics['test_bpc_dynamic']:.4f} dynamic)" if "test_bpc_dynamic" in metrics else ""
+    print(f"evaluate: {metrics['test_bpc']:.4f} bpc{dynamic} over {chars:,} characters of {len(starts):,} items "
           f"({metrics['eval_chars_per_s']:,.0f} chars/s)")
 
 
