@@ -54,7 +54,7 @@ OUTS = {
     "pack": ["data/packed"],
     "train": ["models/model.pt", "reports/train_samples.md", "dvclive/plots", "dvclive/metrics.json"],
     "evaluate": ["metrics/eval.json"],
-    "generate": ["reports/samples.md", "reports/samples.json"],
+    "generate": ["reports/samples.md", "reports/samples.json", "metrics/generate.json"],
 }
 DIR_OUTS = ["data/packed", "dvclive/plots"]
 WORK_DIRS = ["data", "models", "checkpoints", "metrics", "reports", "dvclive"]

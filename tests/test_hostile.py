@@ -44,7 +44,7 @@ OUTPUTS = {
     "pack": ["data/packed"],
     "train": ["models/model.pt"],
     "evaluate": ["metrics/eval.json"],
-    "generate": ["reports/samples.md", "reports/samples.json"],
+    "generate": ["reports/samples.md", "reports/samples.json", "metrics/generate.json"],
 }
 MiB = 1 << 20
 

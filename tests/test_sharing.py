@@ -71,7 +71,7 @@ def test_shared_folder_remote_fresh_clone_restores_everything(served_project, tm
     b.dvc("pull")
     # Every output came back, metrics and plots included.
     for path in ["models/model.pt", "metrics/eval.json", "dvclive/metrics.json", "dvclive/plots/metrics/val/bpc.tsv",
-                 "reports/samples.json", "data/packed/meta.json"]:
+                 "reports/samples.json", "metrics/generate.json", "data/packed/meta.json"]:
         assert (b.path / path).is_file(), path
     assert "up to date" in b.dvc("status").stdout
     assert ran(b.dvc("repro")) == []
