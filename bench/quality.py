@@ -49,7 +49,7 @@ from charlm.vocab import EOS_ID  # noqa: E402
 RECIPES: dict[str, dict[str, object]] = {
     "defaults": {},
     "quick": {"model.hidden": 256, "model.dropout": 0.1, "train.max_steps": 11000},
-    "best": {"model.hidden": 512, "model.dropout": 0.3, "train.max_steps": 8500},
+    "best": {"model.hidden": 512, "train.max_steps": 8500},
 }
 MARKER = "<!-- quality: written by bench/quality.py; make bench keeps this part as it is -->"
 PNG = ROOT / "bench" / "quality.png"
@@ -73,6 +73,13 @@ def run_recipe(name: str, overrides: dict[str, object], raw: Path, scratch: Path
     train = harness.run_stage("train", folder)
     harness.run_stage("evaluate", folder)
     harness.run_stage("generate", folder)
+    result = collect(name, overrides, folder, train.seconds)
+    log(f"  {name}: test {result['test_bpc']:.4f} bpc, stage {train.seconds:.0f} s")
+    return result
+
+
+def collect(name: str, overrides: dict[str, object], folder: Path, stage_s: float) -> dict:
+    """A finished recipe's figures, from the outputs of its stages in `folder`."""
     live = json.loads((folder / "dvclive/metrics.json").read_text())
     evaluation = json.loads((folder / "metrics/eval.json").read_text())
     known = json.loads((folder / "metrics/generate.json").read_text())["known_words"]
@@ -83,8 +90,7 @@ def run_recipe(name: str, overrides: dict[str, object], raw: Path, scratch: Path
     with open(folder / "dvclive/plots/metrics/val/bpc.tsv", newline="") as f:
         curve = [(int(r["step"]) * live["train_time_s"] / live["steps"], float(r["bpc"]))
                  for r in csv.DictReader(f, delimiter="\t")]
-    log(f"  {name}: test {evaluation['test_bpc']:.4f} bpc, stage {train.seconds:.0f} s")
-    return {"name": name, "overrides": overrides, "stage_s": train.seconds, "train_s": live["train_time_s"],
+    return {"name": name, "overrides": overrides, "stage_s": stage_s, "folder": str(folder), "train_s": live["train_time_s"],
             "steps": live["steps"], "val_bpc": live["val"]["bpc"], "test_bpc": evaluation["test_bpc"],
             "unk_rate": evaluation["unk_rate"], "known_t08": known.get("T=0.8"), "curve": curve,
             "model": f"{m['layers']}×{m['hidden']} {m['cell']}, emb {m['embedding']}, dropout {m['dropout']:g}",
@@ -172,12 +178,16 @@ def markdown(results: list[dict], references: list[dict], compressors: dict[str,
                    ["what", "model", "parameters", "steps", "train stage s", "training s", "val bpc", "test bpc",
                     "known words at T=0.8"])
     for r in results:
-        models.add(f"charlm **{r['name']}**", r["model"], f"{r['n_params']:,}", f"{r['steps']:,}", f"{r['stage_s']:.0f}",
+        models.add(f"charlm **{r['name']}**" + (" (†)" if r.get("reused") else ""), r["model"], f"{r['n_params']:,}", f"{r['steps']:,}", f"{r['stage_s']:.0f}",
                    f"{r['train_s']:.0f}", f"{r['val_bpc']:.4f}", f"**{r['test_bpc']:.4f}**",
                    "-" if r["known_t08"] is None else f"{r['known_t08']:.1%}")
     for ref in references:
         models.add(ref["name"], ref["model"], f"{ref['n_params']:,}", f"{ref['steps']:,}", "-", f"{ref['train_s']:.0f}",
                    "-", f"{ref['test_bpc']:.4f}", "-")
+    if any(r.get("reused") for r in results):
+        models.notes.append("†: measured by an earlier invocation of this script at the same commit's recipe and "
+                            "reused with `--reuse` (that run was stopped after this recipe); every other row is from "
+                            "this invocation, one case at a time.")
     models.notes += [
         "train stage s: the whole `python stages/train.py` process (start-up, validation, checkpoints and the model "
         "file included), the figure the 12-minute target is about. training s: DVCLive's `train_time_s` for charlm; "
@@ -221,6 +231,9 @@ def write_section(text: str, path: Path = ROOT / "BENCHMARKS.md") -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny budgets; check the script, write nothing")
+    parser.add_argument("--reuse", action="append", default=[], metavar="NAME=FOLDER:SECONDS",
+                        help="take recipe NAME from the finished stage outputs in FOLDER (a stopped run's scratch "
+                             "folder) whose train stage took SECONDS, instead of training it again; the report says so")
     args = parser.parse_args(argv)
     t_start = time.perf_counter()
     facts = harness.machine_facts()
@@ -245,11 +258,21 @@ def main(argv=None) -> None:
         for name, (bpc, bpc_all) in compressors.items():
             log(f"  {name}: {bpc:.4f} ({bpc_all:.4f} after all train rows)")
 
+        reused = {}
+        for spec in args.reuse:
+            name, _, rest = spec.partition("=")
+            folder, _, seconds = rest.rpartition(":")
+            reused[name] = (Path(folder), float(seconds))
         results = []
         for name, overrides in RECIPES.items():
             if args.smoke:
                 overrides = {**overrides, "train.max_steps": 20, "train.eval_every": 10}
-            results.append(run_recipe(name, overrides, data.data / "raw", scratch, log))
+            if name in reused:
+                results.append(collect(name, overrides, *reused[name]))
+                results[-1]["reused"] = True
+                log(f"  {name}: reused {reused[name][0]}, test {results[-1]['test_bpc']:.4f} bpc")
+            else:
+                results.append(run_recipe(name, overrides, data.data / "raw", scratch, log))
 
         references = []
         budgets = {r["name"]: (1 / 20 if args.smoke else 1) * r["train_s"] for r in results}

@@ -87,7 +87,7 @@ class ModelParams:
     cell: str = spec("lstm", choices=("lstm", "gru", "rnn"))
     hidden: int = spec(384, ge=1, le=65536)
     layers: int = spec(1, ge=1, le=64)
-    dropout: float = spec(0.25, ge=0.0, lt=1.0)
+    dropout: float = spec(0.0, ge=0.0, lt=1.0)
     embedding: int = spec(32, ge=0, le=65536)
 
 
