@@ -164,8 +164,12 @@ def render_png(results: list[dict], ppmd8: float, path: Path) -> None:
                           "y": {"field": "val bpc", "type": "quantitative", "scale": {"zero": False},
                                 "title": "validation bits per character"},
                           "color": {"field": "recipe", "type": "nominal"}}},
-            {"data": {"values": [{"y": ppmd8, "label": f"PPMd order 8, test: {ppmd8:.3f}"}]},
-             "mark": {"type": "rule", "strokeDash": [4, 4], "color": "gray"}, "encoding": {"y": {"field": "y"}}},
+            {"data": {"values": [{"y": ppmd8}]},
+             "mark": {"type": "rule", "strokeDash": [4, 4], "color": "gray"},
+             "encoding": {"y": {"field": "y", "type": "quantitative"}}},
+            {"data": {"values": [{"y": ppmd8, "label": f"PPMd order 8 (test): {ppmd8:.3f}"}]},
+             "mark": {"type": "text", "align": "right", "dy": -6, "color": "gray"},
+             "encoding": {"y": {"field": "y", "type": "quantitative"}, "x": {"value": 550}, "text": {"field": "label"}}},
         ],
     }
     path.write_bytes(vlc.vegalite_to_png(spec, scale=2))
