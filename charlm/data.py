@@ -8,9 +8,10 @@ Training windows are `seq_len + 1` tokens; a window is only ever an offset, neve
 - `stream`: at multiples of `seq_len`, so windows tile the stream and most start mid-item;
 - `item`: at the <eos> before every item, plus continuation windows every `seq_len` tokens through an item
   longer than one window. Each window then begins exactly as the evaluation protocol scores an item: from a
-  zero state, conditioned on <eos>. Windows of consecutive short items overlap; every token is still covered. Each epoch visits every window once in an order drawn from `(seed, epoch)`, cut into
-equal-size minibatches (the last partial batch of an epoch is dropped). Memory is O(stream), and one
-minibatch is gathered at a time.
+  zero state, conditioned on <eos>. Windows of consecutive short items overlap; every token is still covered.
+
+Each epoch visits every window once in an order drawn from `(seed, epoch)`, cut into equal-size minibatches
+(the last partial batch of an epoch is dropped). Memory is O(stream), and one minibatch is gathered at a time.
 """
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ from charlm.vocab import EOS_ID, Vocab
 
 FORMAT = "charlm-packed/1"
 SPLITS = ("train", "val", "test")
-ALIGNS = ("stream", "item")
 _CHUNK = 1 << 20  # characters encoded at a time, so temporaries stay small next to the corpus
 
 
