@@ -4,14 +4,14 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run test test-fast bench bench-quality clean
+.PHONY: setup run lint format test test-fast bench bench-quality clean
 
 setup: $(STAMP)
 
 # Reinstall only when the lock or the package metadata changed, so `make setup` is quick when nothing did.
-$(STAMP): requirements.lock pyproject.toml
+$(STAMP): requirements.lock requirements-test.lock pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock -r requirements-test.lock
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	@touch $@
 
@@ -19,7 +19,19 @@ $(STAMP): requirements.lock pyproject.toml
 run: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
-test: setup
+# Lint, format check and types for the library and the stages (configured in pyproject.toml). `make test` runs
+# it first, so CI fails on a lint error before it spends minutes on tests.
+lint: setup
+	$(BIN)/ruff check charlm stages
+	$(BIN)/ruff format --check charlm stages
+	$(BIN)/mypy
+
+# Apply ruff's safe fixes and its formatting.
+format: setup
+	$(BIN)/ruff check --fix charlm stages
+	$(BIN)/ruff format charlm stages
+
+test: lint
 	$(BIN)/python -m pytest -q
 
 test-fast: setup

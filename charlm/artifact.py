@@ -4,6 +4,7 @@ Both are plain `torch.save` dicts of tensors, numbers and strings. They are load
 `torch.load(weights_only=True)`, so a file pulled from a shared remote cannot run code when opened:
 a pickle that references anything but plain data is refused.
 """
+
 from __future__ import annotations
 
 import io
@@ -28,9 +29,8 @@ def save(path: str | Path, obj: dict) -> None:
     # cryptic RuntimeError ("enforce fail at inline_container.cc"), Python's into OSError(ENOSPC).
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(buffer.getbuffer())
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(buffer.getbuffer())
 
 
 def load(path: str | Path, fix: str, map_location="cpu") -> dict:
@@ -46,8 +46,10 @@ def load(path: str | Path, fix: str, map_location="cpu") -> dict:
         raise CharlmError(f"{path}: is a directory, not a model file; {fix}") from None
     except pickle.UnpicklingError as e:
         reason = _unpickling_reason(e)
-        raise CharlmError(f"{path}: refused to load, the file holds more than tensors and plain data "
-                          f"({reason}); only use files written by charlm. {fix}") from None
+        raise CharlmError(
+            f"{path}: refused to load, the file holds more than tensors and plain data "
+            f"({reason}); only use files written by charlm. {fix}"
+        ) from None
     except Exception as e:  # damaged bytes raise anything from torch's readers: RuntimeError, EOFError, IndexError...
         reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise CharlmError(f"{path}: corrupt or truncated ({reason}); {fix}") from None
@@ -68,12 +70,20 @@ def _unpickling_reason(e: Exception) -> str:
 
 def model_record(model: CharRNN, vocab: Vocab, info: dict) -> dict:
     """A self-describing model: config, vocabulary and weights in one file."""
-    return {"format": MODEL_FORMAT, "config": dict(model.config), "vocab": list(vocab.chars),
-            "info": info, "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    return {
+        "format": MODEL_FORMAT,
+        "config": dict(model.config),
+        "vocab": list(vocab.chars),
+        "info": info,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
 
 
-def load_model(path: str | Path = DEFAULT_MODEL, device: str | torch.device = "cpu",
-               fix: str = "run `dvc repro train` or pass the path of a trained model"):
+def load_model(
+    path: str | Path = DEFAULT_MODEL,
+    device: str | torch.device = "cpu",
+    fix: str = "run `dvc repro train` or pass the path of a trained model",
+):
     """Return (model in eval mode, vocab, info) from a model file written by the train stage."""
     obj = load(path, fix)
     if obj.get("format") != MODEL_FORMAT:

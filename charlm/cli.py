@@ -1,10 +1,11 @@
 """The `charlm` command.
 
-    charlm generate --prompt "Today " --temperature 0.8 --length 300 [--model PATH] [--seed N]
-                    [--top-k K] [--top-p P] [-n COUNT] [--no-stop-at-eos] [--device auto|cpu|cuda]
-    charlm plots [REV ...] [--out DIR] [--format png|svg]   # learning curves as files, offline
-    charlm compare REV [REV ...]                            # samples of experiments side by side
+charlm generate --prompt "Today " --temperature 0.8 --length 300 [--model PATH] [--seed N]
+                [--top-k K] [--top-p P] [-n COUNT] [--no-stop-at-eos] [--device auto|cpu|cuda]
+charlm plots [REV ...] [--out DIR] [--format png|svg]   # learning curves as files, offline
+charlm compare REV [REV ...]                            # samples of experiments side by side
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,51 +22,95 @@ def _number(kind, lo=None, hi=None, lo_open=False, what=""):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
-        bad = (isinstance(value, float) and not math.isfinite(value)) or (lo is not None and (
-            value <= lo if lo_open else value < lo)) or (hi is not None and value > hi)
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        bad = (
+            (isinstance(value, float) and not math.isfinite(value))
+            or (lo is not None and (value <= lo if lo_open else value < lo))
+            or (hi is not None and value > hi)
+        )
         if bad:
             raise argparse.ArgumentTypeError(f"{text} is outside {what}")
         return value
+
     return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="charlm", description="Character-level RNN language models.")
     sub = parser.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="generate text from a trained model, streaming it to stdout",
-                       description="Generate text from a trained charlm model. With -n 1 the characters stream "
-                                   "to stdout as they are produced; with -n > 1 the samples are drawn as one batch "
-                                   "and printed one after another.")
-    g.add_argument("--prompt", default="", help="text to start from (default: empty, a whole new item); "
-                   "characters missing from the vocabulary are read as <unk> with a warning")
-    g.add_argument("--temperature", type=_number(float, 0, what=">= 0"), default=0.8,
-                   help="softmax temperature; 0 = greedy (default: 0.8)")
-    g.add_argument("--length", type=_number(int, 0, what=">= 0"), default=300,
-                   help="maximum characters to generate after the prompt (default: 300)")
+    g = sub.add_parser(
+        "generate",
+        help="generate text from a trained model, streaming it to stdout",
+        description="Generate text from a trained charlm model. With -n 1 the characters stream "
+        "to stdout as they are produced; with -n > 1 the samples are drawn as one batch "
+        "and printed one after another.",
+    )
+    g.add_argument(
+        "--prompt",
+        default="",
+        help="text to start from (default: empty, a whole new item); "
+        "characters missing from the vocabulary are read as <unk> with a warning",
+    )
+    g.add_argument(
+        "--temperature",
+        type=_number(float, 0, what=">= 0"),
+        default=0.8,
+        help="softmax temperature; 0 = greedy (default: 0.8)",
+    )
+    g.add_argument(
+        "--length",
+        type=_number(int, 0, what=">= 0"),
+        default=300,
+        help="maximum characters to generate after the prompt (default: 300)",
+    )
     g.add_argument("--model", default="models/model.pt", help="model file (default: the pipeline's models/model.pt)")
-    g.add_argument("--seed", type=_number(int, 0, what=">= 0"), default=None,
-                   help="random seed for reproducible samples (default: a random seed)")
-    g.add_argument("--top-k", type=_number(int, 0, what=">= 0"), default=0,
-                   help="sample only from the k most likely characters; 0 = off (default: 0)")
-    g.add_argument("--top-p", type=_number(float, 0, 1, lo_open=True, what="(0, 1]"), default=1.0,
-                   help="nucleus sampling: the smallest set of characters with this probability; 1 = off (default: 1)")
-    g.add_argument("-n", "--count", type=_number(int, 1, what=">= 1"), default=1,
-                   help="number of samples (default: 1)")
-    g.add_argument("--no-stop-at-eos", dest="stop_at_eos", action="store_false",
-                   help="keep going past the end-of-item token (printed as a newline) instead of stopping")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="where to run the model (default: auto, CUDA when present)")
-    pl = sub.add_parser("plots", help="render the learning curves to image files (offline, no browser)",
-                        description="Render DVC's plots to PNG or SVG files plus a self-contained index.html, "
-                                    "offline. With revisions (commits, branches or experiment names) the curves "
-                                    "of each are overlaid, as in `dvc plots diff`; without, the workspace.")
+    g.add_argument(
+        "--seed",
+        type=_number(int, 0, what=">= 0"),
+        default=None,
+        help="random seed for reproducible samples (default: a random seed)",
+    )
+    g.add_argument(
+        "--top-k",
+        type=_number(int, 0, what=">= 0"),
+        default=0,
+        help="sample only from the k most likely characters; 0 = off (default: 0)",
+    )
+    g.add_argument(
+        "--top-p",
+        type=_number(float, 0, 1, lo_open=True, what="(0, 1]"),
+        default=1.0,
+        help="nucleus sampling: the smallest set of characters with this probability; 1 = off (default: 1)",
+    )
+    g.add_argument("-n", "--count", type=_number(int, 1, what=">= 1"), default=1, help="number of samples (default: 1)")
+    g.add_argument(
+        "--no-stop-at-eos",
+        dest="stop_at_eos",
+        action="store_false",
+        help="keep going past the end-of-item token (printed as a newline) instead of stopping",
+    )
+    g.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where to run the model (default: auto, CUDA when present)",
+    )
+    pl = sub.add_parser(
+        "plots",
+        help="render the learning curves to image files (offline, no browser)",
+        description="Render DVC's plots to PNG or SVG files plus a self-contained index.html, "
+        "offline. With revisions (commits, branches or experiment names) the curves "
+        "of each are overlaid, as in `dvc plots diff`; without, the workspace.",
+    )
     pl.add_argument("revisions", nargs="*", help="revisions or experiments to compare (default: the workspace)")
     pl.add_argument("--out", default="dvc_plots/static", help="output folder (default: dvc_plots/static)")
     pl.add_argument("--format", choices=("png", "svg"), default="png", help="image format (default: png)")
-    cmp = sub.add_parser("compare", help="print the generated samples of several experiments side by side",
-                         description="Print a Markdown table of reports/samples.json for each revision or "
-                                     "experiment, one row per prompt and temperature.")
+    cmp = sub.add_parser(
+        "compare",
+        help="print the generated samples of several experiments side by side",
+        description="Print a Markdown table of reports/samples.json for each revision or "
+        "experiment, one row per prompt and temperature.",
+    )
     cmp.add_argument("revisions", nargs="+", help="revisions or experiment names; 'workspace' for the workspace")
     return parser
 
@@ -98,11 +143,22 @@ def generate_command(args) -> None:
         warnings.simplefilter("ignore")
         unseen = vocab.unknown(args.prompt)
     if unseen:
-        print(f"charlm: warning: prompt characters {''.join(unseen)!r} are not in the vocabulary; "
-              f"read as <unk>", file=sys.stderr)
+        print(
+            f"charlm: warning: prompt characters {''.join(unseen)!r} are not in the vocabulary; read as <unk>",
+            file=sys.stderr,
+        )
     out = sys.stdout
-    steps = stream(model, vocab, [args.prompt] * args.count, [args.temperature], args.length, top_k=args.top_k,
-                   top_p=args.top_p, seed=seed, stop_at_eos=args.stop_at_eos)
+    steps = stream(
+        model,
+        vocab,
+        [args.prompt] * args.count,
+        [args.temperature],
+        args.length,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=seed,
+        stop_at_eos=args.stop_at_eos,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if args.count == 1:
@@ -116,7 +172,7 @@ def generate_command(args) -> None:
         else:
             rows: list[list[int]] = [[] for _ in range(args.count)]
             for step in steps:
-                for row, token in zip(rows, step):
+                for row, token in zip(rows, step, strict=True):
                     if token is not None and not (args.stop_at_eos and token == EOS_ID):
                         row.append(token)
             for row in rows:

@@ -3,6 +3,7 @@
 Prepared corpora are UTF-8 text files with one item per line, so later stages read them with one
 `read_text` and never re-parse CSV. Items therefore never contain a newline.
 """
+
 from __future__ import annotations
 
 import csv
@@ -27,8 +28,8 @@ _BRACKET = re.compile(r"([<>])")
 
 def clean(text: str) -> str:
     """Repair AG News debris and normalise whitespace. Text without debris only has its spacing normalised."""
-    text = text.replace("\\$", "$")            # an escaped dollar sign: "\$1 billion"
-    text = text.replace("\\", " ")              # the CSV's newline escape: "second\team"
+    text = text.replace("\\$", "$")  # an escaped dollar sign: "\$1 billion"
+    text = text.replace("\\", " ")  # the CSV's newline escape: "second\team"
     # Literal '<' and '>' are content ("a <b> c" stays); only markup decoded from &lt;...&gt; is dropped.
     parts = _BRACKET.split(text)
     text = "".join(part if i % 2 else _repair(part) for i, part in enumerate(parts))
@@ -63,8 +64,9 @@ def decode(raw: bytes, path: Path) -> str:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise CharlmError(f"{path}: line {line}: bytes {raw[e.start:e.start + 4]!r} are not UTF-8; "
-                          f"convert the file to UTF-8") from None
+        raise CharlmError(
+            f"{path}: line {line}: bytes {raw[e.start : e.start + 4]!r} are not UTF-8; convert the file to UTF-8"
+        ) from None
     if "\x00" in text:
         line = text[: text.index("\x00")].count("\n") + 1
         raise CharlmError(f"{path}: line {line}: NUL byte, this is not a text file; check the input file")
@@ -85,17 +87,22 @@ def read_ag_news(path: Path, fields: list[str], clean_text: bool, separator: str
             if record:  # a blank line
                 row += 1
                 if len(record) != 3:
-                    raise CharlmError(f"{path}: line {line}: row {row} has {len(record)} columns, expected 3 "
-                                      f"(label, title, description); is this an AG News CSV? "
-                                      f"For plain text use prepare.format: lines")
+                    raise CharlmError(
+                        f"{path}: line {line}: row {row} has {len(record)} columns, expected 3 "
+                        f"(label, title, description); is this an AG News CSV? "
+                        f"For plain text use prepare.format: lines"
+                    )
                 if record[0] not in ("1", "2", "3", "4"):
-                    raise CharlmError(f"{path}: line {line}: row {row}: label {record[0]!r} is outside 1..4; "
-                                      f"is this an AG News CSV? For plain text use prepare.format: lines")
+                    raise CharlmError(
+                        f"{path}: line {line}: row {row}: label {record[0]!r} is outside 1..4; "
+                        f"is this an AG News CSV? For plain text use prepare.format: lines"
+                    )
                 items.append(fix(separator.join(record[i] for i in picks)))
             line = reader.line_num + 1
     except csv.Error as e:
-        raise CharlmError(f"{path}: line {line}: malformed CSV ({e}); each row must be "
-                          f'"label","title","description"') from None
+        raise CharlmError(
+            f'{path}: line {line}: malformed CSV ({e}); each row must be "label","title","description"'
+        ) from None
     if not items:
         raise CharlmError(f"{path}: the file has no rows; check the download URL or the input file")
     return items
@@ -125,4 +132,3 @@ def normalise_space(line: str) -> str:
             pieces.append(piece)
         start = end
     return " ".join(pieces)
-

@@ -13,6 +13,7 @@ Training windows are `seq_len + 1` tokens; a window is only ever an offset, neve
 Each epoch visits every window once in an order drawn from `(seed, epoch)`, cut into equal-size minibatches
 (the last partial batch of an epoch is dropped). Memory is O(stream), and one minibatch is gathered at a time.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -36,8 +37,8 @@ def encode_items(vocab: Vocab, text: str) -> np.ndarray:
     out = np.empty(len(body) + 1, dtype=vocab.dtype)
     out[:1] = vocab.encode("\n")
     for i in range(0, len(body), _CHUNK):
-        chunk = body[i:i + _CHUNK]
-        out[1 + i:1 + i + len(chunk)] = vocab.encode(chunk)
+        chunk = body[i : i + _CHUNK]
+        out[1 + i : 1 + i + len(chunk)] = vocab.encode(chunk)
     return out
 
 
@@ -48,13 +49,13 @@ def split_items(items: list[str], val_fraction: float, seed: int) -> tuple[list[
         n_val = 1
     is_val = np.zeros(len(items), dtype=bool)
     is_val[np.random.default_rng(seed).permutation(len(items))[:n_val]] = True
-    train = [s for s, v in zip(items, is_val) if not v]
-    val = [s for s, v in zip(items, is_val) if v]
+    train = [s for s, v in zip(items, is_val, strict=True) if not v]
+    val = [s for s, v in zip(items, is_val, strict=True) if v]
     return train, val
 
 
 def sha256(array: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(array).view(np.uint8)).hexdigest()
+    return hashlib.sha256(np.ascontiguousarray(array).view(np.uint8).data).hexdigest()
 
 
 def n_windows(stream_len: int, seq_len: int) -> int:
@@ -85,8 +86,16 @@ class Batches:
     batches equals the single-process batch of size `batch_size * world`.
     """
 
-    def __init__(self, stream: np.ndarray, seq_len: int, batch_size: int, seed: int, rank: int = 0, world: int = 1,
-                 align: str = "stream"):
+    def __init__(
+        self,
+        stream: np.ndarray,
+        seq_len: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        align: str = "stream",
+    ):
         self.stream, self.seq_len, self.batch_size = stream, seq_len, batch_size
         self.seed, self.rank, self.world = seed, rank, world
         self._starts = window_starts(stream, seq_len, align)
@@ -95,10 +104,12 @@ class Batches:
         if self.per_epoch == 0:
             raise CharlmError(
                 f"the training stream has {self.n_windows} windows of pack.seq_len={seq_len}, fewer than one "
-                f"batch of train.batch_size={batch_size}" + (f" x {world} processes" if world > 1 else "")
-                + "; lower train.batch_size or pack.seq_len, or use a larger corpus")
+                f"batch of train.batch_size={batch_size}"
+                + (f" x {world} processes" if world > 1 else "")
+                + "; lower train.batch_size or pack.seq_len, or use a larger corpus"
+            )
         self._offsets = np.arange(seq_len + 1)
-        self._order_epoch, self._order = -1, None
+        self._order_epoch, self._order = -1, np.empty(0, dtype=np.int64)
 
     def order(self, epoch: int) -> np.ndarray:
         if epoch != self._order_epoch:
@@ -111,7 +122,7 @@ class Batches:
         if not 0 <= index < self.per_epoch:
             raise IndexError(index)
         b, g = self.batch_size, self.batch_size * self.world
-        return self._starts[self.order(epoch)[index * g + self.rank * b:index * g + (self.rank + 1) * b]]
+        return self._starts[self.order(epoch)[index * g + self.rank * b : index * g + (self.rank + 1) * b]]
 
     def batch(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
         windows = self.stream[self.starts(epoch, index)[:, None] + self._offsets].astype(np.int64)

@@ -1,8 +1,9 @@
 """One error type for every problem a user can fix, and the wrapper that turns it into one line."""
+
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 
 class CharlmError(Exception):

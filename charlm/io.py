@@ -3,6 +3,7 @@
 A killed stage therefore leaves either the old file, the complete new file, or nothing; never a
 truncated file for DVC to cache.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -11,8 +12,8 @@ import glob
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -75,8 +76,10 @@ def _raise_if_full(e: OSError, path: Path) -> None:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         raise CharlmError(f"no space left on device while writing {path}; free disk space and rerun") from e
     if e.errno == errno.EFBIG:
-        raise CharlmError(f"file too large while writing {path} (the file system's or the process's file-size "
-                          f"limit); free space, raise the limit (ulimit -f) and rerun") from e
+        raise CharlmError(
+            f"file too large while writing {path} (the file system's or the process's file-size "
+            f"limit); free space, raise the limit (ulimit -f) and rerun"
+        ) from e
 
 
 def sweep_stale(path: Path) -> None:
@@ -86,7 +89,7 @@ def sweep_stale(path: Path) -> None:
     except OSError:
         return
     for stale in siblings:
-        kind, _, pid = stale.name[len(path.name) + 2:].rpartition("-")
+        kind, _, pid = stale.name[len(path.name) + 2 :].rpartition("-")
         if kind not in ("tmp", "old") or not pid.isdigit() or _alive(int(pid)):
             continue
         if stale.is_dir() and not stale.is_symlink():
@@ -153,10 +156,9 @@ def write_npy(path: str | os.PathLike, array: np.ndarray) -> None:
     """The bytes of `np.save`, written through Python's file object so that a full disk raises
     OSError(ENOSPC) (np.save's C writer reports a short write without an errno)."""
     array = np.ascontiguousarray(array)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(array))
-            f.write(array.data)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(array))
+        f.write(array.data)
 
 
 def read_npy(path: str | os.PathLike, fix: str, mmap: bool = True) -> np.ndarray:

@@ -1,4 +1,5 @@
 """The character-level language model: embedding (or one-hot) -> stacked LSTM/GRU/RNN -> linear head."""
+
 from __future__ import annotations
 
 import torch
@@ -10,11 +11,19 @@ CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 
 
 class CharRNN(nn.Module):
-    def __init__(self, vocab_size: int, cell: str = "lstm", hidden: int = 256, layers: int = 2,
-                 dropout: float = 0.0, embedding: int = 32):
+    def __init__(
+        self,
+        vocab_size: int,
+        cell: str = "lstm",
+        hidden: int = 256,
+        layers: int = 2,
+        dropout: float = 0.0,
+        embedding: int = 32,
+    ):
         super().__init__()
-        self.config = dict(vocab_size=vocab_size, cell=cell, hidden=hidden, layers=layers,
-                           dropout=dropout, embedding=embedding)
+        self.config = dict(
+            vocab_size=vocab_size, cell=cell, hidden=hidden, layers=layers, dropout=dropout, embedding=embedding
+        )
         if embedding > 0:
             self.embed = nn.Embedding(vocab_size, embedding)
         else:

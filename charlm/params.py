@@ -3,7 +3,12 @@
 Each stage calls `load(SectionClass)` first. An unknown key, a wrong type or an out-of-range value stops
 the stage with one line that names the key, the value and what is allowed. The dataclass defaults equal the
 shipped `params.yaml` (a test holds them together); the comments in `params.yaml` document every key.
+
+params.yaml is read with DVC's own YAML 1.2 loader (ruamel, safe), so a stage sees exactly the values that
+`dvc params diff` and `dvc exp show` show: `1e-3` is a number, `yes` and `on` are strings (tests/test_params.py
+holds the two readers together).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,7 +19,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+from ruamel.yaml import YAML, YAMLError
 
 from charlm.errors import CharlmError
 
@@ -66,7 +71,11 @@ class PrepareParams:
 
     def check(self):
         if not self.fields or len(set(self.fields)) != len(self.fields):
-            fail("prepare.fields", self.fields, "a non-empty list without repeats: [title], [description] or [title, description]")
+            fail(
+                "prepare.fields",
+                self.fields,
+                "a non-empty list without repeats: [title], [description] or [title, description]",
+            )
 
 
 @dataclass(frozen=True)
@@ -142,8 +151,14 @@ class GenerateParams:
 
 
 SECTIONS = {
-    "download": DownloadParams, "prepare": PrepareParams, "vocab": VocabParams, "pack": PackParams,
-    "model": ModelParams, "train": TrainParams, "evaluate": EvaluateParams, "generate": GenerateParams,
+    "download": DownloadParams,
+    "prepare": PrepareParams,
+    "vocab": VocabParams,
+    "pack": PackParams,
+    "model": ModelParams,
+    "train": TrainParams,
+    "evaluate": EvaluateParams,
+    "generate": GenerateParams,
 }
 
 
@@ -168,8 +183,8 @@ def read_yaml(path: str | Path = PARAMS_FILE) -> dict:
     except UnicodeDecodeError as e:
         raise CharlmError(f"{path}: byte {e.start} is not UTF-8; save the file as UTF-8") from None
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
+        data = YAML(typ="safe").load(text)  # exactly as dvc.utils.serialize.parse_yaml
+    except YAMLError as e:
         where = getattr(e, "problem_mark", None)
         line = f" at line {where.line + 1}" if where else ""
         raise CharlmError(f"{path}: invalid YAML{line}; fix the syntax") from None
@@ -179,8 +194,10 @@ def read_yaml(path: str | Path = PARAMS_FILE) -> dict:
         raise CharlmError(f"{path}: expected a mapping of sections (download:, prepare:, ...) at the top level")
     unknown = [k for k in data if k not in SECTIONS]
     if unknown:
-        raise CharlmError(f"{path}: unknown section {unknown[0]!r}{_suggest(str(unknown[0]), SECTIONS)}; "
-                          f"sections are {', '.join(SECTIONS)}")
+        raise CharlmError(
+            f"{path}: unknown section {unknown[0]!r}{_suggest(str(unknown[0]), SECTIONS)}; "
+            f"sections are {', '.join(SECTIONS)}"
+        )
     return data
 
 
@@ -193,8 +210,10 @@ def parse(prefix: str, data, cls):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
         if key not in fields:
-            raise CharlmError(f"{PARAMS_FILE}: unknown key {prefix}.{_show(key)}{_suggest(str(key), fields)}; "
-                              f"{prefix} takes {', '.join(fields)}")
+            raise CharlmError(
+                f"{PARAMS_FILE}: unknown key {prefix}.{_show(key)}{_suggest(str(key), fields)}; "
+                f"{prefix} takes {', '.join(fields)}"
+            )
     values = {}
     for name, f in fields.items():
         if name in data:
@@ -232,8 +251,7 @@ def _scalar(key, value, tp):
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            hint = " (write 1.0e-3, not 1e-3: YAML reads the latter as a string)" if isinstance(value, str) else ""
-            fail(key, value, f"a number{hint}")
+            fail(key, value, "a number")
         try:
             finite = math.isfinite(value)
         except OverflowError:  # an integer too large for a float
@@ -252,9 +270,13 @@ def _check_range(key, value, rules):
     choices = rules.get("choices")
     if choices is not None and value not in choices:
         fail(key, value, "one of " + ", ".join(map(str, choices)))
-    bounds = [(">=", rules.get("ge"), lambda v, b: v >= b), (">", rules.get("gt"), lambda v, b: v > b),
-              ("<=", rules.get("le"), lambda v, b: v <= b), ("<", rules.get("lt"), lambda v, b: v < b)]
-    for sign, bound, ok in bounds:
+    bounds = [
+        (">=", rules.get("ge"), lambda v, b: v >= b),
+        (">", rules.get("gt"), lambda v, b: v > b),
+        ("<=", rules.get("le"), lambda v, b: v <= b),
+        ("<", rules.get("lt"), lambda v, b: v < b),
+    ]
+    for _, bound, ok in bounds:
         if bound is not None and not ok(value, bound):
             allowed = " and ".join(f"{s} {b}" for s, b, _ in bounds if b is not None)
             fail(key, value, f"a value {allowed}")
@@ -272,8 +294,15 @@ def _show(key) -> str:
 
 
 def _type_name(value) -> str:
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
-            dict: "a mapping", type(None): "null"}.get(type(value), type(value).__name__)
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a mapping",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
 
 
 def _type_word(tp) -> str:

@@ -4,6 +4,7 @@
 rendered with vl-convert (no browser, no CDN) to PNG or SVG, plus one self-contained HTML page.
 Samples are read from each revision's reports/samples.json with `dvc.api`, from the cache or the remote.
 """
+
 from __future__ import annotations
 
 import base64
@@ -52,11 +53,16 @@ def render_plots(revisions: list[str], out: Path, fmt: str = "png") -> list[Path
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
             written.append(path)
-            figures.append(f"<figure><figcaption>{html.escape(plot_id)}</figcaption>"
-                           f"<img src=\"data:{mime};base64,{base64.b64encode(data).decode()}\"></figure>")
+            figures.append(
+                f"<figure><figcaption>{html.escape(plot_id)}</figcaption>"
+                f'<img src="data:{mime};base64,{base64.b64encode(data).decode()}"></figure>'
+            )
     title = "charlm plots: " + (" vs ".join(revisions) if revisions else "workspace")
-    write_text(out / "index.html", f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title>"
-                                   f"<h1>{html.escape(title)}</h1>\n" + "\n".join(figures) + "\n")
+    write_text(
+        out / "index.html",
+        f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title>"
+        f"<h1>{html.escape(title)}</h1>\n" + "\n".join(figures) + "\n",
+    )
     return written + [out / "index.html"]
 
 
@@ -67,9 +73,11 @@ def read_samples(rev: str | None) -> dict[str, str]:
         with dvc.api.open(SAMPLES_JSON, rev=rev) as f:
             return json.load(f)["samples"]
     except Exception as e:  # dvc raises many types: missing rev, missing cache, no remote
-        raise CharlmError(f"cannot read {SAMPLES_JSON} at {rev or 'the workspace'} "
-                          f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}); "
-                          f"check the name with `dvc exp show`, and `dvc pull` or `dvc exp pull` it") from None
+        raise CharlmError(
+            f"cannot read {SAMPLES_JSON} at {rev or 'the workspace'} "
+            f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}); "
+            f"check the name with `dvc exp show`, and `dvc pull` or `dvc exp pull` it"
+        ) from None
 
 
 def compare_samples(revisions: list[str]) -> str:

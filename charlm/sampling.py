@@ -3,12 +3,13 @@
 Every stream in the batch has its own temperature (0 = greedy). Logits are shifted by their max before
 scaling, so any temperature is numerically safe. <pad> and <unk> are never emitted.
 """
+
 from __future__ import annotations
 
 import contextlib
 import re
 import warnings
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -31,8 +32,13 @@ def filter_top(z: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Ten
     return z
 
 
-def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: int = 0, top_p: float = 1.0,
-           generator: torch.Generator | None = None) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Draw one token per row. logits (batch, vocab), temperature (batch,): 0 means argmax."""
     never = torch.tensor([PAD_ID, UNK_ID], device=logits.device)
     logits = logits.float().index_fill(-1, never, float("-inf"))
@@ -50,8 +56,9 @@ def encode_prompt(vocab: Vocab, prompt: str) -> list[int]:
     if unseen:
         shown = prompt if len(prompt) <= 60 else prompt[:50] + "..."  # a 5,000-character prompt is not echoed
         listed = "".join(unseen) if len(unseen) <= 60 else "".join(unseen[:50]) + "..."
-        warnings.warn(f"prompt {shown!r}: characters {listed!r} are not in the vocabulary; "
-                      f"they are read as <unk>", stacklevel=2)
+        warnings.warn(
+            f"prompt {shown!r}: characters {listed!r} are not in the vocabulary; they are read as <unk>", stacklevel=2
+        )
     return [EOS_ID] + vocab.ids(prompt)
 
 
@@ -66,7 +73,7 @@ def single_stream_backend(device: torch.device, batch: int):
     """Turn oneDNN off for generating a few streams at a time on CPU, and restore the setting afterwards."""
     previous = torch.backends.mkldnn.enabled
     if device.type == "cpu" and batch <= ONEDNN_OFF_MAX_STREAMS:
-        torch.backends.mkldnn.enabled = False
+        torch.backends.mkldnn.enabled = False  # type: ignore[assignment]  # torch's switch; its stub types the descriptor
     try:
         yield
     finally:
@@ -74,8 +81,17 @@ def single_stream_backend(device: torch.device, batch: int):
 
 
 @torch.no_grad()
-def stream(model: CharRNN, vocab: Vocab, prompts: list[str], temperatures: list[float], length: int,
-           top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True) -> Iterator[list[int | None]]:
+def stream(
+    model: CharRNN,
+    vocab: Vocab,
+    prompts: list[str],
+    temperatures: list[float],
+    length: int,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    stop_at_eos: bool = True,
+) -> Iterator[list[int | None]]:
     """Yield, for each generated position, one token id per stream (None once a stream has stopped).
 
     Streams are the pairs prompt x temperature, in that order. Memory is O(batch), whatever the length.
@@ -129,15 +145,23 @@ def known_word_share(records: Iterable[dict], known: set[str]) -> tuple[float | 
     return (sum(w in known for w in words) / len(words) if words else None), len(words)
 
 
-def generate(model: CharRNN, vocab: Vocab, prompts: list[str], temperatures: list[float], length: int,
-             **kwargs) -> list[dict]:
+def generate(
+    model: CharRNN, vocab: Vocab, prompts: list[str], temperatures: list[float], length: int, **kwargs
+) -> list[dict]:
     """All samples as records {prompt, temperature, text, stopped_at_eos}."""
     pairs = [(p, t) for p in prompts for t in temperatures]
     ids: list[list[int]] = [[] for _ in pairs]
     for step in stream(model, vocab, prompts, temperatures, length, **kwargs):
-        for row, i in zip(ids, step):
+        for row, i in zip(ids, step, strict=True):
             if i is not None:
                 row.append(i)
     stop = kwargs.get("stop_at_eos", True)
-    return [{"prompt": p, "temperature": t, "text": p + vocab.decode(r[:-1] if stop and r and r[-1] == EOS_ID else r),
-             "stopped_at_eos": bool(stop and r and r[-1] == EOS_ID)} for (p, t), r in zip(pairs, ids)]
+    return [
+        {
+            "prompt": p,
+            "temperature": t,
+            "text": p + vocab.decode(r[:-1] if stop and r and r[-1] == EOS_ID else r),
+            "stopped_at_eos": bool(stop and r and r[-1] == EOS_ID),
+        }
+        for (p, t), r in zip(pairs, ids, strict=True)
+    ]

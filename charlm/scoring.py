@@ -3,6 +3,7 @@
 Each item is scored on its own from a zero state; its first character is conditioned on <eos>; every character
 of the item is scored, the closing <eos> is not. bpc = total -log2 p over scored characters / their count.
 """
+
 from __future__ import annotations
 
 import copy
@@ -21,8 +22,9 @@ CHUNK = 512  # time steps per forward call; the state is carried, so items of an
 
 
 @torch.no_grad()
-def score_items(model, stream: np.ndarray, starts: np.ndarray, lengths: np.ndarray, batch_size: int,
-                device) -> tuple[float, int, int]:
+def score_items(
+    model, stream: np.ndarray, starts: np.ndarray, lengths: np.ndarray, batch_size: int, device
+) -> tuple[float, int, int]:
     """Total nats, scored characters and <unk> targets over items given by (start, length) in `stream`.
 
     Items are sorted by length so a batch pads little; padding sits after every item's last character,
@@ -32,7 +34,7 @@ def score_items(model, stream: np.ndarray, starts: np.ndarray, lengths: np.ndarr
     total = torch.zeros((), dtype=torch.float64, device=device)
     chars = unk = 0
     for i in range(0, len(order), batch_size):
-        idx = order[i:i + batch_size]
+        idx = order[i : i + batch_size]
         first, n = starts[idx][:, None] - 1, lengths[idx][:, None]  # first: the <eos> before each item
         state = None
         for t in range(0, int(n.max()), CHUNK):
@@ -42,8 +44,12 @@ def score_items(model, stream: np.ndarray, starts: np.ndarray, lengths: np.ndarr
             x = np.where(valid, window[..., 0], PAD_ID)
             y = np.where(valid, window[..., 1], IGNORE)
             logits, state = model(torch.from_numpy(x).to(device), state)
-            total += F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(),
-                                     torch.from_numpy(y).to(device).reshape(-1), ignore_index=IGNORE, reduction="sum")
+            total += F.cross_entropy(
+                logits.reshape(-1, logits.size(-1)).float(),
+                torch.from_numpy(y).to(device).reshape(-1),
+                ignore_index=IGNORE,
+                reduction="sum",
+            )
             chars += int(valid.sum())
             unk += int((y == UNK_ID).sum())
     return total.item(), chars, unk
@@ -62,8 +68,9 @@ def stream_bpc(model, stream: np.ndarray, batch_size: int, device) -> float:
     return nats / max(chars, 1) / math.log(2)
 
 
-def score_items_dynamic(model, stream: np.ndarray, starts: np.ndarray, lengths: np.ndarray, lr: float,
-                        device) -> tuple[float, int]:
+def score_items_dynamic(
+    model, stream: np.ndarray, starts: np.ndarray, lengths: np.ndarray, lr: float, device
+) -> tuple[float, int]:
     """Dynamic evaluation (Krause et al., 2018): total nats and scored characters when the model keeps learning
     from the test text as it reads it. Items go in their order, each from a zero state as above; every chunk of
     CHUNK characters is scored first and then learnt from by one SGD step on its mean loss, so no character is
@@ -77,10 +84,10 @@ def score_items_dynamic(model, stream: np.ndarray, starts: np.ndarray, lengths: 
     model.rnn.dropout = 0.0
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
     total, chars = 0.0, 0
-    for start, n in zip(starts.tolist(), lengths.tolist()):
+    for start, n in zip(starts.tolist(), lengths.tolist(), strict=True):
         state = None
         for t in range(0, n, CHUNK):
-            w = torch.from_numpy(stream[start - 1 + t:start + min(t + CHUNK, n)].astype(np.int64))[None].to(device)
+            w = torch.from_numpy(stream[start - 1 + t : start + min(t + CHUNK, n)].astype(np.int64))[None].to(device)
             logits, state = model(w[:, :-1], state)
             loss = F.cross_entropy(logits[0].float(), w[0, 1:], reduction="sum")
             total += loss.item()

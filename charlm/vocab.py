@@ -2,6 +2,7 @@
 
 Encoding is vectorised: text becomes an array of code points, and one `searchsorted` maps them to ids.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,8 +22,8 @@ def count_chars(text: str, chunk: int = 1 << 20) -> dict[str, int]:
     """Character counts, a chunk at a time: memory stays O(chunk) next to the text, not 4x its length."""
     total: dict[int, int] = {}
     for i in range(0, len(text), chunk):
-        codes, counts = np.unique(codepoints(text[i:i + chunk]), return_counts=True)
-        for c, n in zip(codes.tolist(), counts.tolist()):
+        codes, counts = np.unique(codepoints(text[i : i + chunk]), return_counts=True)
+        for c, n in zip(codes.tolist(), counts.tolist(), strict=True):
             total[c] = total.get(c, 0) + n
     return {chr(c): total[c] for c in sorted(total)}
 
@@ -45,7 +46,7 @@ class Vocab:
         self._stoi = {c: i for i, c in enumerate(self.itos)}
 
     @classmethod
-    def build(cls, counts: dict[str, int], min_count: int) -> "Vocab":
+    def build(cls, counts: dict[str, int], min_count: int) -> Vocab:
         """Keep characters seen at least `min_count` times; ties in count are broken by code point."""
         kept = [c for c, n in counts.items() if n >= min_count and c != "\n"]
         return cls(sorted(kept, key=lambda c: (-counts[c], ord(c))))
@@ -101,7 +102,7 @@ class Vocab:
         write_json(path, self.to_json(counts, stats))
 
     @classmethod
-    def load(cls, path: str | Path) -> "Vocab":
+    def load(cls, path: str | Path) -> Vocab:
         fix = "rerun `dvc repro vocab`"
         data = read_json(path, "vocabulary", fix)
         try:
@@ -113,6 +114,6 @@ class Vocab:
                 raise ValueError("specials missing")
             if data.get("size") != len(tokens):
                 raise ValueError(f"size {data.get('size')!r} but {len(tokens)} tokens")
-            return cls(itos[len(SPECIALS):])
+            return cls(itos[len(SPECIALS) :])
         except (KeyError, TypeError, ValueError) as e:
             raise CharlmError(f"{path}: not a valid charlm vocabulary ({e}); {fix}") from None

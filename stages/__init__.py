@@ -6,6 +6,7 @@ Ctrl-C while a stage is still importing its libraries exits quietly with status 
 (charlm.errors.run_main), instead of printing an import traceback. SystemExit unwinds normally, so temp files
 are still cleaned up.
 """
+
 import signal
 import sys
 from pathlib import Path

@@ -4,11 +4,11 @@ Reads `download` from params.yaml. Writes data/raw/train.csv and data/raw/test.c
 Accepts http(s):// and file:// URLs and local paths. A broken HTTP transfer is resumed with a Range request
 (or restarted if the server ignores it) up to `download.retries` times; `download.timeout` bounds every wait.
 """
+
 from __future__ import annotations
 
 import hashlib
 import http.client
-import shutil
 import socket
 import time
 import urllib.error
@@ -53,8 +53,10 @@ def fetch(url: str, dest: Path, md5: str | None, timeout: float, retries: int, k
         else:
             raise CharlmError(f"{key}.url = {url!r}: unsupported scheme {scheme!r}; use http(s)://, file:// or a path")
         if md5 is not None and digest != md5:
-            raise CharlmError(f"{url}: md5 mismatch: expected {md5}, got {digest}; check the file or set "
-                              f"{key}.md5 to {digest} (or null to skip the check)")
+            raise CharlmError(
+                f"{url}: md5 mismatch: expected {md5}, got {digest}; check the file or set "
+                f"{key}.md5 to {digest} (or null to skip the check)"
+            )
     print(f"download: {dest} ({dest.stat().st_size:,} bytes, md5 {digest})")
 
 
@@ -75,20 +77,26 @@ def _copy_local(url: str, tmp: Path, key: str) -> str:
 
 def _fetch_http(url: str, tmp: Path, timeout: float, retries: int, key: str) -> str:
     h, got, total, failures = hashlib.md5(), 0, None, 0
-    with open(tmp, "wb") as out, tqdm(desc=tmp.name.split(".tmp")[0].lstrip("."), unit="B", unit_scale=True,
-                                      disable=None, leave=False) as bar:
+    with (
+        open(tmp, "wb") as out,
+        tqdm(desc=tmp.name.split(".tmp")[0].lstrip("."), unit="B", unit_scale=True, disable=None, leave=False) as bar,
+    ):
         while True:
             headers = {"User-Agent": "charlm"} | ({"Range": f"bytes={got}-"} if got else {})
             try:
                 with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as r:
                     if got and r.status != 206:  # the server ignored Range: start again from byte 0
-                        out.seek(0), out.truncate(), bar.reset()
+                        out.seek(0)
+                        out.truncate()
+                        bar.reset()
                         h, got = hashlib.md5(), 0
                     if total is None and r.headers.get("Content-Length"):
                         total = got + int(r.headers["Content-Length"])
                         bar.total = total
                     while chunk := r.read(CHUNK):
-                        out.write(chunk), h.update(chunk), bar.update(len(chunk))
+                        out.write(chunk)
+                        h.update(chunk)
+                        bar.update(len(chunk))
                         got += len(chunk)
                 if total is not None and got < total:
                     raise http.client.IncompleteRead(b"", total - got)
@@ -103,15 +111,19 @@ def _fetch_http(url: str, tmp: Path, timeout: float, retries: int, key: str) -> 
                 if not isinstance(e.reason, (TimeoutError, socket.timeout)) or failures >= retries:
                     raise CharlmError(f"{url}: cannot connect ({e.reason}); check {key}.url and the network") from None
                 reason = f"no answer within {timeout:g}s"
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 if failures >= retries:
-                    raise CharlmError(f"{url}: timed out, no data for {timeout:g}s after {retries} retries; "
-                                      f"retry later or raise download.timeout") from None
+                    raise CharlmError(
+                        f"{url}: timed out, no data for {timeout:g}s after {retries} retries; "
+                        f"retry later or raise download.timeout"
+                    ) from None
                 reason = f"no data for {timeout:g}s"
             except (http.client.HTTPException, ConnectionError) as e:
                 if failures >= retries:
-                    raise CharlmError(f"{url}: transfer broke off at {got:,} of {total or '?'} bytes after "
-                                      f"{retries} retries ({type(e).__name__}); retry later") from None
+                    raise CharlmError(
+                        f"{url}: transfer broke off at {got:,} of {total or '?'} bytes after "
+                        f"{retries} retries ({type(e).__name__}); retry later"
+                    ) from None
                 reason = f"transfer broke off at {got:,} bytes"
             failures += 1
             delay = min(0.5 * 2 ** (failures - 1), 8.0)

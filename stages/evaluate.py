@@ -6,6 +6,7 @@ state, its first character conditioned on <eos>; test_bpc = total -log2 p over s
 With `evaluate.dynamic_lr` > 0 it also reports test_bpc_dynamic: the same characters scored while the model
 keeps learning from the test text it has already scored (dynamic evaluation), which is how PPMd reads it.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,8 +31,10 @@ def main() -> None:
     model, vocab, info = artifact.load_model("models/model.pt", device)
     packed = load_packed("data/packed")
     if packed.meta["vocab_size"] != len(vocab):
-        raise CharlmError(f"models/model.pt has {len(vocab)} symbols but data/packed has "
-                          f"{packed.meta['vocab_size']}; rerun `dvc repro train`")
+        raise CharlmError(
+            f"models/model.pt has {len(vocab)} symbols but data/packed has "
+            f"{packed.meta['vocab_size']}; rerun `dvc repro train`"
+        )
     stream = packed.streams["test"]
     starts, lengths = item_bounds(np.asarray(stream), EOS_ID)
     if len(starts) == 0:
@@ -52,8 +55,10 @@ def main() -> None:
         metrics["test_bpc_dynamic"] = round(nats / chars / math.log(2), 6)
     write_json(OUT, metrics)
     dynamic = f" ({metrics['test_bpc_dynamic']:.4f} dynamic)" if "test_bpc_dynamic" in metrics else ""
-    print(f"evaluate: {metrics['test_bpc']:.4f} bpc{dynamic} over {chars:,} characters of {len(starts):,} items "
-          f"({metrics['eval_chars_per_s']:,.0f} chars/s)")
+    print(
+        f"evaluate: {metrics['test_bpc']:.4f} bpc{dynamic} over {chars:,} characters of {len(starts):,} items "
+        f"({metrics['eval_chars_per_s']:,.0f} chars/s)"
+    )
 
 
 if __name__ == "__main__":

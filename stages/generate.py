@@ -6,6 +6,7 @@ and metrics/generate.json: per temperature, the share of generated words (letter
 training text. It shows in `dvc exp show`. A high share says the model spells like its corpus; it says nothing
 of grammar or sense, and copying the training text verbatim would score 1.0.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -27,8 +28,17 @@ def main() -> None:
     model, vocab, _ = artifact.load_model("models/model.pt", device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        records = generate(model, vocab, p.prompts, p.temperatures, p.length, top_k=p.top_k, top_p=p.top_p,
-                           seed=p.seed, stop_at_eos=p.stop_at_eos)
+        records = generate(
+            model,
+            vocab,
+            p.prompts,
+            p.temperatures,
+            p.length,
+            top_k=p.top_k,
+            top_p=p.top_p,
+            seed=p.seed,
+            stop_at_eos=p.stop_at_eos,
+        )
     for w in caught:
         print(f"generate: warning: {w.message}")
     known = words_in(read_text(TRAIN_TEXT, "prepared train split", "rerun `dvc repro prepare`").splitlines())
@@ -38,9 +48,19 @@ def main() -> None:
         metrics["known_words"][f"T={t:g}"] = None if share is None else round(share, 4)
         metrics["generated_words"][f"T={t:g}"] = n
     try:
-        write_json(OUT_JSON, {"settings": {"length": p.length, "top_k": p.top_k, "top_p": p.top_p,
-                                           "seed": p.seed, "stop_at_eos": p.stop_at_eos},
-                              "samples": {f"{r['prompt']!r} @ T={r['temperature']:g}": r["text"] for r in records}})
+        write_json(
+            OUT_JSON,
+            {
+                "settings": {
+                    "length": p.length,
+                    "top_k": p.top_k,
+                    "top_p": p.top_p,
+                    "seed": p.seed,
+                    "stop_at_eos": p.stop_at_eos,
+                },
+                "samples": {f"{r['prompt']!r} @ T={r['temperature']:g}": r["text"] for r in records},
+            },
+        )
         write_text(OUT_MD, to_markdown(records))
         write_json(OUT_METRICS, metrics)
     except BaseException:
@@ -49,12 +69,15 @@ def main() -> None:
         raise
     for r in records:
         print(f"T={r['temperature']:<4g} {r['text']!r}")
-    print("generate: known words " + ", ".join(f"{k} {'-' if v is None else f'{v:.1%}'}"
-                                                for k, v in metrics["known_words"].items()))
+    print(
+        "generate: known words "
+        + ", ".join(f"{k} {'-' if v is None else f'{v:.1%}'}" for k, v in metrics["known_words"].items())
+    )
 
 
 def to_markdown(records: list[dict]) -> str:
     """One table per prompt: a row per temperature."""
+
     def cell(text: str) -> str:
         return text.replace("|", "\\|").replace("\n", " ⏎ ")
 

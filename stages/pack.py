@@ -5,6 +5,7 @@ dtype) and data/packed/meta.json, all at once: the directory is replaced as a wh
 The validation split is carved out of train by item with `pack.seed`; the same seed orders training windows,
 which start where `pack.align` says (see charlm/data.py).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,22 +28,38 @@ def main() -> None:
     del items
     test = read_text(PREPARED / "test.txt", "prepared test split", fix).splitlines()
     texts = {"train": train, "val": val, "test": test}
-    del test
+    del train, val, test
     streams, splits = {}, {}
-    for split, lines in texts.items():
+    for split in list(texts):
+        lines = texts.pop(split)  # so each text is freed before the next split is encoded
         streams[split] = stream = encode_items(vocab, "\n".join(lines))
-        texts[split] = None  # free the text before encoding the next split
-        splits[split] = {"items": len(lines), "tokens": int(len(stream)),
-                         "windows": len(window_starts(stream, p.seq_len, p.align)), "sha256": sha256(stream)}
+        splits[split] = {
+            "items": len(lines),
+            "tokens": int(len(stream)),
+            "windows": len(window_starts(stream, p.seq_len, p.align)),
+            "sha256": sha256(stream),
+        }
     # Check everything before writing anything, so a failed pack leaves no partial output.
     if splits["train"]["windows"] == 0:
-        raise CharlmError(f"the train split has {splits['train']['tokens']} tokens, too few for one window of "
-                          f"pack.seq_len={p.seq_len}; lower pack.seq_len or use a larger corpus")
+        raise CharlmError(
+            f"the train split has {splits['train']['tokens']} tokens, too few for one window of "
+            f"pack.seq_len={p.seq_len}; lower pack.seq_len or use a larger corpus"
+        )
     if p.val_fraction > 0 and splits["val"]["items"] == 0:
-        raise CharlmError(f"pack.val_fraction={p.val_fraction} of {splits['train']['items']} train item(s) holds "
-                          f"out no item; use a corpus of more items, or set pack.val_fraction: 0")
-    meta = {"format": FORMAT, "seq_len": p.seq_len, "align": p.align, "seed": p.seed, "val_fraction": p.val_fraction,
-            "vocab_size": len(vocab), "dtype": vocab.dtype.name, "splits": splits}
+        raise CharlmError(
+            f"pack.val_fraction={p.val_fraction} of {splits['train']['items']} train item(s) holds "
+            f"out no item; use a corpus of more items, or set pack.val_fraction: 0"
+        )
+    meta = {
+        "format": FORMAT,
+        "seq_len": p.seq_len,
+        "align": p.align,
+        "seed": p.seed,
+        "val_fraction": p.val_fraction,
+        "vocab_size": len(vocab),
+        "dtype": vocab.dtype.name,
+        "splits": splits,
+    }
     # The directory is replaced as a whole: a killed or failed pack never leaves some files new, some old.
     with atomic_dir(OUT) as tmp:
         for split, stream in streams.items():

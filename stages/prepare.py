@@ -3,6 +3,7 @@
 Reads `prepare` from params.yaml. Writes data/prepared/train.txt and data/prepared/test.txt (UTF-8, one item
 per line, empty items dropped), which later stages read without re-parsing CSV.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,8 +36,9 @@ def main() -> None:
         for split, (kept, dropped) in prepared.items():
             write_text(OUT / f"{split}.txt", "\n".join(kept) + "\n")
             written.append(OUT / f"{split}.txt")
-            print(f"prepare: {split}: {len(kept):,} items ({dropped} empty dropped), "
-                  f"{sum(map(len, kept)):,} characters")
+            print(
+                f"prepare: {split}: {len(kept):,} items ({dropped} empty dropped), {sum(map(len, kept)):,} characters"
+            )
     except BaseException:
         for path in written:  # e.g. the disk filled up on the test split: leave no outputs, not half of them
             path.unlink(missing_ok=True)

@@ -9,6 +9,7 @@ optimizer, scheduler, scaler, step, RNG states and the DVCLive logs so far; the 
 itself (batches are addressed by step). It is resumed only when its fingerprint (params, data, vocabulary)
 matches this run, so a rerun after a kill continues, and a rerun after a change starts over.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -19,9 +20,11 @@ import math
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.nn import functional as F
@@ -59,8 +62,11 @@ def make_optimizer(model: CharRNN, tp: params.TrainParams, total: int, device: t
     """AdamW (no decay on biases), the warm-up/decay schedule, the AMP scaler and an autocast factory."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tp.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=tp.lr, betas=(0.9, tp.beta2))
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": tp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=tp.lr,
+        betas=(0.9, tp.beta2),
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, tp))
     use_amp = device.type == "cuda" and tp.amp != "none"
     amp_dtype = torch.bfloat16 if tp.amp == "bf16" else torch.float16
@@ -124,8 +130,10 @@ def setup_processes(tp: params.TrainParams) -> tuple[int, int, torch.device]:
     rank = int(os.environ["RANK"])
     die_with_parent()
     if tp.batch_size % world:
-        raise CharlmError(f"train.batch_size={tp.batch_size} is the global batch and must divide evenly over "
-                          f"{world} processes; pick a multiple of {world}")
+        raise CharlmError(
+            f"train.batch_size={tp.batch_size} is the global batch and must divide evenly over "
+            f"{world} processes; pick a multiple of {world}"
+        )
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
@@ -154,11 +162,20 @@ def main() -> None:
     packed = load_packed("data/packed")
     meta, seq_len = packed.meta, packed.meta["seq_len"]
     if meta["vocab_size"] != len(vocab):
-        raise CharlmError(f"data/packed was built with {meta['vocab_size']} symbols but data/vocab.json has "
-                          f"{len(vocab)}; rerun `dvc repro pack`")
+        raise CharlmError(
+            f"data/packed was built with {meta['vocab_size']} symbols but data/vocab.json has "
+            f"{len(vocab)}; rerun `dvc repro pack`"
+        )
     # train.batch_size is the global batch: each process takes a disjoint 1/world of every minibatch.
-    batches = Batches(packed.streams["train"], seq_len, tp.batch_size // world, meta["seed"], rank, world,
-                      align=meta.get("align", "stream"))
+    batches = Batches(
+        packed.streams["train"],
+        seq_len,
+        tp.batch_size // world,
+        meta["seed"],
+        rank,
+        world,
+        align=meta.get("align", "stream"),
+    )
     has_val = meta["splits"]["val"]["items"] > 0  # pack.val_fraction: 0 means no validation split
     total = batches.per_epoch * tp.epochs if not tp.max_steps else min(batches.per_epoch * tp.epochs, tp.max_steps)
 
@@ -173,8 +190,14 @@ def main() -> None:
 
     print_fn = tqdm.write if lead else (lambda *a, **k: None)
     # The number of processes is left out, so a checkpoint resumes under any world size.
-    run_id = fingerprint(dataclasses.asdict(mp), dataclasses.asdict(tp) | {"processes": None}, meta, vocab.itos,
-                         device.type, torch.__version__)
+    run_id = fingerprint(
+        dataclasses.asdict(mp),
+        dataclasses.asdict(tp) | {"processes": None},
+        meta,
+        vocab.itos,
+        device.type,
+        torch.__version__,
+    )
     # Counters that a resumed run must continue, saved in every checkpoint.
     start, progress = 0, {"train_s": 0.0, "step_s": 0.0, "loss_sum": 0.0, "loss_n": 0}
     resumed = resume(run_id, model, optimizer, scheduler, scaler, device, progress, print_fn, restore_logs=lead)
@@ -183,11 +206,13 @@ def main() -> None:
     elif lead:
         write_text(SAMPLES, f"# Samples during training (prompt {tp.sample_prompt!r})\n\n")
 
-    live = stage_live(resume=resumed is not None) if lead else None
-    print_fn(f"train: {mp.cell} {mp.layers}x{mp.hidden}, {n_params(model):,} parameters, {device.type}"
-             + (f" x {world} processes" if world > 1 else "")
-             + f", {total:,} steps of {tp.batch_size}x{seq_len} chars ({batches.per_epoch:,} per epoch)"
-             + (f", resuming at step {start:,}" if start else ""))
+    live: Any = stage_live(resume=resumed is not None) if lead else None  # only the lead process logs
+    print_fn(
+        f"train: {mp.cell} {mp.layers}x{mp.hidden}, {n_params(model):,} parameters, {device.type}"
+        + (f" x {world} processes" if world > 1 else "")
+        + f", {total:,} steps of {tp.batch_size}x{seq_len} chars ({batches.per_epoch:,} per epoch)"
+        + (f", resuming at step {start:,}" if start else "")
+    )
 
     stop = StopRequested()
     model.train()
@@ -195,12 +220,11 @@ def main() -> None:
     loss_sum, loss_n = torch.tensor(progress["loss_sum"], device=device), progress["loss_n"]
     t_mark, steps_since_mark = time.perf_counter(), 0
     t_start = time.perf_counter() - progress["train_s"]
-    bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, disable=None if lead else True,
-               leave=False)
+    bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, disable=None if lead else True, leave=False)
     done = start
     for step in range(start, total):
-        x, y = batches.batch(*divmod(step, batches.per_epoch))
-        x, y = torch.from_numpy(x).to(device, non_blocking=True), torch.from_numpy(y).to(device, non_blocking=True)
+        xs, ys = batches.batch(*divmod(step, batches.per_epoch))
+        x, y = torch.from_numpy(xs).to(device, non_blocking=True), torch.from_numpy(ys).to(device, non_blocking=True)
         loss_sum += train_step(net, model, x, y, optimizer, scheduler, scaler, tp.grad_clip, autocast)
         loss_n += 1
         steps_since_mark += 1
@@ -226,8 +250,10 @@ def main() -> None:
             bar.set_postfix(loss=f"{train_loss:.3f}", chars_s=f"{chars_per_s:,.0f}")
             if bar.disable:  # no terminal (CI, nohup, a queued experiment): plain progress lines instead
                 eta = (total - done) * tp.batch_size * seq_len / max(chars_per_s, 1e-9)
-                print_fn(f"step {done:,}/{total:,}: loss {train_loss:.4f}, {chars_per_s:,.0f} chars/s, "
-                         f"ETA {eta / 60:.1f} min")
+                print_fn(
+                    f"step {done:,}/{total:,}: loss {train_loss:.4f}, {chars_per_s:,.0f} chars/s, "
+                    f"ETA {eta / 60:.1f} min"
+                )
             loss_sum.zero_()
             loss_n = 0
             t_mark, steps_since_mark = time.perf_counter(), 0
@@ -235,7 +261,7 @@ def main() -> None:
             if stopping:
                 raise KeyboardInterrupt
             continue
-        periodic_work = False
+        periodic_work, logged = False, at_log
         if has_val and (done % tp.eval_every == 0 or done == total):
             # scored exactly as evaluate scores the test split, so val bpc and test bpc are comparable
             with autocast():
@@ -244,13 +270,14 @@ def main() -> None:
             live.log_metric("val/loss", val_bpc * LN2)
             live.log_metric("val/bpc", val_bpc)
             print_fn(f"step {done:,}: val {val_bpc:.4f} bpc")
-            periodic_work = True
+            periodic_work = logged = True
         if tp.sample_every and (done % tp.sample_every == 0 or done == total):
             log_sample(model, vocab, tp, done, print_fn)
             periodic_work = True
+        if logged:  # metrics were logged at this step: write the summary, signal the DVC extension
+            live.next_step()
         if done % tp.checkpoint_every == 0 or done == total or stopping:
             progress.update(train_s=time.perf_counter() - t_start, loss_sum=loss_sum.item(), loss_n=loss_n)
-            live.make_summary()
             save_checkpoint(run_id, done, model, optimizer, scheduler, scaler, progress)
             periodic_work = True
         if periodic_work:  # keep evaluation and I/O out of the throughput figure
@@ -267,15 +294,18 @@ def main() -> None:
 
     train_s = time.perf_counter() - t_start if done > start else progress["train_s"]
     chars = total * tp.batch_size * seq_len
-    live.step = total  # DVCLive's resume advances its step past the last logged one
     live.log_metric("train_time_s", round(train_s, 2), plot=False)
     live.log_metric("train_chars_per_s", round(chars / max(progress["step_s"], 1e-9), 1), plot=False)
     live.log_metric("steps", total, plot=False)
-    live.make_summary()
+    live.end()  # the summary keeps the last logged step (`total`)
     # Nothing run-dependent (such as timings) goes in the model file: identical runs give identical bytes,
     # so DVC does not rerun evaluate and generate after a resume or a retrain.
-    info = {"steps": total, "seq_len": seq_len, "val_bpc": live.summary.get("val", {}).get("bpc"),
-            "params": {"model": dataclasses.asdict(mp), "train": dataclasses.asdict(tp)}}
+    info = {
+        "steps": total,
+        "seq_len": seq_len,
+        "val_bpc": live.summary.get("val", {}).get("bpc"),
+        "params": {"model": dataclasses.asdict(mp), "train": dataclasses.asdict(tp)},
+    }
     model.to("cpu")
     artifact.save("models/model.pt", artifact.model_record(model, vocab, info))
     val = f", val {info['val_bpc']:.4f} bpc" if info["val_bpc"] is not None else ""
@@ -286,24 +316,45 @@ def relaunch_under_torchrun() -> None:
     """`train.processes: N` (N > 1) re-executes this script under torchrun with N local processes."""
     tp = params.load(params.TrainParams)
     if tp.processes > 1 and "WORLD_SIZE" not in os.environ:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={tp.processes}",
-               "-m", "stages.train"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={tp.processes}",
+            "-m",
+            "stages.train",
+        ]
         os.execv(sys.executable, cmd)
 
 
 def stage_live(resume: bool):
-    """DVCLive for a DVC stage whose dvc.yaml already declares the metrics and plots.
-
-    DVCLive's own DVC integration (saving experiments, writing dvc.yaml) is switched off: DVC runs this stage
-    itself, and that integration crashes in a git repo with no commits yet (scmrepo "Empty git repo").
-    """
+    """DVCLive for a DVC stage whose dvc.yaml already declares the metrics and plots: no dvc.yaml of its own,
+    no experiment of its own (DVC runs this stage), no HTML report. Its `next_step()` signals each logged step
+    to DVC's VS Code extension and DVC Studio, so a running or queued experiment shows live plots."""
     from dvclive import Live  # imported late: slow to import, and unused when params are invalid
 
-    class StageLive(Live):
+    kwargs: dict[str, Any] = {"resume": resume, "report": None, "save_dvc_exp": False, "dvcyaml": None}
+    if git_has_commits():
+        return Live(str(LIVE_DIR), **kwargs)
+
+    # In a git repo with no commits yet, DVCLive's DVC integration crashes: scm.get_rev() raises "Empty git repo"
+    # (https://github.com/treeverse/dvclive/issues/522, fixed upstream only for save_dvc_exp=True). Only there
+    # is it skipped; the step signals do not depend on it.
+    class EmptyRepoLive(Live):
         def _init_dvc(self):
             pass
 
-    return StageLive(str(LIVE_DIR), resume=resume, report=None, save_dvc_exp=False, dvcyaml=None)
+    return EmptyRepoLive(str(LIVE_DIR), **kwargs)
+
+
+def git_has_commits() -> bool:
+    """False only inside a git repo with no commits (exit 1); outside git (128) DVCLive copes by itself."""
+    try:
+        code = subprocess.run(["git", "rev-parse", "--verify", "--quiet", "HEAD"], capture_output=True).returncode
+    except OSError:  # no git at all
+        return True
+    return code != 1
 
 
 def log_sample(model, vocab, tp: params.TrainParams, step: int, print_fn) -> None:
@@ -317,15 +368,25 @@ def log_sample(model, vocab, tp: params.TrainParams, step: int, print_fn) -> Non
 
 
 def save_checkpoint(run_id, step, model, optimizer, scheduler, scaler, progress) -> None:
-    rng = {"cpu": torch.get_rng_state()}
+    rng: dict[str, Any] = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    artifact.save(CHECKPOINT, {
-        "format": CHECKPOINT_FORMAT, "run_id": run_id, "step": step, "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-        "rng": rng, "progress": dict(progress), "live": snapshot_files(LIVE_DIR),
-        "samples": SAMPLES.read_text(encoding="utf-8") if SAMPLES.exists() else None,
-    })
+    artifact.save(
+        CHECKPOINT,
+        {
+            "format": CHECKPOINT_FORMAT,
+            "run_id": run_id,
+            "step": step,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng": rng,
+            "progress": dict(progress),
+            "live": snapshot_files(LIVE_DIR),
+            "samples": SAMPLES.read_text(encoding="utf-8") if SAMPLES.exists() else None,
+        },
+    )
 
 
 def resume(run_id, model, optimizer, scheduler, scaler, device, progress, print_fn, restore_logs=True) -> int | None:
@@ -350,8 +411,9 @@ def resume(run_id, model, optimizer, scheduler, scaler, device, progress, print_
             torch.cuda.set_rng_state_all([s.cpu() for s in ck["rng"]["cuda"]])
         progress.update({k: ck["progress"][k] for k in progress})
     except (KeyError, RuntimeError, ValueError, TypeError) as e:
-        raise CharlmError(f"{CHECKPOINT}: does not fit this model ({str(e).splitlines()[0][:160]}); "
-                          f"delete it to start over") from None
+        raise CharlmError(
+            f"{CHECKPOINT}: does not fit this model ({str(e).splitlines()[0][:160]}); delete it to start over"
+        ) from None
     if restore_logs:
         shutil.rmtree(LIVE_DIR, ignore_errors=True)
         restore_files(LIVE_DIR, ck["live"])

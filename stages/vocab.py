@@ -3,6 +3,7 @@
 Reads `vocab` from params.yaml. Writes data/vocab.json: ids, counts, dropped characters, and how many test
 characters become <unk>.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,8 +23,9 @@ def main() -> None:
     counts = count_chars(train)
     vocab = Vocab.build(counts, p.min_count)
     if not vocab.chars:
-        raise CharlmError(f"no character occurs vocab.min_count={p.min_count} times in the train split; "
-                          f"lower vocab.min_count")
+        raise CharlmError(
+            f"no character occurs vocab.min_count={p.min_count} times in the train split; lower vocab.min_count"
+        )
     test_counts = count_chars(read_text(PREPARED / "test.txt", "prepared test split", fix))
     test_chars = sum(n for c, n in test_counts.items() if c != "\n")
     test_unk = sum(n for c, n in test_counts.items() if c != "\n" and c not in vocab.itos)
@@ -39,8 +41,10 @@ def main() -> None:
         "test_unseen": sorted({c for c in test_counts if c != "\n" and c not in vocab.itos}, key=ord),
     }
     vocab.save(OUT, counts, stats)
-    print(f"vocab: {len(vocab)} symbols ({len(vocab.chars)} characters + 3 specials), "
-          f"test <unk> rate {stats['test_unk_rate']:.5%}")
+    print(
+        f"vocab: {len(vocab)} symbols ({len(vocab.chars)} characters + 3 specials), "
+        f"test <unk> rate {stats['test_unk_rate']:.5%}"
+    )
 
 
 if __name__ == "__main__":

@@ -2,8 +2,11 @@
 are the shipped params.yaml; every key in params.yaml is documented."""
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,8 +46,11 @@ REJECTED = [
     (params.TrainParams, "trian:\n  lr: 0.1\n", ["unknown section 'trian'", "did you mean 'train'"]),
     (params.PackParams, "packing:\n  seq_len: 10\n", ["unknown section 'packing'", "sections are"]),
     # wrong types
-    (params.TrainParams, "train:\n  lr: 1e-3\n", ["train.lr", "'1e-3'", "1.0e-3"]),
-    (params.TrainParams, 'train:\n  lr: "0.001"\n', ["train.lr", "'0.001'", "1.0e-3"]),
+    (params.TrainParams, 'train:\n  lr: "0.001"\n', ["train.lr", "'0.001' (a string)", "a number"]),
+    (params.TrainParams, "train:\n  lr: yes\n", ["train.lr", "'yes' (a string)", "a number"]),
+    (params.PrepareParams, "prepare:\n  clean: on\n", ["prepare.clean", "'on'", "true or false"]),
+    (params.TrainParams, "train:\n  lr: .nan\n", ["train.lr", "a finite number"]),
+    (params.TrainParams, "train:\n  lr: ~\n", ["train.lr", "a number"]),
     (params.TrainParams, "train:\n  epochs: true\n", ["train.epochs", "True", "an integer"]),
     (params.PackParams, "pack:\n  seed: false\n", ["pack.seed", "False", "an integer"]),
     (params.TrainParams, "train:\n  lr: true\n", ["train.lr", "True", "a number"]),
@@ -158,6 +164,36 @@ def test_missing_params_file_is_a_clear_error(tmp_path):
 
 
 # --------------------------------------------------------------------------- accepted values
+
+
+# YAML 1.1 and 1.2 disagree on these; DVC reads params.yaml as YAML 1.2, and so must every stage.
+TRICKY_SCALARS = ["1e-3", "1E5", ".5", "1_000", "0o17", "012", "0x1F", "+1", "1.0e-3", "yes", "no", "on", "off",
+                  "y", "True", "~", "null", ".inf", "-.inf", ".nan", "1:30", "'1e-3'"]
+
+
+def test_stages_read_params_yaml_exactly_as_dvc_does(tmp_path):
+    """Differential: every tricky scalar, read by charlm and by DVC itself (`dvc.api.params_show` in a real
+    DVC repo), gives the same Python value."""
+    dvc_api = pytest.importorskip("dvc.api")
+    keys = {f"k{i}": text for i, text in enumerate(TRICKY_SCALARS)}
+    (tmp_path / "params.yaml").write_text("train:\n" + "".join(f"  {k}: {v}\n" for k, v in keys.items()))
+    (tmp_path / "dvc.yaml").write_text("stages:\n  s:\n    cmd: 'true'\n    params: [train]\n")
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=tmp_path, check=True)
+    with contextlib.chdir(tmp_path):
+        ours = params.read_yaml()["train"]
+        theirs = dvc_api.params_show()["train"]
+    assert [repr(ours[k]) for k in keys] == [repr(theirs[k]) for k in keys]
+    # the YAML 1.2 readings a YAML 1.1 reader gets wrong
+    assert ours["k0"] == 0.001 and ours["k3"] == 1000 and ours["k4"] == 15 and ours["k5"] == 12
+    assert [ours[f"k{i}"] for i in (9, 10, 11, 12)] == ["yes", "no", "on", "off"]
+
+
+@pytest.mark.parametrize("text, value", [("1e-3", 1e-3), ("1E5", 1e5), (".5", 0.5), ("1_000", 1000.0),
+                                         ("0o17", 15.0), ("012", 12.0)])
+def test_numbers_as_dvc_shows_them_reach_the_stage(tmp_path, text, value):
+    p = load_text(tmp_path, f"download:\n  timeout: {text}\n", params.DownloadParams)
+    assert p.timeout == value and isinstance(p.timeout, float)
 
 
 def test_null_md5_skips_the_check(tmp_path):

@@ -53,10 +53,10 @@ def train(p: Project, check: bool = True) -> subprocess.CompletedProcess:
     return p.stage("train", check=check, env=ENV)
 
 
-def start_train(p: Project) -> subprocess.Popen:
+def start_train(p: Project, env: dict | None = None) -> subprocess.Popen:
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     return subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=p.path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PATH": path, **ENV})
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PATH": path, **ENV, **(env or {})})
 
 
 def checkpoint_step(p: Project) -> int | None:
@@ -230,3 +230,27 @@ def test_batch_larger_than_the_training_windows(base, tmp_path):
     p.set_params(train={"batch_size": 100_000})
     line = one_line_error(train(p, check=False))
     assert "train.batch_size=100000" in line and "windows" in line
+
+
+def test_each_logged_step_signals_the_dvc_extension_while_training_runs(base, tmp_path):
+    """DVCLive's next_step() writes .dvc/tmp/exps/run/DVCLIVE_STEP_COMPLETED ({"pid", "step"}) under the DVC
+    root, which VS Code's DVC extension watches to refresh live plots; end() removes it. DVC gives a stage
+    its root in DVC_ROOT."""
+    p = copy_of(base, tmp_path / "p")
+    signal_file = p.path / ".dvc/tmp/exps/run/DVCLIVE_STEP_COMPLETED"
+    proc = start_train(p, env={"DVC_ROOT": str(p.path)})
+    seen = set()
+    while proc.poll() is None:
+        try:
+            signal = json.loads(signal_file.read_text())
+            seen.add(signal["step"])
+            assert signal["pid"] == proc.pid
+        except (FileNotFoundError, ValueError):  # not written yet, or caught mid-write
+            pass
+        time.sleep(0.002)
+    out, err = proc.communicate()
+    assert proc.returncode == 0, err
+    log_steps = set(range(10, 201, 10))
+    assert len(seen) >= 3 and seen <= log_steps, sorted(seen)  # it advances, one logged step at a time
+    assert not signal_file.exists()  # the run ended: end() cleaned up
+    assert json.loads((p.path / "dvclive/metrics.json").read_text())["step"] == 200
