@@ -21,7 +21,9 @@ from charlm.model import CharRNN
 from charlm.vocab import Vocab
 
 MODEL_FORMAT = "charlm-model/1"
+CHECKPOINT_FORMAT = "charlm-checkpoint/3"  # /3: also carries the model config and vocabulary, for sampling
 DEFAULT_MODEL = Path("models/model.pt")
+DEFAULT_CHECKPOINT = Path("checkpoints/train.pt")
 
 
 def save(path: str | Path, obj: dict) -> None:
@@ -33,13 +35,15 @@ def save(path: str | Path, obj: dict) -> None:
         f.write(buffer.getbuffer())
 
 
-def load(path: str | Path, fix: str, map_location="cpu") -> dict:
-    """torch.load with weights_only=True and a one-line error for each way a file can be bad."""
-    path = Path(path)
+def load(path: str | Path, fix: str, map_location="cpu", data: bytes | None = None) -> dict:
+    """torch.load with weights_only=True and a one-line error for each way a file can be bad. With `data`, the
+    file's bytes come from there (a revision read through DVC) and `path` only names it in errors."""
+    path = Path(path) if data is None else path
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's notes on odd pickle protocols: a damaged file gets the error
-            obj = torch.load(path, map_location=map_location, weights_only=True)
+            source = path if data is None else io.BytesIO(data)
+            obj = torch.load(source, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise CharlmError(f"{path}: not found; {fix}") from None
     except IsADirectoryError:
@@ -79,14 +83,38 @@ def model_record(model: CharRNN, vocab: Vocab, info: dict) -> dict:
     }
 
 
+def read_at_revision(path: str | Path, rev: str) -> bytes:
+    """The bytes of a DVC-tracked file at a git revision or experiment name, through dvc.api: from the local
+    cache when it is there, else from the DVC remote, without checking anything out."""
+    import dvc.api  # slow to import: only when asked for
+    from dvc.exceptions import DvcException
+    from scmrepo.exceptions import SCMError
+
+    try:
+        with dvc.api.open(str(path), rev=rev, mode="rb") as f:
+            return f.read()
+    except (DvcException, SCMError, FileNotFoundError, OSError) as e:
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CharlmError(
+            f"{path} at revision {rev!r}: cannot be read ({reason}); check the name with `dvc exp list` or "
+            f"`git log`, and that the model was pushed (`dvc push`) to a remote you can reach"
+        ) from None
+
+
 def load_model(
     path: str | Path = DEFAULT_MODEL,
     device: str | torch.device = "cpu",
     fix: str = "run `dvc repro train` or pass the path of a trained model",
+    rev: str | None = None,
 ):
-    """Return (model in eval mode, vocab, info) from a model file written by the train stage."""
-    obj = load(path, fix)
-    if obj.get("format") != MODEL_FORMAT:
+    """Return (model in eval mode, vocab, info) from a model file written by the train stage, or from a training
+    checkpoint (which carries the same config and vocabulary). With `rev`, the file as it is at that git
+    revision or experiment, read through DVC."""
+    data = read_at_revision(path, rev) if rev is not None else None
+    if rev is not None:
+        path = f"{path}@{rev}"
+    obj = load(path, fix, data=data)
+    if obj.get("format") not in (MODEL_FORMAT, CHECKPOINT_FORMAT):
         raise CharlmError(f"{path}: not a charlm model (format {obj.get('format')!r}); {fix}")
     try:
         vocab = Vocab(obj["vocab"])
@@ -94,11 +122,12 @@ def load_model(
         if config["vocab_size"] != len(vocab):
             raise ValueError(f"config says {config['vocab_size']} symbols, vocabulary has {len(vocab)}")
         model = CharRNN(**config)
-        model.load_state_dict(obj["state_dict"])
+        model.load_state_dict(obj["state_dict"] if obj["format"] == MODEL_FORMAT else obj["model"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         reason = str(e).strip().splitlines()[0][:200]
         raise CharlmError(f"{path}: model file does not match its own config or vocabulary ({reason}); {fix}") from None
-    return model.to(device).eval(), vocab, obj.get("info", {})
+    info = obj.get("info", {}) if obj["format"] == MODEL_FORMAT else {"steps": obj.get("step"), "checkpoint": True}
+    return model.to(device).eval(), vocab, info
 
 
 def pick_device(choice: str, key: str) -> torch.device:

@@ -1,6 +1,7 @@
 """The `charlm` command.
 
 charlm generate --prompt "Today " --temperature 0.8 --length 300 [--model PATH] [--seed N]
+                [--rev REV | --checkpoint [PATH]]
                 [--top-k K] [--top-p P] [-n COUNT] [--no-stop-at-eos] [--device auto|cpu|cuda]
 charlm plots [REV ...] [--out DIR] [--format png|svg]   # learning curves as files, offline
 charlm compare REV [REV ...]                            # samples of experiments side by side
@@ -64,6 +65,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="maximum characters to generate after the prompt (default: 300)",
     )
     g.add_argument("--model", default="models/model.pt", help="model file (default: the pipeline's models/model.pt)")
+    source = g.add_mutually_exclusive_group()
+    source.add_argument(
+        "--rev",
+        help="use the model as it is at this git revision, branch, tag or experiment name (see `dvc exp list`), "
+        "read through DVC from the cache or the remote, without checking anything out",
+    )
+    source.add_argument(
+        "--checkpoint",
+        nargs="?",
+        const="checkpoints/train.pt",
+        help="use a training checkpoint instead of a finished model, e.g. while training runs "
+        "(default path: checkpoints/train.pt)",
+    )
     g.add_argument(
         "--seed",
         type=_number(int, 0, what=">= 0"),
@@ -137,7 +151,9 @@ def generate_command(args) -> None:
     from charlm.sampling import stream
 
     device = artifact.pick_device(args.device, "--device")
-    model, vocab, _ = artifact.load_model(args.model, device, fix="train one with `dvc repro` or pass --model PATH")
+    path = args.checkpoint or args.model
+    fix = "train one with `dvc repro` or pass --model PATH"
+    model, vocab, _ = artifact.load_model(path, device, fix=fix, rev=args.rev)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

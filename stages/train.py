@@ -39,10 +39,9 @@ from charlm.sampling import generate
 from charlm.scoring import stream_bpc
 from charlm.vocab import Vocab
 
-CHECKPOINT = Path("checkpoints/train.pt")
+CHECKPOINT = artifact.DEFAULT_CHECKPOINT
 LIVE_DIR = Path("dvclive")
 SAMPLES = Path("reports/train_samples.md")
-CHECKPOINT_FORMAT = "charlm-checkpoint/2"
 LN2 = math.log(2)
 VAL_BATCH = 64  # validation items per forward pass, as evaluate.batch_size
 
@@ -278,7 +277,7 @@ def main() -> None:
             live.next_step()
         if done % tp.checkpoint_every == 0 or done == total or stopping:
             progress.update(train_s=time.perf_counter() - t_start, loss_sum=loss_sum.item(), loss_n=loss_n)
-            save_checkpoint(run_id, done, model, optimizer, scheduler, scaler, progress)
+            save_checkpoint(run_id, done, model, vocab, optimizer, scheduler, scaler, progress)
             periodic_work = True
         if periodic_work:  # keep evaluation and I/O out of the throughput figure
             t_mark, steps_since_mark = time.perf_counter(), 0
@@ -367,17 +366,19 @@ def log_sample(model, vocab, tp: params.TrainParams, step: int, print_fn) -> Non
     write_text(SAMPLES, SAMPLES.read_text(encoding="utf-8") + f"## step {step}\n\n{text}\n")
 
 
-def save_checkpoint(run_id, step, model, optimizer, scheduler, scaler, progress) -> None:
+def save_checkpoint(run_id, step, model, vocab, optimizer, scheduler, scaler, progress) -> None:
     rng: dict[str, Any] = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     artifact.save(
         CHECKPOINT,
         {
-            "format": CHECKPOINT_FORMAT,
+            "format": artifact.CHECKPOINT_FORMAT,
             "run_id": run_id,
             "step": step,
             "model": model.state_dict(),
+            "config": dict(model.config),  # config and vocab: `charlm generate --checkpoint` samples mid-training
+            "vocab": list(vocab.chars),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(),
@@ -398,7 +399,7 @@ def resume(run_id, model, optimizer, scheduler, scaler, device, progress, print_
     except CharlmError as e:
         print_fn(f"train: ignoring unusable checkpoint: {e}")
         return None
-    if ck.get("format") != CHECKPOINT_FORMAT or ck.get("run_id") != run_id:
+    if ck.get("format") != artifact.CHECKPOINT_FORMAT or ck.get("run_id") != run_id:
         print_fn(f"train: {CHECKPOINT} belongs to other params or data; starting from scratch")
         return None
     try:

@@ -24,7 +24,7 @@ from charlm.vocab import Vocab
 ITEM = "hello world! hello world!"
 SCRIPT = Path(sys.executable).parent / "charlm"
 FLAGS = ["--prompt", "--temperature", "--length", "--model", "--seed", "--top-k", "--top-p", "-n",
-         "--no-stop-at-eos", "--device"]
+         "--no-stop-at-eos", "--device", "--rev", "--checkpoint"]
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,12 @@
 server (moto). A pushes; B clones, pulls, and reproduces nothing that A already computed."""
 from __future__ import annotations
 
+import shutil
 import socket
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -128,3 +131,49 @@ def test_s3_missing_credentials_and_wrong_endpoint_fail_fast(served_project, s3,
     assert proc.returncode != 0
     assert "127.0.0.1" in proc.stdout + proc.stderr or "connect" in (proc.stdout + proc.stderr).lower()
     assert time.monotonic() - t0 < 90
+
+
+CHARLM = str(Path(sys.executable).parent / "charlm")
+SAMPLE = ["generate", "--prompt", "The ", "--temperature", "1.0", "--seed", "5", "--length", "80", "--device", "cpu"]
+
+
+def sample(p: Project, *args, env=None) -> str:
+    return p.run(CHARLM, *SAMPLE, *args, env={"OMP_NUM_THREADS": "1", **(env or {})}).stdout
+
+
+def test_generate_from_any_experiment_or_revision_through_a_shared_folder(served_project, tmp_path):
+    """`charlm generate --rev` samples from an experiment's model without `dvc exp apply`, and from a commit's
+    model in a fresh clone that has only the remote to get it from."""
+    a = served_project
+    a.dvc("remote", "add", "-d", "team", str(tmp_path / "shared-remote"))
+    a.dvc("repro")
+    commit_all(a, "baseline")
+    a.dvc("push")
+    baseline = sample(a)
+
+    a.dvc("exp", "run", "-n", "seed7", "-S", "train.seed=7")
+    shutil.copy(a.path / "models/model.pt", tmp_path / "seed7.pt")
+    a.git("checkout", "--", "params.yaml", "dvc.lock")
+    a.dvc("checkout")  # the workspace is the baseline again
+    assert sample(a) == baseline
+    from_exp = sample(a, "--rev", "seed7")
+    assert from_exp == sample(a, "--model", str(tmp_path / "seed7.pt")) != baseline
+    assert (a.path / "params.yaml").read_text() == a.run("git", "show", "HEAD:params.yaml").stdout  # nothing applied
+
+    b = clone(a, tmp_path / "b")
+    assert not (b.path / "models/model.pt").exists()
+    assert sample(b, "--rev", "HEAD") == baseline  # pulled from the shared folder
+    bad = b.run(CHARLM, *SAMPLE, "--rev", "no-such-exp", check=False)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "no-such-exp" in bad.stderr, bad.stderr
+
+
+def test_generate_from_a_revision_through_s3(served_project, s3, tmp_path):
+    endpoint, creds = s3
+    a = served_project
+    a.dvc("remote", "add", "-d", "s3", "s3://charlm/store")
+    a.dvc("remote", "modify", "s3", "endpointurl", endpoint)
+    a.dvc("repro", env=creds)
+    commit_all(a, "baseline")
+    a.dvc("push", env=creds)
+    b = clone(a, tmp_path / "b")
+    assert sample(b, "--rev", "main", env=creds) == sample(a)

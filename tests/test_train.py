@@ -254,3 +254,15 @@ def test_each_logged_step_signals_the_dvc_extension_while_training_runs(base, tm
     assert len(seen) >= 3 and seen <= log_steps, sorted(seen)  # it advances, one logged step at a time
     assert not signal_file.exists()  # the run ended: end() cleaned up
     assert json.loads((p.path / "dvclive/metrics.json").read_text())["step"] == 200
+
+
+def test_generate_samples_from_the_training_checkpoint(uninterrupted):
+    """The checkpoint carries the model config and vocabulary: `charlm generate --checkpoint` samples from it
+    (as one would while training runs), and the last checkpoint samples exactly like the finished model."""
+    p, _, _ = uninterrupted
+    charlm = [str(Path(sys.executable).parent / "charlm"), "generate", "--prompt", "The ", "--seed", "3",
+              "--length", "60", "--device", "cpu"]
+    from_checkpoint = p.run(*charlm, "--checkpoint", env=ENV).stdout
+    assert from_checkpoint.startswith("The ") and len(from_checkpoint) > 10
+    assert from_checkpoint == p.run(*charlm, "--model", "models/model.pt", env=ENV).stdout
+    assert "--rev" in p.run(*charlm, "--checkpoint", "--rev", "HEAD", check=False).stderr  # one source at a time
