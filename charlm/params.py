@@ -81,6 +81,10 @@ class PrepareParams:
 @dataclass(frozen=True)
 class VocabParams:
     min_count: int = spec(5, ge=1)
+    from_model: str | None = spec(None)
+
+    def check(self):
+        check_init_path("vocab.from_model", self.from_model)
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,24 @@ class TrainParams:
     sample_every: int = spec(2500, ge=0)
     sample_prompt: str = spec("The ")
     sample_length: int = spec(200, ge=1, le=100_000)
+    init_from: str | None = spec(None)
+
+    def check(self):
+        check_init_path("train.init_from", self.init_from)
+
+
+INIT_DIR = "init"
+
+
+def check_init_path(key: str, value: str | None) -> None:
+    """A starting model must sit under init/, the folder dvc.yaml declares as a dependency of vocab and train:
+    DVC then reruns them when that model changes, which it could not do for an arbitrary path."""
+    if value is None:
+        return
+    parts = Path(value).parts
+    if len(parts) < 2 or parts[0] != INIT_DIR or ".." in parts:
+        fail(key, value, f"null or a model file under {INIT_DIR}/ (e.g. {INIT_DIR}/ag_news.pt), the folder dvc.yaml "
+             f"declares as a dependency; copy the model there or `dvc import` it")
 
 
 @dataclass(frozen=True)

@@ -184,6 +184,7 @@ def main() -> None:
         torch.backends.cudnn.benchmark = False
     torch.manual_seed(tp.seed)
     model = CharRNN(len(vocab), **dataclasses.asdict(mp)).to(device)
+    init_sha = start_from(model, tp.init_from, vocab, mp) if tp.init_from else None
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     optimizer, scheduler, scaler, autocast = make_optimizer(model, tp, total, device)
 
@@ -194,6 +195,7 @@ def main() -> None:
         dataclasses.asdict(tp) | {"processes": None},
         meta,
         vocab.itos,
+        init_sha,  # the starting model's bytes, not just its path
         device.type,
         torch.__version__,
     )
@@ -309,6 +311,25 @@ def main() -> None:
     artifact.save("models/model.pt", artifact.model_record(model, vocab, info))
     val = f", val {info['val_bpc']:.4f} bpc" if info["val_bpc"] is not None else ""
     print_fn(f"train: done, {total:,} steps in {train_s:,.0f}s{val} -> models/model.pt")
+
+
+def start_from(model: CharRNN, path: str, vocab: Vocab, mp: params.ModelParams) -> str:
+    """Load the weights of a trained model into `model` (fine-tuning); return the file's sha256. The model must
+    share the data's vocabulary and the model.* shape (dropout may differ)."""
+    fix = "copy a charlm model there, or set train.init_from: null"
+    init, init_vocab, _ = artifact.load_model(path, fix=fix)
+    if init_vocab.chars != vocab.chars:
+        raise CharlmError(
+            f"{path} has a different vocabulary ({len(init_vocab)} symbols) from data/vocab.json ({len(vocab)}); "
+            f"set vocab.from_model: {path} so the data is encoded with the model's characters"
+        )
+    shape = {k: v for k, v in dataclasses.asdict(mp).items() if k != "dropout"}
+    theirs = {k: init.config[k] for k in shape}
+    if theirs != shape:
+        wanted = ", ".join(f"model.{k}: {v}" for k, v in theirs.items())
+        raise CharlmError(f"{path} is a {theirs} model but params.yaml asks for {shape}; set {wanted}")
+    model.load_state_dict(init.state_dict())
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def relaunch_under_torchrun() -> None:

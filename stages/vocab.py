@@ -1,7 +1,8 @@
 """vocab: build the character vocabulary from the train split and report test coverage.
 
 Reads `vocab` from params.yaml. Writes data/vocab.json: ids, counts, dropped characters, and how many test
-characters become <unk>.
+characters become <unk>. With `vocab.from_model`, the vocabulary is that model's, so that train can start from
+it (`train.init_from`); characters the model never saw then become <unk>.
 """
 
 from __future__ import annotations
@@ -21,7 +22,12 @@ def main() -> None:
     fix = "rerun `dvc repro prepare`"
     train = read_text(PREPARED / "train.txt", "prepared train split", fix)
     counts = count_chars(train)
-    vocab = Vocab.build(counts, p.min_count)
+    if p.from_model:
+        from charlm import artifact  # imports torch: only when a model is asked for
+
+        _, vocab, _ = artifact.load_model(p.from_model, fix="copy a charlm model there or set vocab.from_model: null")
+    else:
+        vocab = Vocab.build(counts, p.min_count)
     if not vocab.chars:
         raise CharlmError(
             f"no character occurs vocab.min_count={p.min_count} times in the train split; lower vocab.min_count"
@@ -34,17 +40,25 @@ def main() -> None:
         "min_count": p.min_count,
         "train_items": counts.get("\n", 0),
         "train_chars": train_chars,
-        "train_unk_chars": sum(n for c, n in counts.items() if c != "\n" and n < p.min_count),
+        "from_model": p.from_model,
+        "train_unk_chars": sum(n for c, n in counts.items() if c != "\n" and c not in vocab.itos),
         "test_chars": test_chars,
         "test_unk_chars": test_unk,
         "test_unk_rate": round(test_unk / max(test_chars, 1), 8),
         "test_unseen": sorted({c for c in test_counts if c != "\n" and c not in vocab.itos}, key=ord),
     }
     vocab.save(OUT, counts, stats)
+    source = f" from {p.from_model}" if p.from_model else ""
     print(
-        f"vocab: {len(vocab)} symbols ({len(vocab.chars)} characters + 3 specials), "
+        f"vocab: {len(vocab)} symbols ({len(vocab.chars)} characters + 3 specials){source}, "
         f"test <unk> rate {stats['test_unk_rate']:.5%}"
     )
+    if p.from_model and stats["train_unk_chars"]:
+        unseen = sorted({c for c in counts if c != "\n" and c not in vocab.itos}, key=ord)
+        print(
+            f"vocab: warning: {stats['train_unk_chars']:,} train characters ({''.join(unseen)[:40]!r}) are not in "
+            f"{p.from_model}'s vocabulary and are read as <unk>"
+        )
 
 
 if __name__ == "__main__":

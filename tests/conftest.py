@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-PIPELINE_FILES = ["dvc.yaml", "params.yaml", "stages", "charlm", ".dvcignore"]
+PIPELINE_FILES = ["dvc.yaml", "params.yaml", "stages", "charlm", "init", ".dvcignore"]
 
 WORDS = ("market shares rose after the company said profit would beat forecasts as oil prices fell "
          "officials in the capital announced talks on trade and security with leaders of the region "

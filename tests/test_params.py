@@ -50,6 +50,8 @@ REJECTED = [
     (params.TrainParams, "train:\n  lr: yes\n", ["train.lr", "'yes' (a string)", "a number"]),
     (params.PrepareParams, "prepare:\n  clean: on\n", ["prepare.clean", "'on'", "true or false"]),
     (params.TrainParams, "train:\n  lr: .nan\n", ["train.lr", "a finite number"]),
+    (params.TrainParams, "train:\n  init_from: models/model.pt\n", ["train.init_from", "under init/", "dvc import"]),
+    (params.VocabParams, "vocab:\n  from_model: init/../x.pt\n", ["vocab.from_model", "under init/"]),
     (params.TrainParams, "train:\n  lr: ~\n", ["train.lr", "a number"]),
     (params.TrainParams, "train:\n  epochs: true\n", ["train.epochs", "True", "an integer"]),
     (params.PackParams, "pack:\n  seed: false\n", ["pack.seed", "False", "an integer"]),

@@ -266,3 +266,44 @@ def test_generate_samples_from_the_training_checkpoint(uninterrupted):
     assert from_checkpoint.startswith("The ") and len(from_checkpoint) > 10
     assert from_checkpoint == p.run(*charlm, "--model", "models/model.pt", env=ENV).stdout
     assert "--rev" in p.run(*charlm, "--checkpoint", "--rev", "HEAD", check=False).stderr  # one source at a time
+
+
+def fine_tune_copy(uninterrupted, path: Path, **train_params) -> Project:
+    """A copy of the trained project that starts from its model: init/start.pt, vocab.from_model, init_from."""
+    done, _, _ = uninterrupted
+    p = copy_of(done, path)
+    shutil.copy(done.path / "models/model.pt", p.path / "init/start.pt")
+    shutil.rmtree(p.path / "checkpoints")
+    p.set_params(vocab={"from_model": "init/start.pt"},
+                 train={"init_from": "init/start.pt", "max_steps": 5, **train_params})
+    return p
+
+
+def test_init_from_starts_from_the_given_model(uninterrupted, tmp_path):
+    _, start, _ = uninterrupted
+    p = fine_tune_copy(uninterrupted, tmp_path / "ft", lr=1e-12, warmup_steps=0)
+    assert "from init/start.pt" in p.stage("vocab", env=ENV).stdout
+    p.stage("pack", env=ENV)
+    train(p)
+    tuned = weights(p)
+    for name in start:  # 5 steps at lr 1e-12: still the starting weights, not a fresh initialisation
+        assert torch.allclose(tuned[name], start[name], atol=1e-6), name
+    # a real learning rate moves them
+    p.set_params(train={"lr": 1e-2})
+    train(p)
+    assert not torch.allclose(weights(p)["head.weight"], start["head.weight"])
+
+
+def test_init_from_with_another_vocabulary_or_shape_is_a_one_line_error(uninterrupted, tmp_path):
+    p = fine_tune_copy(uninterrupted, tmp_path / "ft")
+    p.set_params(vocab={"from_model": None, "min_count": 50})  # a vocabulary of the data, not of the model
+    p.stage("vocab", env=ENV)
+    p.stage("pack", env=ENV)
+    proc = train(p, check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "different vocabulary" in proc.stderr and "vocab.from_model: init/start.pt" in proc.stderr
+    p.set_params(vocab={"from_model": "init/start.pt"}, model={"hidden": 48})
+    p.stage("vocab", env=ENV)
+    p.stage("pack", env=ENV)
+    proc = train(p, check=False)
+    assert proc.returncode == 2 and "model.hidden: 32" in proc.stderr, proc.stderr
