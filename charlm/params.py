@@ -143,8 +143,12 @@ def check_init_path(key: str, value: str | None) -> None:
         return
     parts = Path(value).parts
     if len(parts) < 2 or parts[0] != INIT_DIR or ".." in parts:
-        fail(key, value, f"null or a model file under {INIT_DIR}/ (e.g. {INIT_DIR}/ag_news.pt), the folder dvc.yaml "
-             f"declares as a dependency; copy the model there or `dvc import` it")
+        fail(
+            key,
+            value,
+            f"null or a model file under {INIT_DIR}/ (e.g. {INIT_DIR}/ag_news.pt), the folder dvc.yaml "
+            f"declares as a dependency; copy the model there or `dvc import` it",
+        )
 
 
 @dataclass(frozen=True)
