@@ -8,6 +8,11 @@ outputs before it reruns a stage, and the checkpoint must survive a killed run. 
 optimizer, scheduler, scaler, step, RNG states and the DVCLive logs so far; the data position is the step
 itself (batches are addressed by step). It is resumed only when its fingerprint (params, data, vocabulary)
 matches this run, so a rerun after a kill continues, and a rerun after a change starts over.
+
+A queued or `--temp` experiment runs in a temporary copy of the repository (.dvc/tmp/exps/tmpXXX) that DVC
+deletes afterwards, killed or not. Its checkpoint therefore lives in the repository it was queued from, under
+.dvc/tmp/charlm-checkpoints/<fingerprint>.pt, where re-queuing the same experiment finds it. A finished run
+deletes its own; at most KEEP_KEYED of them are kept (the most recently written), so old ones cannot pile up.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ from charlm.scoring import stream_bpc
 from charlm.vocab import Vocab
 
 CHECKPOINT = artifact.DEFAULT_CHECKPOINT
+KEYED_DIR = Path(".dvc/tmp/charlm-checkpoints")  # relative to the repository an experiment was queued from
+KEEP_KEYED = 8  # checkpoints of unfinished temporary experiments kept there, newest first (~model + 2x Adam each)
 LIVE_DIR = Path("dvclive")
 SAMPLES = Path("reports/train_samples.md")
 LN2 = math.log(2)
@@ -201,7 +208,10 @@ def main() -> None:
     )
     # Counters that a resumed run must continue, saved in every checkpoint.
     start, progress = 0, {"train_s": 0.0, "step_s": 0.0, "loss_sum": 0.0, "loss_n": 0}
-    resumed = resume(run_id, model, optimizer, scheduler, scaler, device, progress, print_fn, restore_logs=lead)
+    checkpoint = checkpoint_path(run_id)
+    resumed = resume(
+        checkpoint, run_id, model, optimizer, scheduler, scaler, device, progress, print_fn, restore_logs=lead
+    )
     if resumed is not None:
         start = resumed
     elif lead:
@@ -279,7 +289,7 @@ def main() -> None:
             live.next_step()
         if done % tp.checkpoint_every == 0 or done == total or stopping:
             progress.update(train_s=time.perf_counter() - t_start, loss_sum=loss_sum.item(), loss_n=loss_n)
-            save_checkpoint(run_id, done, model, vocab, optimizer, scheduler, scaler, progress)
+            save_checkpoint(checkpoint, run_id, done, model, vocab, optimizer, scheduler, scaler, progress)
             periodic_work = True
         if periodic_work:  # keep evaluation and I/O out of the throughput figure
             t_mark, steps_since_mark = time.perf_counter(), 0
@@ -309,6 +319,8 @@ def main() -> None:
     }
     model.to("cpu")
     artifact.save("models/model.pt", artifact.model_record(model, vocab, info))
+    if checkpoint != CHECKPOINT:  # a finished temporary experiment needs no checkpoint in the repository
+        checkpoint.unlink(missing_ok=True)
     val = f", val {info['val_bpc']:.4f} bpc" if info["val_bpc"] is not None else ""
     print_fn(f"train: done, {total:,} steps in {train_s:,.0f}s{val} -> models/model.pt")
 
@@ -387,12 +399,30 @@ def log_sample(model, vocab, tp: params.TrainParams, step: int, print_fn) -> Non
     write_text(SAMPLES, SAMPLES.read_text(encoding="utf-8") + f"## step {step}\n\n{text}\n")
 
 
-def save_checkpoint(run_id, step, model, vocab, optimizer, scheduler, scaler, progress) -> None:
+def checkpoint_path(run_id: str) -> Path:
+    """checkpoints/train.pt in a normal workspace; in DVC's temporary experiment workspace, a file keyed by the
+    run's fingerprint in the repository that the experiment came from (see the module docstring)."""
+    parts = Path.cwd().resolve().parts
+    for i in range(len(parts) - 3, 0, -1):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i]) / KEYED_DIR / f"{run_id[:32]}.pt"
+    return CHECKPOINT
+
+
+def prune_keyed(keep: Path) -> None:
+    """Keep the KEEP_KEYED most recently written keyed checkpoints (always `keep`, the one just written)."""
+    files = sorted(keep.parent.glob("*.pt"), key=lambda f: f.stat().st_mtime, reverse=True)
+    for old in [f for f in files if f != keep][KEEP_KEYED - 1 :]:
+        old.unlink(missing_ok=True)
+
+
+def save_checkpoint(path: Path, run_id, step, model, vocab, optimizer, scheduler, scaler, progress) -> None:
     rng: dict[str, Any] = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
+    path.parent.mkdir(parents=True, exist_ok=True)
     artifact.save(
-        CHECKPOINT,
+        path,
         {
             "format": artifact.CHECKPOINT_FORMAT,
             "run_id": run_id,
@@ -409,19 +439,23 @@ def save_checkpoint(run_id, step, model, vocab, optimizer, scheduler, scaler, pr
             "samples": SAMPLES.read_text(encoding="utf-8") if SAMPLES.exists() else None,
         },
     )
+    if path != CHECKPOINT:
+        prune_keyed(path)
 
 
-def resume(run_id, model, optimizer, scheduler, scaler, device, progress, print_fn, restore_logs=True) -> int | None:
-    """Load the checkpoint if it belongs to this run; return its step, or None to start fresh."""
-    if not CHECKPOINT.exists():
+def resume(
+    path: Path, run_id, model, optimizer, scheduler, scaler, device, progress, print_fn, restore_logs=True
+) -> int | None:
+    """Load the checkpoint at `path` if it belongs to this run; return its step, or None to start fresh."""
+    if not path.exists():
         return None
     try:
-        ck = artifact.load(CHECKPOINT, "Starting from scratch.", map_location=device)
+        ck = artifact.load(path, "Starting from scratch.", map_location=device)
     except CharlmError as e:
         print_fn(f"train: ignoring unusable checkpoint: {e}")
         return None
     if ck.get("format") != artifact.CHECKPOINT_FORMAT or ck.get("run_id") != run_id:
-        print_fn(f"train: {CHECKPOINT} belongs to other params or data; starting from scratch")
+        print_fn(f"train: {path} belongs to other params or data; starting from scratch")
         return None
     try:
         model.load_state_dict(ck["model"])
@@ -434,7 +468,7 @@ def resume(run_id, model, optimizer, scheduler, scaler, device, progress, print_
         progress.update({k: ck["progress"][k] for k in progress})
     except (KeyError, RuntimeError, ValueError, TypeError) as e:
         raise CharlmError(
-            f"{CHECKPOINT}: does not fit this model ({str(e).splitlines()[0][:160]}); delete it to start over"
+            f"{path}: does not fit this model ({str(e).splitlines()[0][:160]}); delete it to start over"
         ) from None
     if restore_logs:
         shutil.rmtree(LIVE_DIR, ignore_errors=True)

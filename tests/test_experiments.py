@@ -2,6 +2,7 @@
 plots diff across experiments (rendered offline), sample comparison, and param granularity."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -110,3 +111,55 @@ def test_param_granularity(baseline):
     assert ran(p.dvc("repro")) == ["evaluate"]
     p.set_params(vocab={"min_count": 2})
     assert ran(p.dvc("repro"))[:2] == ["vocab", "pack"]
+
+
+def test_a_killed_temp_experiment_resumes_from_its_keyed_checkpoint(baseline):
+    """`dvc exp run --temp` trains in a temporary copy that DVC deletes, so the checkpoint lives in the repository
+    under .dvc/tmp/charlm-checkpoints/<fingerprint>.pt: SIGKILL the whole run mid-training, rerun the same
+    experiment, and it resumes there and ends with the weights of an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+
+    import torch
+
+    from charlm import artifact
+
+    p = baseline
+    env = {"OMP_NUM_THREADS": "1"}
+    grid = ["-S", "train.max_steps=200", "-S", "train.epochs=100", "-S", "train.checkpoint_every=10",
+            "-S", "train.log_every=10", "-S", "train.eval_every=50", "-S", "train.sample_every=0"]
+    keyed = p.path / ".dvc/tmp/charlm-checkpoints"
+
+    p.dvc("exp", "run", "--temp", "-n", "reference", *grid, env=env, timeout=600)
+    assert not list(keyed.glob("*.pt")), "a finished experiment leaves no checkpoint behind"
+
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    # -f: the reference left these params in DVC's run-cache, which would restore train instead of running it
+    # (a real re-queue after a kill has no such entry: the killed run never finished).
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "dvc"), "exp", "run", "--temp", "-f", "-n", "killed", *grid],
+                            cwd=p.path, env={**os.environ, "PATH": path, **env}, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed_at, deadline = None, time.monotonic() + 300
+    while killed_at is None and time.monotonic() < deadline and proc.poll() is None:
+        for f in keyed.glob("*.pt"):
+            try:
+                step = int(torch.load(f, weights_only=True)["step"])
+            except Exception:  # caught while being renamed into place
+                continue
+            if step >= 60:
+                os.killpg(proc.pid, signal.SIGKILL)  # DVC and the stage together, like a lost machine
+                killed_at = step
+        time.sleep(0.05)
+    proc.wait()
+    assert killed_at is not None and killed_at < 200, f"the run was not caught mid-training: exit {proc.returncode}, {sorted(str(f) for f in keyed.parent.rglob('*.pt'))}"
+    assert len(list(keyed.glob("*.pt"))) == 1
+
+    out = p.dvc("exp", "run", "--temp", "-f", "-n", "resumed", *grid, env=env, timeout=600).stdout
+    assert "resuming at step" in out, out[-3000:]
+    assert not list(keyed.glob("*.pt"))
+    with contextlib.chdir(p.path):
+        ref, _, _ = artifact.load_model(rev="reference")
+        resumed, _, _ = artifact.load_model(rev="resumed")
+    for (name, a), (_, b) in zip(ref.state_dict().items(), resumed.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
