@@ -225,6 +225,14 @@ def main() -> None:
         + (f", resuming at step {start:,}" if start else "")
     )
 
+    if tp.init_from and has_val and start == 0 and lead:  # fine-tuning: where the starting model stands
+        val_bpc = stream_bpc(model, packed.streams["val"], VAL_BATCH, device)
+        live.step = 0
+        live.log_metric("val/loss", val_bpc * LN2)
+        live.log_metric("val/bpc", val_bpc)
+        live.next_step()
+        print_fn(f"step 0: val {val_bpc:.4f} bpc ({tp.init_from}, before fine-tuning)")
+
     stop = StopRequested()
     model.train()
     # The train loss is averaged over the steps between logs; a resume may land between two logs.

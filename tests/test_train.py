@@ -284,7 +284,11 @@ def test_init_from_starts_from_the_given_model(uninterrupted, tmp_path):
     p = fine_tune_copy(uninterrupted, tmp_path / "ft", lr=1e-12, warmup_steps=0)
     assert "from init/start.pt" in p.stage("vocab", env=ENV).stdout
     p.stage("pack", env=ENV)
-    train(p)
+    out = train(p).stdout
+    assert "step 0: val" in out and "before fine-tuning" in out
+    # validation of the starting model at step 0, then after training: the before/after of a fine-tune
+    (step0, before), (step5, after) = tsv(p, "val/bpc")
+    assert (step0, step5) == (0, 5) and float(after) == pytest.approx(float(before), abs=1e-4)  # lr 1e-12
     tuned = weights(p)
     for name in start:  # 5 steps at lr 1e-12: still the starting weights, not a fresh initialisation
         assert torch.allclose(tuned[name], start[name], atol=1e-6), name
