@@ -113,6 +113,45 @@ def test_param_granularity(baseline):
     assert ran(p.dvc("repro"))[:2] == ["vocab", "pack"]
 
 
+# Long enough to be killed part-way, checkpointing every 10 steps.
+GRID = ["-S", "train.max_steps=200", "-S", "train.epochs=100", "-S", "train.checkpoint_every=10",
+        "-S", "train.log_every=10", "-S", "train.eval_every=50", "-S", "train.sample_every=0"]
+ENV = {"OMP_NUM_THREADS": "1"}
+
+
+def keyed_checkpoints(p) -> list[Path]:
+    return list((p.path / ".dvc/tmp/charlm-checkpoints").glob("*.pt"))
+
+
+def wait_for_keyed_checkpoint(p, at_least: int, running, timeout: float = 300) -> int:
+    """Poll the keyed checkpoint of a temporary experiment until its step reaches `at_least`."""
+    import torch
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and running():
+        for f in keyed_checkpoints(p):
+            try:
+                step = int(torch.load(f, weights_only=True)["step"])
+            except Exception:  # caught while being renamed into place
+                continue
+            if step >= at_least:
+                return step
+        time.sleep(0.05)
+    pytest.fail("the run was not caught mid-training")
+
+
+def assert_same_model(p, rev_a: str, rev_b: str) -> None:
+    import torch
+
+    from charlm import artifact
+
+    with contextlib.chdir(p.path):
+        a, _, _ = artifact.load_model(rev=rev_a)
+        b, _, _ = artifact.load_model(rev=rev_b)
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name
+
+
 def test_a_killed_temp_experiment_resumes_from_its_keyed_checkpoint(baseline):
     """`dvc exp run --temp` trains in a temporary copy that DVC deletes, so the checkpoint lives in the repository
     under .dvc/tmp/charlm-checkpoints/<fingerprint>.pt: SIGKILL the whole run mid-training, rerun the same
@@ -121,45 +160,23 @@ def test_a_killed_temp_experiment_resumes_from_its_keyed_checkpoint(baseline):
     import signal
     import subprocess
 
-    import torch
-
-    from charlm import artifact
-
     p = baseline
-    env = {"OMP_NUM_THREADS": "1"}
-    grid = ["-S", "train.max_steps=200", "-S", "train.epochs=100", "-S", "train.checkpoint_every=10",
-            "-S", "train.log_every=10", "-S", "train.eval_every=50", "-S", "train.sample_every=0"]
-    keyed = p.path / ".dvc/tmp/charlm-checkpoints"
+    p.dvc("exp", "run", "--temp", "-n", "reference", *GRID, env=ENV, timeout=600)
+    assert not keyed_checkpoints(p), "a finished experiment leaves no checkpoint behind"
 
-    p.dvc("exp", "run", "--temp", "-n", "reference", *grid, env=env, timeout=600)
-    assert not list(keyed.glob("*.pt")), "a finished experiment leaves no checkpoint behind"
-
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     # -f: the reference left these params in DVC's run-cache, which would restore train instead of running it
-    # (a real re-queue after a kill has no such entry: the killed run never finished).
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "dvc"), "exp", "run", "--temp", "-f", "-n", "killed", *grid],
-                            cwd=p.path, env={**os.environ, "PATH": path, **env}, start_new_session=True,
+    # (a real rerun after a kill has no such entry: the killed run never finished).
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "dvc"), "exp", "run", "--temp", "-f", "-n", "killed",
+                             *GRID], cwd=p.path, env={**os.environ, "PATH": path, **ENV}, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    killed_at, deadline = None, time.monotonic() + 300
-    while killed_at is None and time.monotonic() < deadline and proc.poll() is None:
-        for f in keyed.glob("*.pt"):
-            try:
-                step = int(torch.load(f, weights_only=True)["step"])
-            except Exception:  # caught while being renamed into place
-                continue
-            if step >= 60:
-                os.killpg(proc.pid, signal.SIGKILL)  # DVC and the stage together, like a lost machine
-                killed_at = step
-        time.sleep(0.05)
+    step = wait_for_keyed_checkpoint(p, 60, lambda: proc.poll() is None)
+    os.killpg(proc.pid, signal.SIGKILL)  # DVC and the stage together, like a lost machine
     proc.wait()
-    assert killed_at is not None and killed_at < 200, f"the run was not caught mid-training: exit {proc.returncode}, {sorted(str(f) for f in keyed.parent.rglob('*.pt'))}"
-    assert len(list(keyed.glob("*.pt"))) == 1
+    assert step < 200 and len(keyed_checkpoints(p)) == 1
 
-    out = p.dvc("exp", "run", "--temp", "-f", "-n", "resumed", *grid, env=env, timeout=600).stdout
+    out = p.dvc("exp", "run", "--temp", "-f", "-n", "resumed", *GRID, env=ENV, timeout=600).stdout
     assert "resuming at step" in out, out[-3000:]
-    assert not list(keyed.glob("*.pt"))
-    with contextlib.chdir(p.path):
-        ref, _, _ = artifact.load_model(rev="reference")
-        resumed, _, _ = artifact.load_model(rev="resumed")
-    for (name, a), (_, b) in zip(ref.state_dict().items(), resumed.state_dict().items(), strict=True):
-        assert torch.equal(a, b), name
+    assert not keyed_checkpoints(p)
+    assert_same_model(p, "reference", "resumed")
+
