@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=300,
         help="maximum characters to generate after the prompt (default: 300)",
     )
-    g.add_argument("--model", default="models/model.pt", help="model file (default: the pipeline's models/model.pt)")
+    # Defaults are resolved in generate_command: charlm.artifact imports torch, which `charlm plots` never needs.
+    g.add_argument("--model", help="model file (default: the pipeline's models/model.pt)")
     source = g.add_mutually_exclusive_group()
     source.add_argument(
         "--rev",
@@ -74,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument(
         "--checkpoint",
         nargs="?",
-        const="checkpoints/train.pt",
+        const=True,
         help="use a training checkpoint instead of a finished model, e.g. while training runs "
         "(default path: checkpoints/train.pt)",
     )
@@ -151,13 +152,14 @@ def generate_command(args) -> None:
     from charlm.sampling import stream
 
     device = artifact.pick_device(args.device, "--device")
-    path = args.checkpoint or args.model
+    if args.checkpoint:
+        path = artifact.DEFAULT_CHECKPOINT if args.checkpoint is True else args.checkpoint
+    else:
+        path = args.model or artifact.DEFAULT_MODEL
     fix = "train one with `dvc repro` or pass --model PATH"
     model, vocab, _ = artifact.load_model(path, device, fix=fix, rev=args.rev)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        unseen = vocab.unknown(args.prompt)
+    unseen = vocab.unknown(args.prompt)
     if unseen:
         print(
             f"charlm: warning: prompt characters {''.join(unseen)!r} are not in the vocabulary; read as <unk>",

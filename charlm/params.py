@@ -333,7 +333,3 @@ def _type_name(value) -> str:
 
 def _type_word(tp) -> str:
     return {bool: "boolean", int: "integer", float: "number", str: "string"}.get(tp, str(tp))
-
-
-def as_dict(obj) -> dict:
-    return dataclasses.asdict(obj)

@@ -28,11 +28,11 @@ OUT = Path("metrics/eval.json")
 def main() -> None:
     p = params.load(params.EvaluateParams)
     device = artifact.pick_device(p.device, "evaluate.device")
-    model, vocab, info = artifact.load_model("models/model.pt", device)
+    model, vocab, info = artifact.load_model(artifact.DEFAULT_MODEL, device)
     packed = load_packed("data/packed")
     if packed.meta["vocab_size"] != len(vocab):
         raise CharlmError(
-            f"models/model.pt has {len(vocab)} symbols but data/packed has "
+            f"{artifact.DEFAULT_MODEL} has {len(vocab)} symbols but data/packed has "
             f"{packed.meta['vocab_size']}; rerun `dvc repro train`"
         )
     stream = packed.streams["test"]

@@ -25,7 +25,7 @@ TRAIN_TEXT = Path("data/prepared/train.txt")
 def main() -> None:
     p = params.load(params.GenerateParams)
     device = artifact.pick_device(p.device, "generate.device")
-    model, vocab, _ = artifact.load_model("models/model.pt", device)
+    model, vocab, _ = artifact.load_model(artifact.DEFAULT_MODEL, device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         records = generate(

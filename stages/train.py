@@ -326,11 +326,11 @@ def main() -> None:
         "params": {"model": dataclasses.asdict(mp), "train": dataclasses.asdict(tp)},
     }
     model.to("cpu")
-    artifact.save("models/model.pt", artifact.model_record(model, vocab, info))
+    artifact.save(artifact.DEFAULT_MODEL, artifact.model_record(model, vocab, info))
     if checkpoint != CHECKPOINT:  # a finished temporary experiment needs no checkpoint in the repository
         checkpoint.unlink(missing_ok=True)
     val = f", val {info['val_bpc']:.4f} bpc" if info["val_bpc"] is not None else ""
-    print_fn(f"train: done, {total:,} steps in {train_s:,.0f}s{val} -> models/model.pt")
+    print_fn(f"train: done, {total:,} steps in {train_s:,.0f}s{val} -> {artifact.DEFAULT_MODEL}")
 
 
 def start_from(model: CharRNN, path: str, vocab: Vocab, mp: params.ModelParams) -> str:

@@ -224,6 +224,27 @@ def git_project(root: Path) -> Project:
     return p
 
 
+def copy_of(p: Project, path: Path) -> Project:
+    """An independent copy of a project (its git repo, DVC cache and work files included)."""
+    shutil.copytree(p.path, path, symlinks=True)
+    return Project(path)
+
+
+def weights(p: Project) -> dict:
+    """The state dict of a project's models/model.pt."""
+    import torch
+
+    return torch.load(p.path / "models/model.pt", weights_only=True)["state_dict"]
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    import torch
+
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs"
+
+
 @pytest.fixture
 def project(tmp_path) -> Project:
     return git_project(tmp_path / "repo")

@@ -10,14 +10,11 @@ import time
 
 import pytest
 import torch
+from conftest import weights
 
 pytestmark = pytest.mark.slow
 
 STEPS = {"max_steps": 24, "batch_size": 8, "checkpoint_every": 8, "eval_every": 8, "log_every": 4, "sample_every": 0}
-
-
-def weights(p) -> dict[str, torch.Tensor]:
-    return torch.load(p.path / "models/model.pt", weights_only=True)["state_dict"]
 
 
 def assert_close(a: dict, b: dict, atol: float) -> None:

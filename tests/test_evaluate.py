@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import Project, raw_project, ROOT, TINY
+from conftest import Project, raw_project
 
 from charlm import artifact, scoring
 from charlm.model import CharRNN

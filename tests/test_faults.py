@@ -37,7 +37,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ag_news_rows, csv_bytes, git_project, md5, Project
+from conftest import Project, ag_news_rows, assert_same_weights, copy_of, csv_bytes, git_project, md5, weights
 
 pytestmark = pytest.mark.slow
 
@@ -181,10 +181,6 @@ def eval_metrics(p: Project) -> dict:
     return metrics
 
 
-def weights(p: Project) -> dict:
-    return torch.load(p.path / "models/model.pt", weights_only=True)["state_dict"]
-
-
 def log_rows(p: Project, metric: str) -> list[list[str]]:
     """(step, value) of every row of a DVCLive plot file; the timestamp column is left out."""
     lines = (p.path / "dvclive/plots/metrics" / f"{metric}.tsv").read_text().splitlines()
@@ -213,11 +209,6 @@ def reference(tmp_path_factory, slow_server) -> Reference:
     return Reference(p, reproducible_files(p), eval_metrics(p), weights(p),
                      {m: log_rows(p, m) for m in LOGGED}, yaml.safe_load((p.path / "dvc.lock").read_text()),
                      seconds)
-
-
-def copy_of(ref: Reference, path: Path) -> Project:
-    shutil.copytree(ref.project.path, path, symlinks=True)
-    return Project(path)
 
 
 # --------------------------------------------------------------------------- killing
@@ -390,12 +381,6 @@ def assert_no_corruption(p: Project, ref: Reference) -> None:
         assert inside == [], f"temp files inside the directory output {out}: {inside}"
 
 
-def assert_same_weights(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), f"{name} differs from the uninterrupted run"
-
-
 def forget(p: Project, stage: str) -> None:
     """Delete the killed stage's outputs from the DVC cache (and the run cache), so that `dvc repro` reruns
     the stage over whatever the kill left, instead of checking the outputs out of the cache."""
@@ -474,7 +459,7 @@ def kill_and_heal(p: Project, ref: Reference, tally: Tally, stage: str, plan: li
 
 
 def test_download_killed_mid_transfer(reference, tally, tmp_path):
-    p = copy_of(reference, tmp_path / "repo")
+    p = copy_of(reference.project, tmp_path / "repo")
     record = kill_and_heal(p, reference, tally, "download", [("direct", "transfer"), ("dvc", "transfer")], tmp_path)
     assert all(r["temps"] for r in record)  # each kill left a partial download behind, which was not used
 
@@ -485,12 +470,12 @@ def test_download_killed_mid_transfer(reference, tally, tmp_path):
     ("pack", [("direct", "write"), ("direct", "random"), ("dvc", "write")]),
 ])
 def test_data_stage_killed_while_writing(reference, tally, tmp_path, stage, plan):
-    p = copy_of(reference, tmp_path / "repo")
+    p = copy_of(reference.project, tmp_path / "repo")
     kill_and_heal(p, reference, tally, stage, plan, tmp_path)
 
 
 def test_train_killed_between_and_during_checkpoint_writes(reference, tally, tmp_path):
-    p = copy_of(reference, tmp_path / "repo")
+    p = copy_of(reference.project, tmp_path / "repo")
 
     def fresh_start(p):  # the reference's final checkpoint would make every run resume at the last step
         shutil.rmtree(p.path / "checkpoints", ignore_errors=True)
@@ -506,7 +491,7 @@ def test_train_killed_between_and_during_checkpoint_writes(reference, tally, tmp
 
 @pytest.mark.parametrize("stage", ["evaluate", "generate"])
 def test_model_stage_killed_at_random_points(reference, tally, tmp_path, stage):
-    p = copy_of(reference, tmp_path / "repo")
+    p = copy_of(reference.project, tmp_path / "repo")
     kill_and_heal(p, reference, tally, stage, [("direct", "random"), ("dvc", "random")], tmp_path)
 
 
@@ -521,7 +506,7 @@ def test_ctrl_c_of_dvc_repro_saves_a_checkpoint_and_resumes(reference, tally, tm
     """
     if not Path(shell).exists():
         pytest.skip(f"{shell} is not installed")
-    p = copy_of(reference, tmp_path / "repo")
+    p = copy_of(reference.project, tmp_path / "repo")
     shutil.rmtree(p.path / "checkpoints")
     log = tmp_path / "ctrl-c.log"
     proc = launch(p, "train", True, log, SHELL=shell)

@@ -33,7 +33,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import ag_news_rows, copy_pipeline, csv_bytes, Project, TINY, WORDS
+from conftest import TINY, WORDS, Project, ag_news_rows, assert_same_weights, copy_of, copy_pipeline, csv_bytes, weights
 
 ENV = {"OMP_NUM_THREADS": "1"}
 CHARLM = Path(sys.executable).parent / "charlm"
@@ -86,11 +86,6 @@ def new_project(root: Path, train: bytes | None = None, test: bytes | None = Non
     p.set_params(**TINY)
     p.set_params(train={"device": "cpu"}, evaluate={"device": "cpu"}, generate={"device": "cpu"})
     return p
-
-
-def copy_of(p: Project, path: Path) -> Project:
-    shutil.copytree(p.path, path)
-    return Project(path)
 
 
 def stage(p: Project, name: str, **kw) -> subprocess.CompletedProcess:
@@ -175,14 +170,6 @@ def trained(tmp_path_factory) -> Project:
     for name in ("prepare", "vocab", "pack", "train"):
         p.stage(name, env=ENV)
     return p
-
-
-def weights(p: Project) -> dict:
-    return torch.load(p.path / "models/model.pt", weights_only=True)["state_dict"]
-
-
-def same_weights(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # --------------------------------------------------------------------------- raw input through prepare
@@ -470,7 +457,7 @@ def test_train_ignores_a_malicious_a_foreign_and_a_truncated_checkpoint(trained,
     for name, p in projects.items():
         out = ok(results[name], f"a {name} checkpoint at checkpoints/train.pt").stdout
         assert expected[name] in out and "resuming" not in out, out
-        assert same_weights(weights(p), weights(trained)), name
+        assert_same_weights(weights(p), weights(trained))
         assert torch.load(ck[name], weights_only=True)["step"] == ref["step"]
     assert not marker.exists()
 
@@ -688,7 +675,6 @@ def test_full_disk_while_writing(tmp_path, tmpfs, name, how):
         p.set_params(download={"train": {"url": str(tmp_path / "source/train.csv"), "md5": None},
                                "test": {"url": str(tmp_path / "source/test.csv"), "md5": None}})
     clear(p, name)
-    preexec = None
     if how == "tmpfs":
         keep = tmp_path / "keep"
         if name == "pack":  # the tmpfs replaces data/: pack's inputs go back in, then 24 KiB are left

@@ -3,6 +3,7 @@ are the shipped params.yaml; every key in params.yaml is documented."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import re
 import subprocess
@@ -250,7 +251,7 @@ def test_every_section_class_has_a_section_in_params_yaml_and_back():
 def test_dataclass_defaults_equal_shipped_params_yaml(name):
     cls = params.SECTIONS[name]
     section = shipped()[name]
-    default = params.as_dict(cls())
+    default = dataclasses.asdict(cls())
     # The same keys, values and types (an int default where the file says 30.0 would be a drift too).
     assert section == default
 
@@ -344,7 +345,7 @@ def test_any_yaml_value_anywhere_loads_or_raises_charlm_error(fuzz_dir, path, va
         else:
             assert isinstance(obj, cls)
             # Whatever loads has the declared types and finite numbers.
-            for name, v in params.as_dict(obj).items():
+            for name, v in dataclasses.asdict(obj).items():
                 if isinstance(v, float):
                     assert math.isfinite(v), (name, v)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import Project, raw_project
+from conftest import Project, assert_same_weights, copy_of, raw_project, weights
 
 from charlm import artifact
 from charlm.data import load_packed
@@ -42,11 +42,6 @@ def base(tmp_path_factory) -> Project:
     for stage in ("prepare", "vocab", "pack"):
         p.stage(stage, env=ENV)
     return p
-
-
-def copy_of(base: Project, path: Path) -> Project:
-    shutil.copytree(base.path, path)
-    return Project(path)
 
 
 def train(p: Project, check: bool = True) -> subprocess.CompletedProcess:
@@ -80,14 +75,6 @@ def wait_for_checkpoint(p: Project, proc: subprocess.Popen, at_least: int, timeo
     pytest.fail("no checkpoint appeared in time")
 
 
-def weights(p: Project) -> dict[str, torch.Tensor]:
-    return torch.load(p.path / "models/model.pt", weights_only=True)["state_dict"]
-
-
-def assert_same_weights(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), f"{name} differs"
 
 
 def tsv(p: Project, metric: str) -> list[tuple[int, str]]:
