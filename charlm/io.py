@@ -42,6 +42,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
+def all_or_none() -> Iterator[list[Path]]:
+    """For a stage that writes several output files: yields a list to append each finished output to; if the
+    block fails (a full disk on the second file, Ctrl-C), those are removed again, so DVC never finds some of
+    the stage's new outputs without the others."""
+    written: list[Path] = []
+    try:
+        yield written
+    except BaseException:
+        for path in written:
+            _unlink(Path(path))
+        raise
+
+
+@contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temp directory next to `path`; on success it replaces `path` as a whole.
 

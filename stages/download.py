@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from charlm import params
 from charlm.errors import CharlmError, run_main
-from charlm.io import atomic_path
+from charlm.io import all_or_none, atomic_path
 
 OUT = Path("data/raw")
 RETRYABLE_HTTP = {408, 425, 429, 500, 502, 503, 504}
@@ -30,17 +30,12 @@ CHUNK = 1 << 16
 
 def main() -> None:
     p = params.load(params.DownloadParams)
-    done = []
-    try:
+    with all_or_none() as written:
         for split in ("train", "test"):
             src = getattr(p, split)
             dest = OUT / f"{split}.csv"
             fetch(src.url, dest, src.md5, p.timeout, p.retries, key=f"download.{split}")
-            done.append(dest)
-    except BaseException:
-        for dest in done:  # a failed stage leaves no outputs, not half of them
-            dest.unlink(missing_ok=True)
-        raise
+            written.append(dest)
 
 
 def fetch(url: str, dest: Path, md5: str | None, timeout: float, retries: int, key: str) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from charlm import artifact, params
 from charlm.errors import run_main
-from charlm.io import read_text, write_json, write_text
+from charlm.io import all_or_none, read_text, write_json, write_text
 from charlm.sampling import generate, known_word_share, words_in
 
 OUT_MD, OUT_JSON = Path("reports/samples.md"), Path("reports/samples.json")
@@ -47,7 +47,7 @@ def main() -> None:
         share, n = known_word_share([r for r in records if r["temperature"] == t], known)
         metrics["known_words"][f"T={t:g}"] = None if share is None else round(share, 4)
         metrics["generated_words"][f"T={t:g}"] = n
-    try:
+    with all_or_none() as written:
         write_json(
             OUT_JSON,
             {
@@ -61,12 +61,10 @@ def main() -> None:
                 "samples": {f"{r['prompt']!r} @ T={r['temperature']:g}": r["text"] for r in records},
             },
         )
+        written.append(OUT_JSON)
         write_text(OUT_MD, to_markdown(records))
+        written.append(OUT_MD)
         write_json(OUT_METRICS, metrics)
-    except BaseException:
-        for path in (OUT_JSON, OUT_MD):  # leave no outputs, not some of them
-            path.unlink(missing_ok=True)
-        raise
     for r in records:
         print(f"T={r['temperature']:<4g} {r['text']!r}")
     print(

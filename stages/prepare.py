@@ -10,7 +10,7 @@ from pathlib import Path
 
 from charlm import corpus, params
 from charlm.errors import CharlmError, run_main
-from charlm.io import write_text
+from charlm.io import all_or_none, write_text
 
 RAW, OUT = Path("data/raw"), Path("data/prepared")
 
@@ -31,18 +31,13 @@ def main() -> None:
         if not kept:
             raise CharlmError(f"{path}: no non-empty items after preparing; the corpus is empty")
         prepared[split] = (kept, len(items) - len(kept))
-    written = []
-    try:
+    with all_or_none() as written:
         for split, (kept, dropped) in prepared.items():
             write_text(OUT / f"{split}.txt", "\n".join(kept) + "\n")
             written.append(OUT / f"{split}.txt")
             print(
                 f"prepare: {split}: {len(kept):,} items ({dropped} empty dropped), {sum(map(len, kept)):,} characters"
             )
-    except BaseException:
-        for path in written:  # e.g. the disk filled up on the test split: leave no outputs, not half of them
-            path.unlink(missing_ok=True)
-        raise
 
 
 if __name__ == "__main__":

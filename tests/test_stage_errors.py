@@ -103,7 +103,7 @@ def test_unknown_param_key(project, stage, section, key, suggestion):
 
 
 @pytest.mark.parametrize("stage, section, key, value", [
-    ("download", "download", "timeout", "1e-3"),
+    ("download", "download", "timeout", "30s"),
     ("vocab", "vocab", "min_count", "5"),
     ("pack", "pack", "seq_len", "100"),
 ])
