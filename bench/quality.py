@@ -49,6 +49,7 @@ from charlm.vocab import EOS_ID  # noqa: E402
 RECIPES: dict[str, dict[str, object]] = {
     "defaults": {},
     "quick": {"train.max_steps": 4000},
+    "best": {"model.hidden": 512, "train.max_steps": 9000},
 }
 MARKER = "<!-- quality: written by bench/quality.py; make bench keeps this part as it is -->"
 PNG = ROOT / "bench" / "quality.png"

@@ -116,7 +116,7 @@ class TrainParams:
     warmup_steps: int = spec(50, ge=0)
     schedule: str = spec("cosine", choices=("cosine", "linear", "constant"))
     min_lr_ratio: float = spec(0.0, ge=0.0, le=1.0)
-    weight_decay: float = spec(0.0, ge=0.0)
+    weight_decay: float = spec(0.05, ge=0.0)
     grad_clip: float = spec(1.0, ge=0.0)
     amp: str = spec("none", choices=("none", "bf16", "fp16"))
     deterministic: bool = spec(False)
