@@ -8,6 +8,7 @@ from torch.nn import functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_sequence
 
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+IGNORE = -100  # a target that is not scored (padding after an item's end)
 
 
 class CharRNN(nn.Module):
@@ -34,15 +35,23 @@ class CharRNN(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(hidden, vocab_size)
 
-    def forward(self, x: torch.Tensor, state=None):
-        """x: (batch, time) token ids -> logits (batch, time, vocab), final recurrent state."""
+    def forward(self, x: torch.Tensor, state=None, targets: torch.Tensor | None = None, reduction: str = "mean"):
+        """x: (batch, time) token ids -> logits (batch, time, vocab) and the final recurrent state.
+
+        Given targets (batch, time), returns the cross-entropy in nats instead of the logits: the mean per
+        character, or with reduction="sum" the total; a target of IGNORE is not scored. This is the one loss of
+        charlm, used by training (through DDP, which only sees forward), validation and evaluation.
+        """
         out, state = self.rnn(self.embed(x), state)
-        return self.head(self.drop(out)), state
+        logits = self.head(self.drop(out))
+        if targets is None:
+            return logits, state
+        flat = logits.reshape(-1, logits.size(-1)).float()  # the softmax in fp32, also under autocast
+        return F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE, reduction=reduction), state
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy in nats per character."""
-        logits, _ = self(x)
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
+        return self(x, targets=y)[0]
 
     @torch.no_grad()
     def prime(self, prompts: list[list[int]]):

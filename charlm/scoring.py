@@ -12,12 +12,11 @@ import math
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from charlm.data import item_bounds
+from charlm.model import IGNORE
 from charlm.vocab import EOS_ID, PAD_ID, UNK_ID
 
-IGNORE = -100
 CHUNK = 512  # time steps per forward call; the state is carried, so items of any length fit in memory
 
 
@@ -43,13 +42,10 @@ def score_items(
             window = stream[np.minimum(first + steps, len(stream) - 2)[..., None] + (0, 1)].astype(np.int64)
             x = np.where(valid, window[..., 0], PAD_ID)
             y = np.where(valid, window[..., 1], IGNORE)
-            logits, state = model(torch.from_numpy(x).to(device), state)
-            total += F.cross_entropy(
-                logits.reshape(-1, logits.size(-1)).float(),
-                torch.from_numpy(y).to(device).reshape(-1),
-                ignore_index=IGNORE,
-                reduction="sum",
+            nats, state = model(
+                torch.from_numpy(x).to(device), state, targets=torch.from_numpy(y).to(device), reduction="sum"
             )
+            total += nats
             chars += int(valid.sum())
             unk += int((y == UNK_ID).sum())
     return total.item(), chars, unk
@@ -88,8 +84,7 @@ def score_items_dynamic(
         state = None
         for t in range(0, n, CHUNK):
             w = torch.from_numpy(stream[start - 1 + t : start + min(t + CHUNK, n)].astype(np.int64))[None].to(device)
-            logits, state = model(w[:, :-1], state)
-            loss = F.cross_entropy(logits[0].float(), w[0, 1:], reduction="sum")
+            loss, state = model(w[:, :-1], state, targets=w[:, 1:], reduction="sum")
             total += loss.item()
             chars += w.size(1) - 1
             optimizer.zero_grad(set_to_none=True)

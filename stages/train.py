@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn import functional as F
 from tqdm import tqdm
 
 from charlm import artifact, params
@@ -87,8 +86,7 @@ def make_optimizer(model: CharRNN, tp: params.TrainParams, total: int, device: t
 def train_step(net, model: CharRNN, x, y, optimizer, scheduler, scaler, grad_clip: float, autocast) -> torch.Tensor:
     """One optimisation step; returns the loss as a device tensor (no host sync)."""
     with autocast():
-        logits, _ = net(x)
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
+        loss, _ = net(x, targets=y)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     if grad_clip > 0:
