@@ -1,11 +1,10 @@
 """Training loops for the benchmark.
 
-`CharlmLoop` is charlm's real training step: `charlm.data.Batches` over a packed stream, `CharRNN`, AdamW with
-the stage's two parameter groups, `LambdaLR` with the stage's own `lr_factor` (imported from stages/train.py),
-the disabled-on-CPU GradScaler calls, gradient clipping, and the loss accumulated on the device without a host
-sync per step. `step()` calls stages/train.py's own `train_step`, and does the rest of that loop, minus the tqdm bar and
-the periodic validation, sampling and checkpoints (which train.py keeps out of its own throughput figure).
-`check_fidelity` in bench/run.py verifies that it ends with exactly the weights of the stage itself.
+`CharlmLoop` is charlm's real training step: `charlm.data.Batches` over a packed stream and the library's
+`charlm.training.Trainer`, the very object stages/train.py steps with (AdamW with two parameter groups, the
+`lr_factor` schedule, the disabled-on-CPU GradScaler calls, gradient clipping), with the loss accumulated on the
+device without a host sync per step. It leaves out only the tqdm bar and the periodic validation, sampling and
+checkpoints, which train.py keeps out of its own throughput figure too.
 
 `BareLoop` is the practical limit: the same network built from plain modules, trained on pre-made tensors
 with plain Adam, no data pipeline, no clipping, no schedule.
@@ -13,8 +12,6 @@ with plain Adam, no data pipeline, no clipping, no schedule.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import sys
 import time
 
 import numpy as np
@@ -22,22 +19,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from bench.harness import ROOT
 from charlm import params
 from charlm.data import Batches
 from charlm.model import CharRNN
-
-
-def load_stage(name: str):
-    """Import stages/<name>.py as a module (its main() is not run)."""
-    key = f"charlm_stage_{name}"
-    if key in sys.modules:
-        return sys.modules[key]
-    spec = importlib.util.spec_from_file_location(key, ROOT / "stages" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[key] = module
-    spec.loader.exec_module(module)
-    return module
+from charlm.training import Trainer
 
 
 def shape_params(layers: int, hidden: int, embedding: int, cell: str = "lstm") -> params.ModelParams:
@@ -49,7 +34,6 @@ class CharlmLoop:
 
     def __init__(self, stream: np.ndarray, seq_len: int, vocab_size: int, seed: int, mp: params.ModelParams,
                  tp: params.TrainParams, device: str = "cpu", total: int | None = None):
-        train_stage = load_stage("train")
         self.device = device = torch.device(device)
         self.tp, self.seq_len = tp, seq_len
         self.batches = batches = Batches(stream, seq_len, tp.batch_size, seed)
@@ -59,9 +43,8 @@ class CharlmLoop:
         self.total = total or default_total
         torch.manual_seed(tp.seed)
         self.model = model = CharRNN(vocab_size, **dataclasses.asdict(mp)).to(device)
-        self.optimizer, self.scheduler, self.scaler, self.autocast = train_stage.make_optimizer(
-            model, tp, self.total, device)
-        self.train_step = train_stage.train_step
+        self.trainer = Trainer(model, tp, self.total, device)  # the very object stages/train.py steps with
+        self.optimizer, self.scheduler, self.scaler = self.trainer.optimizer, self.trainer.scheduler, self.trainer.scaler
         self.loss_sum, self.loss_n = torch.zeros((), device=device), 0
         self.done = 0
         self.losses: list[tuple[int, float]] = []
@@ -69,12 +52,9 @@ class CharlmLoop:
 
     def step(self) -> int:
         """One training step; returns the characters it trained on."""
-        tp, device, batches = self.tp, self.device, self.batches
-        model, optimizer, scheduler, scaler = self.model, self.optimizer, self.scheduler, self.scaler
+        tp, batches = self.tp, self.batches
         step = self.done
-        x, y = batches.batch(*divmod(step, batches.per_epoch))
-        x, y = torch.from_numpy(x).to(device, non_blocking=True), torch.from_numpy(y).to(device, non_blocking=True)
-        self.loss_sum += self.train_step(model, model, x, y, optimizer, scheduler, scaler, tp.grad_clip, self.autocast)
+        self.loss_sum += self.trainer.step(*batches.batch(*divmod(step, batches.per_epoch)))
         self.loss_n += 1
         self.done = done = step + 1
         if done % tp.log_every == 0:
@@ -97,7 +77,7 @@ class CharlmLoop:
                 first_t = now
             elif self.done == calibrate_steps:
                 rate = (self.done - 1) / max(now - first_t, 1e-9)
-                self.total = max(self.done + 1, int(self.done + rate * (seconds - (now - t0))))
+                self.total = self.trainer.total = max(self.done + 1, int(self.done + rate * (seconds - (now - t0))))
             if now - mark_t >= max(seconds / 15, 1.0):
                 windows.append((self.done - mark) * self.tp.batch_size * self.seq_len / (now - mark_t))
                 mark, mark_t = self.done, now

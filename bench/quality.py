@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import harness, lesson  # noqa: E402
 from bench.harness import ROOT, Table  # noqa: E402
 from charlm import artifact  # noqa: E402
-from charlm.data import item_bounds, load_packed  # noqa: E402
+from charlm.data import item_bounds  # noqa: E402
 from charlm.model import CharRNN, n_params  # noqa: E402
 from charlm.scoring import score_items  # noqa: E402
 from charlm.vocab import EOS_ID  # noqa: E402

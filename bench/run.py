@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import math
 import os
 import shutil
 import sys
@@ -35,8 +34,8 @@ import numpy as np
 import torch
 
 from bench import harness, lesson, quality
-from bench.harness import ROOT, Case, Stat, Table, best_of, measure, onednn, ratio_stat, sync, time_calls
-from bench.loops import BareLoop, CharlmLoop, load_stage, shape_params
+from bench.harness import ROOT, Case, Stat, Table, best_of, measure, onednn, ratio_stat, time_calls
+from bench.loops import BareLoop, CharlmLoop, shape_params
 from charlm import params
 from charlm.data import item_bounds
 from charlm.model import CharRNN, n_params
@@ -63,7 +62,6 @@ class Budget:
     eval_cells: int          # the test split's batches are dealt into this many strata ...
     eval_rounds: int         # ... and up to this many of them are timed (= eval_cells: the whole split) ...
     eval_cap_seconds: float  # ... but no new stratum is started after this long per (model, batch) pair
-    fidelity: bool = True    # check that the benchmark's loop gives stages/train.py's exact weights
 
 
 FULL = Budget("full", train_rounds=5, train_seconds=2.5, gap_seconds=0.5, pack_mb=30.0, pack_rounds=3,
@@ -71,7 +69,7 @@ FULL = Budget("full", train_rounds=5, train_seconds=2.5, gap_seconds=0.5, pack_m
               eval_cells=4, eval_rounds=4, eval_cap_seconds=45.0)
 QUICK = Budget("quick", train_rounds=2, train_seconds=0.3, gap_seconds=0.1, pack_mb=6.0, pack_rounds=2,
                gen_rounds=2, gen_seconds=0.15, gen_length=100, prefix_single=100, prefix_batch=20,
-               eval_cells=16, eval_rounds=1, eval_cap_seconds=10.0, fidelity=False)
+               eval_cells=16, eval_rounds=1, eval_cap_seconds=10.0)
 
 TRAIN_SHAPES = [(1, 64, 0), (2, 256, 32), (2, 512, 32)]     # layers, hidden, embedding
 GEN_SHAPES = [(1, 256, 32), (2, 512, 32)]
@@ -109,35 +107,6 @@ class Context:
 
 
 # ----------------------------------------------------------------------------------- 1. training
-
-
-def check_fidelity(ctx: Context, steps: int = 3) -> str:
-    """Run stages/train.py for `steps` steps (1x64 one-hot, CPU) and the benchmark's CharlmLoop for as many:
-    the weights must be bit-identical, or the benchmark is not timing charlm's real loop."""
-    data = ctx.data()
-    folder = ctx.workdir / "fidelity"
-    folder.mkdir(exist_ok=True)
-    (folder / "data").symlink_to(data.data, target_is_directory=True)
-    overrides = dict(model__hidden=64, model__layers=1, model__embedding=0, train__max_steps=steps,
-                     train__device="cpu", train__sample_every=0, train__eval_every=10**6,
-                     train__checkpoint_every=10**6, train__log_every=10**6, train__batch_size=BATCH)
-    harness.write_params(folder, **overrides)
-    run = harness.run_stage("train", folder)
-    from charlm import artifact
-    stage_weights = artifact.load(folder / "models" / "model.pt", "")["state_dict"]
-    mp = params.load(params.ModelParams, folder / "params.yaml")
-    tp = params.load(params.TrainParams, folder / "params.yaml")
-    packed = data.packed()
-    loop = CharlmLoop(packed.streams["train"], packed.meta["seq_len"], packed.meta["vocab_size"],
-                      packed.meta["seed"], mp, tp, "cpu")
-    for _ in range(steps):
-        loop.step()
-    mine = loop.model.state_dict()
-    same = all(torch.equal(mine[k], stage_weights[k]) for k in stage_weights) and mine.keys() == stage_weights.keys()
-    ctx.log(f"  fidelity: stages/train.py ran in {run.seconds:.1f}s; weights identical: {same}")
-    return (f"yes: after {steps} steps the benchmark loop's weights equal those of `stages/train.py` bit for bit"
-            if same else f"NO: after {steps} steps the weights differ from `stages/train.py`'s; the loop in "
-                         f"bench/loops.py has drifted from the stage and must be updated")
 
 
 def gap_profile(loop: CharlmLoop, device: str, seconds: float) -> dict[str, Stat]:
@@ -245,7 +214,7 @@ def section_train(ctx: Context) -> list[Table]:
         f"(whole steps, at least one) per case, after one warm-up step; median (min–max) over rounds.",
         "charlm loop = bench/loops.py `CharlmLoop.step`: `charlm.data.Batches` over the packed AG News train stream, "
         "`CharRNN`, `F.cross_entropy`, backward, `clip_grad_norm_(1.0)`, AdamW (2 param groups), `LambdaLR` with "
-        "stages/train.py's `lr_factor`, the GradScaler calls (disabled on CPU), loss summed on the device.",
+        "charlm.training's `lr_factor`, the GradScaler calls (disabled on CPU), loss summed on the device.",
         "bare loop = `nn.Embedding` (or a pre-made one-hot float input) → `nn.LSTM` → `nn.Linear`, `F.cross_entropy`, "
         "backward, `Adam`, on 8 pre-made batches already on the device: no data pipeline, clipping or schedule.",
         "charlm ÷ bare is the median of the per-round ratios (target ≥ 95%).",
@@ -259,13 +228,6 @@ def section_train(ctx: Context) -> list[Table]:
     tables = [t_main, t_dnn, t_gap]
     if ctx.cuda:
         tables.append(t_cuda)
-    if ctx.budget.fidelity:
-        ctx.log("  fidelity check against stages/train.py")
-        try:
-            t_main.notes.append("Loop fidelity: " + check_fidelity(ctx))
-        except Exception as e:  # a failed check is reported, not fatal: the timings above still stand
-            t_main.notes.append(f"Loop fidelity: NOT CHECKED, running stages/train.py failed: "
-                                f"{str(e).strip().splitlines()[0][:200]}")
     return tables
 
 
