@@ -460,14 +460,20 @@ def kill_and_heal(p: Project, ref: Reference, tally: Tally, stage: str, plan: li
 
 def test_download_killed_mid_transfer(reference, tally, tmp_path):
     p = copy_of(reference.project, tmp_path / "repo")
-    record = kill_and_heal(p, reference, tally, "download", [("direct", "transfer"), ("dvc", "transfer")], tmp_path)
+    plan = [("direct", "transfer"), ("dvc", "transfer")] * 3
+    record = kill_and_heal(p, reference, tally, "download", plan, tmp_path)
     assert all(r["temps"] for r in record)  # each kill left a partial download behind, which was not used
 
 
+# Every kill point of a stage, through the stage alone and through `dvc repro`, several times each at seeded
+# random moments: 50 kills in all, with train's 8 and the 2 Ctrl-Cs below.
+DATA_PLAN = [("direct", "write"), ("dvc", "random"), ("direct", "random"), ("dvc", "write")]
+
+
 @pytest.mark.parametrize("stage, plan", [
-    ("prepare", [("direct", "write"), ("dvc", "random")]),
-    ("vocab", [("direct", "write"), ("dvc", "random")]),
-    ("pack", [("direct", "write"), ("direct", "random"), ("dvc", "write")]),
+    ("prepare", DATA_PLAN + DATA_PLAN[:3]),
+    ("vocab", DATA_PLAN + DATA_PLAN[:3]),
+    ("pack", DATA_PLAN * 2),
 ])
 def test_data_stage_killed_while_writing(reference, tally, tmp_path, stage, plan):
     p = copy_of(reference.project, tmp_path / "repo")
@@ -480,7 +486,7 @@ def test_train_killed_between_and_during_checkpoint_writes(reference, tally, tmp
     def fresh_start(p):  # the reference's final checkpoint would make every run resume at the last step
         shutil.rmtree(p.path / "checkpoints", ignore_errors=True)
 
-    plan = [("direct", "checkpoint-write"), ("dvc", "between-checkpoints")]
+    plan = [("direct", "checkpoint-write"), ("dvc", "between-checkpoints")] * 4
     # `dvc repro train`: evaluate and generate would rerun only because model.pt records the training time;
     # the Ctrl-C test below heals with a plain `dvc repro`.
     record = kill_and_heal(p, reference, tally, "train", plan, tmp_path, before_each=fresh_start,
@@ -492,7 +498,8 @@ def test_train_killed_between_and_during_checkpoint_writes(reference, tally, tmp
 @pytest.mark.parametrize("stage", ["evaluate", "generate"])
 def test_model_stage_killed_at_random_points(reference, tally, tmp_path, stage):
     p = copy_of(reference.project, tmp_path / "repo")
-    kill_and_heal(p, reference, tally, stage, [("direct", "random"), ("dvc", "random")], tmp_path)
+    kill_and_heal(p, reference, tally, stage, [("direct", "random"), ("dvc", "random")] * 3 + [("dvc", "random")],
+                  tmp_path)
 
 
 @pytest.mark.parametrize("shell", ["/bin/bash", "/bin/sh"])
