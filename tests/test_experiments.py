@@ -180,3 +180,30 @@ def test_a_killed_temp_experiment_resumes_from_its_keyed_checkpoint(baseline):
     assert not keyed_checkpoints(p)
     assert_same_model(p, "reference", "resumed")
 
+
+
+def test_a_killed_queued_experiment_resumes_when_queued_again(baseline):
+    """The same through the queue: `dvc queue kill --force` mid-training, queue it again, and it resumes and
+    ends with the weights of an uninterrupted run (made last, with -f, so that no run-cache entry of the same
+    params could restore train instead of running it)."""
+    p = baseline
+    p.dvc("exp", "run", "--queue", "-n", "killed", *GRID, env=ENV)
+    p.dvc("queue", "start", "-j", "1", env=ENV)
+    try:
+        step = wait_for_keyed_checkpoint(p, 60, lambda: True)
+        p.dvc("queue", "kill", "--force", "killed")
+    finally:
+        p.dvc("queue", "stop", "--kill", check=False)
+    assert step < 200 and keyed_checkpoints(p)
+
+    p.dvc("exp", "run", "--queue", "-n", "resumed", *GRID, env=ENV)
+    p.dvc("queue", "start", "-j", "1", env=ENV)
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and "resumed" not in p.dvc("exp", "list", "--name-only").stdout:
+        time.sleep(2)
+    p.dvc("queue", "stop", check=False)
+    logs = p.dvc("queue", "logs", "resumed").stdout
+    assert "resuming at step" in logs, logs[-3000:]
+    assert not keyed_checkpoints(p)
+    p.dvc("exp", "run", "--temp", "-f", "-n", "reference", *GRID, env=ENV, timeout=600)
+    assert_same_model(p, "reference", "resumed")
