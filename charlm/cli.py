@@ -52,18 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="text to start from (default: empty, a whole new item); "
         "characters missing from the vocabulary are read as <unk> with a warning",
     )
-    g.add_argument(
-        "--temperature",
-        type=_number(float, 0, what=">= 0"),
-        default=0.8,
-        help="softmax temperature; 0 = greedy (default: 0.8)",
-    )
-    g.add_argument(
-        "--length",
-        type=_number(int, 0, what=">= 0"),
-        default=300,
-        help="maximum characters to generate after the prompt (default: 300)",
-    )
+    numbers = [  # flag, type, default, help
+        ("--temperature", _number(float, 0, what=">= 0"), 0.8, "softmax temperature; 0 = greedy (default: 0.8)"),
+        ("--length", _number(int, 0, what=">= 0"), 300, "most characters to generate after the prompt (default: 300)"),
+        ("--seed", _number(int, 0, what=">= 0"), None, "random seed for reproducible samples (default: random)"),
+        ("--top-k", _number(int, 0, what=">= 0"), 0, "sample only from the k most likely characters (default: 0, off)"),
+        ("--top-p", _number(float, 0, 1, lo_open=True, what="(0, 1]"), 1.0,
+         "nucleus sampling: the smallest set of characters with this probability; 1 = off (default: 1)"),
+    ]  # fmt: skip
+    for flag, kind, default, text in numbers:
+        g.add_argument(flag, type=kind, default=default, help=text)
     # Defaults are resolved in generate_command: charlm.artifact imports torch, which `charlm plots` never needs.
     g.add_argument("--model", help="model file (default: the pipeline's models/model.pt)")
     source = g.add_mutually_exclusive_group()
@@ -78,24 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
         const=True,
         help="use a training checkpoint instead of a finished model, e.g. while training runs "
         "(default path: checkpoints/train.pt)",
-    )
-    g.add_argument(
-        "--seed",
-        type=_number(int, 0, what=">= 0"),
-        default=None,
-        help="random seed for reproducible samples (default: a random seed)",
-    )
-    g.add_argument(
-        "--top-k",
-        type=_number(int, 0, what=">= 0"),
-        default=0,
-        help="sample only from the k most likely characters; 0 = off (default: 0)",
-    )
-    g.add_argument(
-        "--top-p",
-        type=_number(float, 0, 1, lo_open=True, what="(0, 1]"),
-        default=1.0,
-        help="nucleus sampling: the smallest set of characters with this probability; 1 = off (default: 1)",
     )
     g.add_argument("-n", "--count", type=_number(int, 1, what=">= 1"), default=1, help="number of samples (default: 1)")
     g.add_argument(

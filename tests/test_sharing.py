@@ -44,6 +44,15 @@ def clone(a: Project, path) -> Project:
     return Project(path)
 
 
+def s3_baseline(a: Project, endpoint: str, creds: dict, *push_args: str) -> None:
+    """A's pipeline run and committed, with the moto S3 bucket as its default remote, pushed."""
+    a.dvc("remote", "add", "-d", "s3", "s3://charlm/store")
+    a.dvc("remote", "modify", "s3", "endpointurl", endpoint)
+    a.dvc("repro", env=creds)
+    commit_all(a, "baseline")
+    a.dvc("push", *push_args, env=creds)
+
+
 @pytest.fixture
 def s3(tmp_path):
     """A real S3-compatible server (moto) on 127.0.0.1 with a fresh bucket; stopped by its own handle."""
@@ -84,11 +93,7 @@ def test_shared_folder_remote_fresh_clone_restores_everything(served_project, tm
 def test_s3_push_pull_and_run_cache_restore_of_an_experiment(served_project, s3, tmp_path):
     endpoint, creds = s3
     a = served_project
-    a.dvc("remote", "add", "-d", "s3", "s3://charlm/store")
-    a.dvc("remote", "modify", "s3", "endpointurl", endpoint)
-    a.dvc("repro", env=creds)
-    commit_all(a, "baseline")
-    a.dvc("push", "--run-cache", env=creds)
+    s3_baseline(a, endpoint, creds, "--run-cache")
 
     # A runs an experiment and shares its results, run-cache included.
     a.dvc("exp", "run", "-S", "train.seed=7", "-S", "generate.length=25", env=creds)
@@ -170,10 +175,6 @@ def test_generate_from_any_experiment_or_revision_through_a_shared_folder(served
 def test_generate_from_a_revision_through_s3(served_project, s3, tmp_path):
     endpoint, creds = s3
     a = served_project
-    a.dvc("remote", "add", "-d", "s3", "s3://charlm/store")
-    a.dvc("remote", "modify", "s3", "endpointurl", endpoint)
-    a.dvc("repro", env=creds)
-    commit_all(a, "baseline")
-    a.dvc("push", env=creds)
+    s3_baseline(a, endpoint, creds)
     b = clone(a, tmp_path / "b")
     assert sample(b, "--rev", "main", env=creds) == sample(a)
