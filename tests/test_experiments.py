@@ -113,9 +113,9 @@ def test_param_granularity(baseline):
     assert ran(p.dvc("repro"))[:2] == ["vocab", "pack"]
 
 
-# Long enough to be killed part-way, checkpointing every 10 steps.
-GRID = ["-S", "train.max_steps=200", "-S", "train.epochs=100", "-S", "train.checkpoint_every=10",
-        "-S", "train.log_every=10", "-S", "train.eval_every=50", "-S", "train.sample_every=0"]
+# Long enough to be caught part-way (a few seconds of training; 200 steps take 2 s), checkpointing every 20 steps.
+GRID = ["-S", "train.max_steps=1500", "-S", "train.epochs=100", "-S", "train.checkpoint_every=20",
+        "-S", "train.log_every=20", "-S", "train.eval_every=500", "-S", "train.sample_every=0"]
 ENV = {"OMP_NUM_THREADS": "1"}
 
 
@@ -138,6 +138,17 @@ def wait_for_keyed_checkpoint(p, at_least: int, running, timeout: float = 300) -
                 return step
         time.sleep(0.05)
     pytest.fail("the run was not caught mid-training")
+
+
+def start_queue(p) -> None:
+    """`dvc queue start` without waiting for the queue: its worker daemon inherits the caller's stdout, so a
+    captured run would only return once the worker exits."""
+    import os
+    import subprocess
+
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    subprocess.run([str(Path(sys.executable).parent / "dvc"), "queue", "start", "-j", "1"], cwd=p.path, check=True,
+                   env={**os.environ, "PATH": path, **ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def assert_same_model(p, rev_a: str, rev_b: str) -> None:
@@ -170,10 +181,10 @@ def test_a_killed_temp_experiment_resumes_from_its_keyed_checkpoint(baseline):
     proc = subprocess.Popen([str(Path(sys.executable).parent / "dvc"), "exp", "run", "--temp", "-f", "-n", "killed",
                              *GRID], cwd=p.path, env={**os.environ, "PATH": path, **ENV}, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    step = wait_for_keyed_checkpoint(p, 60, lambda: proc.poll() is None)
+    step = wait_for_keyed_checkpoint(p, 100, lambda: proc.poll() is None)
     os.killpg(proc.pid, signal.SIGKILL)  # DVC and the stage together, like a lost machine
     proc.wait()
-    assert step < 200 and len(keyed_checkpoints(p)) == 1
+    assert step < 1500 and len(keyed_checkpoints(p)) == 1
 
     out = p.dvc("exp", "run", "--temp", "-f", "-n", "resumed", *GRID, env=ENV, timeout=600).stdout
     assert "resuming at step" in out, out[-3000:]
@@ -188,16 +199,16 @@ def test_a_killed_queued_experiment_resumes_when_queued_again(baseline):
     params could restore train instead of running it)."""
     p = baseline
     p.dvc("exp", "run", "--queue", "-n", "killed", *GRID, env=ENV)
-    p.dvc("queue", "start", "-j", "1", env=ENV)
+    start_queue(p)
     try:
-        step = wait_for_keyed_checkpoint(p, 60, lambda: True)
+        step = wait_for_keyed_checkpoint(p, 100, lambda: True, timeout=120)
         p.dvc("queue", "kill", "--force", "killed")
     finally:
         p.dvc("queue", "stop", "--kill", check=False)
-    assert step < 200 and keyed_checkpoints(p)
+    assert step < 1500 and keyed_checkpoints(p)
 
     p.dvc("exp", "run", "--queue", "-n", "resumed", *GRID, env=ENV)
-    p.dvc("queue", "start", "-j", "1", env=ENV)
+    start_queue(p)
     deadline = time.monotonic() + 400
     while time.monotonic() < deadline and "resumed" not in p.dvc("exp", "list", "--name-only").stdout:
         time.sleep(2)
