@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -71,6 +73,42 @@ class CharRNN(nn.Module):
         """One character per stream: token (batch,) -> logits (batch, vocab), new state. O(1) per character."""
         out, state = self.rnn(self.embed(token[:, None]), state)
         return self.head(out[:, 0]), state
+
+    @torch.no_grad()
+    def stepper(self) -> Callable:
+        """`step` for generating with the weights as they are now: a function (token, state) -> (logits, state).
+
+        An LSTM in eval mode on a CPU gets its cell written out, which is faster per character at few streams
+        (BENCHMARKS.md, section 4c): layer 0's input projection is folded into the embedding table, so it is a
+        row lookup, and nn.LSTM's per-call set-up goes. Elsewhere (GRU, RNN, CUDA's fused kernels,
+        training mode with dropout) this is `step` itself. The weights are read once: call it again after
+        they change.
+        """
+        if self.config["cell"] != "lstm" or self.training or self.head.weight.device.type != "cpu":
+            return self.step
+        layers = [
+            [getattr(self.rnn, f"{name}_l{i}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+            for i in range(self.rnn.num_layers)
+        ]
+        table = torch.addmm(layers[0][2] + layers[0][3], self.embed.weight, layers[0][0].T)  # (vocab, 4 hidden)
+        upper = [(w_ih.T.contiguous(), b_ih + b_hh) for w_ih, _, b_ih, b_hh in layers[1:]]
+        w_hh = [layer[1].T.contiguous() for layer in layers]
+        head_w, head_b = self.head.weight.T.contiguous(), self.head.bias
+
+        @torch.no_grad()
+        def step(token: torch.Tensor, state):
+            h, c = state
+            gates, new_h, new_c = table[token], [], []
+            for i in range(len(w_hh)):
+                gates.addmm_(h[i], w_hh[i])
+                in_gate, forget, cell, out = gates.chunk(4, 1)  # nn.LSTM's gate order
+                new_c.append(torch.sigmoid(forget) * c[i] + torch.sigmoid(in_gate) * torch.tanh(cell))
+                new_h.append(torch.sigmoid(out) * torch.tanh(new_c[-1]))
+                if i + 1 < len(w_hh):
+                    gates = torch.addmm(upper[i][1], new_h[-1], upper[i][0])
+            return torch.addmm(head_b, new_h[-1], head_w), (torch.stack(new_h), torch.stack(new_c))
+
+        return step
 
 
 def n_params(model: nn.Module) -> int:

@@ -134,6 +134,45 @@ def test_step_after_prime_equals_forward_over_the_whole_sequence(cell):
             torch.testing.assert_close(s[:, i], w[:, 0], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("layers,embedding", [(1, 5), (2, 0), (3, 5)])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_lstm_stepper_equals_step(layers, embedding, batch):
+    """The written-out LSTM cell that generation uses on a CPU gives nn.LSTM's logits and state, step by step."""
+    torch.manual_seed(layers)
+    model = CharRNN(V, cell="lstm", hidden=16, layers=layers, dropout=0.2, embedding=embedding).eval()
+    stepper = model.stepper()
+    assert stepper != model.step
+    continuation = ids(batch, 8, seed=4)
+    _, state = model.prime(PROMPTS[:batch])
+    fast = state
+    for t in range(continuation.size(1)):
+        logits, state = model.step(continuation[:, t], state)
+        fast_logits, fast = stepper(continuation[:, t], fast)
+        torch.testing.assert_close(fast_logits, logits, rtol=1e-5, atol=1e-6)
+        for f, s in zip(fast, state):
+            torch.testing.assert_close(f, s, rtol=1e-5, atol=1e-6)
+    assert not fast_logits.requires_grad
+
+
+def test_stepper_reads_the_weights_when_made():
+    torch.manual_seed(0)
+    model = CharRNN(V, cell="lstm", hidden=8, layers=2, embedding=4).eval()
+    token, (_, state) = torch.tensor([3]), model.prime([[EOS_ID]])
+    before = model.stepper()
+    with torch.no_grad():
+        model.head.bias.add_(1.0)
+        model.rnn.weight_hh_l1.mul_(2.0)
+    torch.testing.assert_close(model.stepper()(token, state)[0], model.step(token, state)[0])
+    assert not torch.allclose(before(token, state)[0], model.step(token, state)[0])
+
+
+@pytest.mark.parametrize("cell,training", [("gru", False), ("rnn", False), ("lstm", True)])
+def test_stepper_is_step_where_nn_does_the_work(cell, training):
+    """GRU and RNN cells, and a model in training mode (dropout between layers), step through nn itself."""
+    model = CharRNN(V, cell=cell, hidden=8, layers=2, dropout=0.5, embedding=4).train(training)
+    assert model.stepper() == model.step
+
+
 def test_prime_and_step_do_not_track_gradients():
     model = CharRNN(V, cell="lstm", hidden=4, layers=1, embedding=3)
     logits, state = model.prime([[EOS_ID, 3]])

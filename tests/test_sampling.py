@@ -67,6 +67,36 @@ def test_tiny_temperature_equals_greedy_in_a_stream(model):
     assert cold == greedy
 
 
+@pytest.mark.parametrize("temperature,filters", [(1.0, {}), (0.8, {"top_k": 5}), (1.5, {"top_p": 0.9})])
+def test_draws_follow_the_tempered_distribution(temperature, filters):
+    """Each token's share of 20,000 draws is its probability under softmax(logits / T), renormalised over what
+    top-k / top-p keep, within 4.5 standard errors (a fixed seed: the test cannot flake)."""
+    logits = random_logits(1, seed=11, scale=1.5)
+    n = 20_000
+    out = sample(logits.expand(n, -1), torch.full((n,), temperature), generator=torch.Generator().manual_seed(2),
+                 **filters)
+    expected = torch.softmax(logits[0].double().index_fill(-1, torch.tensor([PAD_ID, UNK_ID]), -math.inf)
+                             / temperature, -1)
+    if "top_k" in filters:
+        expected[expected < expected.topk(filters["top_k"]).values[-1]] = 0
+    if "top_p" in filters:
+        kept = nucleus(logits[0], temperature, filters["top_p"])
+        expected = torch.zeros(V, dtype=torch.float64).index_put_((torch.tensor(list(kept)),),
+                                                                   torch.tensor(list(kept.values())))
+    expected /= expected.sum()
+    share = torch.bincount(out, minlength=V).double() / n
+    tolerance = 4.5 * (expected * (1 - expected) / n).sqrt() + 1e-12
+    assert ((share - expected).abs() <= tolerance).all(), (share, expected)
+    assert (share[expected == 0] == 0).all()
+
+
+def test_a_token_that_holds_all_the_mass_is_always_drawn_wherever_it_sits():
+    for token in (3, V - 1):  # the first and the last id that may be emitted
+        logits = torch.full((4, V), -1e4)
+        logits[:, token] = 0.0
+        assert (draws(logits, 200, temperature=1.0) == token).all()
+
+
 @pytest.mark.parametrize("k", [1, 3, 7])
 def test_top_k_never_leaves_the_k_largest_logits(k):
     logits = random_logits(16, seed=k)
