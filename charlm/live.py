@@ -1,7 +1,8 @@
-"""DVCLive for a DVC stage, and the snapshot of its logs that a training checkpoint carries."""
+"""DVCLive for a DVC stage, and the train stage's logs that a checkpoint carries."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -38,10 +39,30 @@ def git_has_commits() -> bool:
     return code != 1
 
 
-def snapshot_files(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): p.read_text(encoding="utf-8") for p in sorted(root.rglob("*")) if p.is_file()}
+class StageLogs:
+    """What the train stage logs besides the model: DVCLive's folder and a page of samples. Every checkpoint
+    carries a snapshot of both, so a resumed run ends with the same logs as an uninterrupted one."""
 
+    def __init__(self, live_dir: Path, samples: Path, title: str):
+        self.live_dir, self.samples, self.title = live_dir, samples, title
 
-def restore_files(root: Path, files: dict[str, str]) -> None:
-    for rel, text in files.items():
-        write_text(root / rel, text)
+    def start(self, saved: dict | None) -> None:
+        """Put back the logs as they were at a checkpoint, or start a new samples page."""
+        if saved is None:
+            write_text(self.samples, f"# {self.title}\n\n")
+            return
+        shutil.rmtree(self.live_dir, ignore_errors=True)
+        for rel, text in saved["live"].items():
+            write_text(self.live_dir / rel, text)
+        if saved.get("samples") is not None:
+            write_text(self.samples, saved["samples"])
+
+    def add_samples(self, step: int, text: str) -> None:
+        write_text(self.samples, self.samples.read_text(encoding="utf-8") + f"## step {step}\n\n{text}\n")
+
+    def snapshot(self) -> dict:
+        files = sorted(p for p in self.live_dir.rglob("*") if p.is_file())
+        return {
+            "live": {str(p.relative_to(self.live_dir)): p.read_text(encoding="utf-8") for p in files},
+            "samples": self.samples.read_text(encoding="utf-8") if self.samples.exists() else None,
+        }

@@ -156,6 +156,7 @@ class Trainer:
 class Run:
     """Everything a training run is made of, built the same way in every process."""
 
+    mp: params.ModelParams
     vocab: Vocab
     packed: Packed
     batches: Batches
@@ -168,14 +169,27 @@ class Run:
     def has_val(self) -> bool:  # pack.val_fraction: 0 means no validation split
         return self.packed.meta["splits"]["val"]["items"] > 0
 
-    def describe(self, mp: params.ModelParams, world: int, start: int) -> str:
-        tp, seq_len = self.trainer.tp, self.packed.meta["seq_len"]
+    def describe(self, world: int, start: int) -> str:
+        mp, tp, seq_len = self.mp, self.trainer.tp, self.packed.meta["seq_len"]
         return (
             f"train: {mp.cell} {mp.layers}x{mp.hidden}, {n_params(self.model):,} parameters, {self.trainer.device.type}"
             + (f" x {world} processes" if world > 1 else "")
             + f", {self.total:,} steps of {tp.batch_size}x{seq_len} chars ({self.batches.per_epoch:,} per epoch)"
             + (f", resuming at step {start:,}" if start else "")
         )
+
+    def save_model(self, path: Path, val_bpc: float | None) -> None:
+        """The model file: config, vocabulary, weights and how they were trained. Nothing run-dependent (such as
+        timings) goes in: identical runs give identical bytes, so DVC does not rerun evaluate and generate after a
+        resume or a retrain."""
+        info = {
+            "steps": self.total,
+            "seq_len": self.packed.meta["seq_len"],
+            "val_bpc": val_bpc,
+            "params": {"model": dataclasses.asdict(self.mp), "train": dataclasses.asdict(self.trainer.tp)},
+        }
+        self.model.to("cpu")
+        artifact.save(path, artifact.model_record(self.model, self.vocab, info))
 
 
 def build_run(mp, tp, vocab_path: Path, packed_dir: Path, rank: int, world: int, device: torch.device) -> Run:
@@ -206,7 +220,7 @@ def build_run(mp, tp, vocab_path: Path, packed_dir: Path, rank: int, world: int,
         dataclasses.asdict(mp), dataclasses.asdict(tp) | {"processes": None}, meta, vocab.itos, init_sha,
         device.type, torch.__version__,
     )  # fmt: skip
-    return Run(vocab, packed, batches, total, model, Trainer(model, tp, total, device, world), run_id)
+    return Run(mp, vocab, packed, batches, total, model, Trainer(model, tp, total, device, world), run_id)
 
 
 def checkpoint_path(run_id: str) -> Path:
@@ -273,8 +287,14 @@ class Progress:
         self.restart_clock()
 
     def restart_clock(self) -> None:
-        """Keep evaluation and I/O out of the throughput figure: the next interval starts now."""
         self.t_mark, self.steps = time.perf_counter(), 0
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Keep evaluation and I/O out of the throughput figure: the time spent inside does not count."""
+        start = time.perf_counter()
+        yield
+        self.t_mark += time.perf_counter() - start
 
     def add(self, loss: torch.Tensor) -> None:
         self.loss_sum += loss

@@ -106,20 +106,12 @@ def _fetch_http(url: str, tmp: Path, timeout: float, retries: int, key: str) -> 
                 if not isinstance(e.reason, (TimeoutError, socket.timeout)) or failures >= retries:
                     raise CharlmError(f"{url}: cannot connect ({e.reason}); check {key}.url and the network") from None
                 reason = f"no answer within {timeout:g}s"
-            except TimeoutError:
+            except (TimeoutError, http.client.HTTPException, ConnectionError) as e:
+                timed_out = isinstance(e, TimeoutError)
+                reason = f"timed out, no data for {timeout:g}s" if timed_out else f"broke off at {got:,} bytes"
                 if failures >= retries:
-                    raise CharlmError(
-                        f"{url}: timed out, no data for {timeout:g}s after {retries} retries; "
-                        f"retry later or raise download.timeout"
-                    ) from None
-                reason = f"no data for {timeout:g}s"
-            except (http.client.HTTPException, ConnectionError) as e:
-                if failures >= retries:
-                    raise CharlmError(
-                        f"{url}: transfer broke off at {got:,} of {total or '?'} bytes after "
-                        f"{retries} retries ({type(e).__name__}); retry later"
-                    ) from None
-                reason = f"transfer broke off at {got:,} bytes"
+                    fix = "retry later" + (" or raise download.timeout" if timed_out else "")
+                    raise CharlmError(f"{url}: {reason} of {total or '?'}, after {retries} retries; {fix}") from None
             failures += 1
             delay = min(0.5 * 2 ** (failures - 1), 8.0)
             tqdm.write(f"download: {reason}; retry {failures}/{retries} in {delay:g}s")

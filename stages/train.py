@@ -2,18 +2,13 @@
 
 Reads `model` and `train` from params.yaml, data/packed/ and data/vocab.json. Writes models/model.pt
 (config, vocabulary and weights in one file), dvclive/ (metrics and plots) and reports/train_samples.md.
-
-Resumable checkpoints (charlm/training.py) go to checkpoints/train.pt, or for a queued or --temp experiment to
-the repository it came from. They are deliberately not DVC outputs: DVC deletes outputs before it reruns a
-stage, and a checkpoint must survive a killed run. This stage adds its own logs to each, so a resumed run ends
-with the same DVCLive logs and samples as an uninterrupted one.
+Resumable checkpoints (charlm/training.py) are deliberately not DVC outputs: DVC deletes outputs before it
+reruns a stage, and a checkpoint must survive a killed run. Each carries this stage's logs too.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +16,7 @@ from tqdm import tqdm
 
 from charlm import artifact, distributed, params
 from charlm.errors import run_main
-from charlm.io import write_text
-from charlm.live import restore_files, snapshot_files, stage_live
+from charlm.live import StageLogs, stage_live
 from charlm.sampling import generate
 from charlm.training import Progress, Run, StopRequested, build_run, checkpoint_path
 
@@ -42,15 +36,11 @@ def main() -> None:
     checkpoint = checkpoint_path(run.run_id)
     ck = trainer.resume(checkpoint, run.run_id, say)
     start, progress = (int(ck["step"]), Progress(device, ck["progress"])) if ck else (0, Progress(device))
-    if lead and ck:  # the logs as they were at that checkpoint
-        shutil.rmtree(LIVE_DIR, ignore_errors=True)
-        restore_files(LIVE_DIR, ck["live"])
-        if ck.get("samples") is not None:
-            write_text(SAMPLES, ck["samples"])
-    elif lead:
-        write_text(SAMPLES, f"# Samples during training (prompt {tp.sample_prompt!r})\n\n")
+    logs = StageLogs(LIVE_DIR, SAMPLES, f"Samples during training (prompt {tp.sample_prompt!r})")
+    if lead:
+        logs.start(ck)  # the logs as they were at the checkpoint, if any
     live: Any = stage_live(LIVE_DIR, resume=ck is not None) if lead else None
-    say(run.describe(mp, world, start))
+    say(run.describe(world, start))
     if tp.init_from and run.has_val and start == 0 and lead:  # fine-tuning: where the starting model stands
         log_val(live, 0, trainer.validate(val), say, f" ({tp.init_from}, before fine-tuning)")
         live.next_step()
@@ -66,87 +56,69 @@ def main() -> None:
         if world > 1 and at_log:  # agree on stopping, at the same step on every process
             stop.requested = distributed.agree(stop.requested, device)
         stopping = stop.requested and (world == 1 or at_log)
-        if not lead:
-            if stopping:
-                raise KeyboardInterrupt
-            continue
-        if at_log:
+        if lead and at_log:
             log_train(live, bar, progress, done, total, trainer.lr(), chars_per_step, say)
-        periodic_work = logged = False
-        if run.has_val and (done % tp.eval_every == 0 or done == total):
-            log_val(live, done, trainer.validate(val), say)
-            periodic_work = logged = True
-        if tp.sample_every and (done % tp.sample_every == 0 or done == total):
-            log_sample(model, run.vocab, tp, done, say)
-            periodic_work = True
-        if at_log or logged:  # write the summary and signal the DVC extension that a step completed
-            live.next_step()
-        if done % tp.checkpoint_every == 0 or done == total or stopping:
-            samples = SAMPLES.read_text(encoding="utf-8") if SAMPLES.exists() else None
-            logs = {"progress": progress.state(), "live": snapshot_files(LIVE_DIR), "samples": samples}
-            trainer.save(checkpoint, run.run_id, done, run.vocab, **logs)
-            periodic_work = True
-        if periodic_work:
-            progress.restart_clock()
+        at_val = run.has_val and (done % tp.eval_every == 0 or done == total)
+        with progress.paused():
+            if lead and at_val:
+                log_val(live, done, trainer.validate(val), say)
+            if lead and tp.sample_every and (done % tp.sample_every == 0 or done == total):
+                log_samples(model, run, logs, done, say)
+            if lead and (at_log or at_val):  # write the summary and signal the DVC extension that a step completed
+                live.next_step()
+            if lead and (done % tp.checkpoint_every == 0 or done == total or stopping):
+                trainer.save(checkpoint, run.run_id, done, run.vocab, progress=progress.state(), **logs.snapshot())
         if stopping:
             bar.close()
             raise KeyboardInterrupt(f"checkpoint saved at step {done:,}; rerun to resume")
     bar.close()
     distributed.finish(world)
     if lead:
-        finish(live, run, mp, tp, progress.train_s(ran=total > start), progress.step_s)
+        finish(live, run, progress.train_s(ran=total > start), progress.step_s)
         if checkpoint != artifact.DEFAULT_CHECKPOINT:  # a finished temporary experiment needs no checkpoint
             checkpoint.unlink(missing_ok=True)
 
 
 def log_train(live, bar, progress: Progress, done: int, total: int, lr: float, chars_per_step: int, say) -> None:
     train_loss, chars_per_s = progress.take(chars_per_step)
-    live.step = done
-    live.log_metric("train/loss", train_loss)
-    live.log_metric("train/bpc", train_loss / LN2)
-    live.log_metric("lr", lr)
-    live.log_metric("chars_per_s", chars_per_s)
+    log(live, done, {"train/loss": train_loss, "train/bpc": train_loss / LN2, "lr": lr, "chars_per_s": chars_per_s})
     bar.set_postfix(loss=f"{train_loss:.3f}", chars_s=f"{chars_per_s:,.0f}")
     if bar.disable:  # no terminal (CI, nohup, a queued experiment): plain progress lines instead
         eta = (total - done) * chars_per_step / max(chars_per_s, 1e-9)
         say(f"step {done:,}/{total:,}: loss {train_loss:.4f}, {chars_per_s:,.0f} chars/s, ETA {eta / 60:.1f} min")
 
 
-def log_val(live, step: int, val_bpc: float, say, note: str = "") -> None:
+def log(live, step: int, metrics: dict[str, float]) -> None:
     live.step = step
-    live.log_metric("val/loss", val_bpc * LN2)
-    live.log_metric("val/bpc", val_bpc)
+    for name, value in metrics.items():
+        live.log_metric(name, value)
+
+
+def log_val(live, step: int, val_bpc: float, say, note: str = "") -> None:
+    log(live, step, {"val/loss": val_bpc * LN2, "val/bpc": val_bpc})
     say(f"step {step:,}: val {val_bpc:.4f} bpc{note}")
 
 
-def log_sample(model, vocab, tp: params.TrainParams, step: int, say) -> None:
-    was_training = model.training
+def log_samples(model, run: Run, logs: StageLogs, step: int, say) -> None:
+    tp = run.trainer.tp
     model.eval()
-    records = generate(model, vocab, [tp.sample_prompt], [0.0, 0.8], tp.sample_length, seed=step)
-    model.train(was_training)
+    records = generate(model, run.vocab, [tp.sample_prompt], [0.0, 0.8], tp.sample_length, seed=step)
+    model.train()
     text = "".join(f"- T={r['temperature']}: {r['text']!r}\n" for r in records)
     say(f"step {step:,} samples:\n{text}", end="")
-    write_text(SAMPLES, SAMPLES.read_text(encoding="utf-8") + f"## step {step}\n\n{text}\n")
+    logs.add_samples(step, text)
 
 
-def finish(live, run: Run, mp, tp, train_s: float, step_s: float) -> None:
-    total, seq_len = run.total, run.packed.meta["seq_len"]
+def finish(live, run: Run, train_s: float, step_s: float) -> None:
+    chars = run.total * run.trainer.tp.batch_size * run.packed.meta["seq_len"]
     live.log_metric("train_time_s", round(train_s, 2), plot=False)
-    live.log_metric("train_chars_per_s", round(total * tp.batch_size * seq_len / max(step_s, 1e-9), 1), plot=False)
-    live.log_metric("steps", total, plot=False)
+    live.log_metric("train_chars_per_s", round(chars / max(step_s, 1e-9), 1), plot=False)
+    live.log_metric("steps", run.total, plot=False)
     live.end()  # the summary keeps the last logged step (`total`)
-    # Nothing run-dependent (such as timings) goes in the model file: identical runs give identical bytes,
-    # so DVC does not rerun evaluate and generate after a resume or a retrain.
-    info = {
-        "steps": total,
-        "seq_len": seq_len,
-        "val_bpc": live.summary.get("val", {}).get("bpc"),
-        "params": {"model": dataclasses.asdict(mp), "train": dataclasses.asdict(tp)},
-    }
-    run.model.to("cpu")
-    artifact.save(artifact.DEFAULT_MODEL, artifact.model_record(run.model, run.vocab, info))
-    val = f", val {info['val_bpc']:.4f} bpc" if info["val_bpc"] is not None else ""
-    print(f"train: done, {total:,} steps in {train_s:,.0f}s{val} -> {artifact.DEFAULT_MODEL}")
+    val_bpc = live.summary.get("val", {}).get("bpc")
+    run.save_model(artifact.DEFAULT_MODEL, val_bpc)
+    val = f", val {val_bpc:.4f} bpc" if val_bpc is not None else ""
+    print(f"train: done, {run.total:,} steps in {train_s:,.0f}s{val} -> {artifact.DEFAULT_MODEL}")
 
 
 if __name__ == "__main__":
