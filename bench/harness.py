@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmark: interleaved time-bounded measurement, statistics, Markdown tables,
+"""Shared pieces of the benchmarks: interleaved time-bounded measurement, statistics, Markdown tables,
 machine facts, and the real data stages run in a throw-away folder.
 
 Every throughput figure is the median of several repeats with its min-max range. Cases that are compared
@@ -18,9 +18,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -29,6 +29,11 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 AG_NEWS_CSV = ROOT.parent / "shared" / "data" / "ag_news" / "test.csv"
 TRAIN_ROWS = 6600
+CUDA = "cuda"  # the device of the CUDA columns and tables, which appear only when torch.cuda.is_available()
+
+
+def shape_name(layers: int, hidden: int, embedding: int) -> str:
+    return f"{layers}×{hidden} " + ("one-hot" if embedding == 0 else f"emb {embedding}")
 
 
 # ----------------------------------------------------------------------------------- statistics
@@ -51,7 +56,9 @@ class Stat:
         return max(self.values)
 
     def fmt(self, unit: str = "", digits: int = 0, scale: float = 1.0) -> str:
-        f = (lambda v: f"{v * scale:,.{digits}f}")
+        def f(v: float) -> str:
+            return f"{v * scale:,.{digits}f}"
+
         if len(self.values) == 1:
             return f"{f(self.median)}{unit}"
         return f"{f(self.median)}{unit} ({f(self.lo)}–{f(self.hi)})"
@@ -62,7 +69,7 @@ class Stat:
 
 def ratio_stat(a: Stat, b: Stat) -> Stat:
     """Per-round ratios a/b (the rounds were interleaved, so round i of each belongs together)."""
-    return Stat([x / y for x, y in zip(a.values, b.values)])
+    return Stat([x / y for x, y in zip(a.values, b.values, strict=True)])
 
 
 def sync(device: str) -> None:
@@ -90,11 +97,9 @@ class Case:
     unit: Callable[[], float]
     device: str = "cpu"
     mkldnn: bool | None = None
-    min_units: int = 1
     warmup_units: int = 1
     warm: Callable[[], object] | None = None   # extra warm-up, run before the first round
     rates: list[float] = field(default_factory=list)
-    units_done: list[int] = field(default_factory=list)
     amounts: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
 
@@ -106,7 +111,7 @@ class Case:
 def measure(cases: list[Case], repeats: int, budget_s: float, log=None, cap_s: float | None = None) -> dict[str, Stat]:
     """Time every case `repeats` times, round-robin with a rotating order; `budget_s` per case per round.
 
-    A measurement runs whole units until `budget_s` has passed and at least `min_units` are done. With `cap_s`,
+    A measurement runs whole units until `budget_s` has passed (at least one unit). With `cap_s`,
     no new round starts once the rounds so far took that long (at least one round runs)."""
     t_start = time.perf_counter()
     for case in cases:
@@ -123,17 +128,15 @@ def measure(cases: list[Case], repeats: int, budget_s: float, log=None, cap_s: f
         for case in order:
             with onednn(case.mkldnn):
                 sync(case.device)
-                done, n = 0.0, 0
+                done = 0.0
                 t0 = time.perf_counter()
                 while True:
                     done += case.unit()
-                    n += 1
-                    if n >= case.min_units and time.perf_counter() - t0 >= budget_s:
+                    if time.perf_counter() - t0 >= budget_s:
                         break
                 sync(case.device)
                 elapsed = time.perf_counter() - t0
             case.rates.append(done / elapsed)
-            case.units_done.append(n)
             case.amounts.append(done)
             case.seconds.append(elapsed)
         if log:
@@ -184,8 +187,9 @@ class Table:
         return "\n".join(out) + "\n"
 
 
-def best_of(cells: dict[str, Stat], higher: bool = True) -> str:
-    return (max if higher else min)(cells, key=lambda k: cells[k].median)
+def best_of(cells: dict[str, Stat]) -> str:
+    """The name of the case with the highest median."""
+    return max(cells, key=lambda k: cells[k].median)
 
 
 # ----------------------------------------------------------------------------------- machine facts
@@ -336,7 +340,8 @@ class Prepared:
         return split_items(items, p.val_fraction, p.seed)[0]
 
 
-def prepare_ag_news(root: Path, csv: Path = AG_NEWS_CSV, train_rows: int = TRAIN_ROWS, test_rows: int = 1000) -> Prepared:
+def prepare_ag_news(root: Path, csv: Path = AG_NEWS_CSV, train_rows: int = TRAIN_ROWS,
+                    test_rows: int = 1000) -> Prepared:
     """First `train_rows` rows of the AG News CSV as data/raw/train.csv, the last `test_rows` as test.csv,
     the repository's params.yaml, then the real stages with cwd = `root`. The text stays in `root`."""
     if not csv.is_file():

@@ -1,30 +1,20 @@
 """The lesson's Recipe B, reproduced as a baseline: per-item minibatches, one-hot LSTM(64), Adam at 0.01.
 
 Each minibatch is every 100-character window of ONE news item, built with a Python loop, as in the lesson;
-items shorter than 110 characters are skipped. It trains on charlm's prepared train split and vocabulary,
-for a wall-clock budget, and is scored with charlm's test protocol (stages/evaluate.py), so its test bpc is
-directly comparable with a charlm model's.
-
-    python bench/lesson.py --seconds 900 [--data DIR] [--out models/lesson.pt]
+items shorter than 110 characters are skipped. bench/quality.py trains it on charlm's prepared train split and
+vocabulary for a wall-clock budget and scores it with charlm's test protocol, so its test bpc is directly comparable
+with a charlm model's. The two generation styles are the baselines of bench/generation.py.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import math
 import time
-from pathlib import Path
 
-import numpy as np
 import torch
 
-from charlm.data import item_bounds, load_packed
 from charlm.model import CharRNN
-from charlm.scoring import score_items
-from charlm.vocab import EOS_ID, Vocab
+from charlm.vocab import Vocab
 
 NCHARS = 100
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def get_batch(vocab: Vocab, text: str):
@@ -83,7 +73,7 @@ def generate_stateful(net: CharRNN, vocab: Vocab, prompts: list[str], size: int,
     for _ in range(size):
         dist = out[:, -1].div(temperature).exp()
         nc = torch.multinomial(dist, 1, generator=generator)
-        texts = [t + vocab.itos[i] for t, i in zip(texts, nc[:, 0].tolist())]
+        texts = [t + vocab.itos[i] for t, i in zip(texts, nc[:, 0].tolist(), strict=True)]
         out, state = net(nc, state)
     return texts
 
@@ -98,30 +88,6 @@ def generate_prefix(net: CharRNN, vocab: Vocab, prompts: list[str], size: int, t
         out, _ = net(ids)
         dist = out[:, -1].div(temperature).exp()
         nc = torch.multinomial(dist, 1, generator=generator)
-        texts = [t + vocab.itos[i] for t, i in zip(texts, nc[:, 0].tolist())]
+        texts = [t + vocab.itos[i] for t, i in zip(texts, nc[:, 0].tolist(), strict=True)]
         ids = torch.cat([ids, nc], dim=1)
     return texts
-
-
-def test_bpc(model: CharRNN, data_dir: Path) -> float:
-    stream = np.asarray(load_packed(data_dir / "packed").streams["test"])
-    starts, lengths = item_bounds(stream, EOS_ID)
-    nats, count, _ = score_items(model, stream, starts, lengths, 256, torch.device("cpu"))
-    return nats / count / math.log(2)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=900.0, help="training wall-clock budget")
-    parser.add_argument("--data", type=Path, default=Path("data"), help="a pipeline's data/ folder after pack")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    vocab = Vocab.load(args.data / "vocab.json")
-    items = (args.data / "prepared" / "train.txt").read_text(encoding="utf-8").splitlines()
-    model, stats = train_lesson(vocab, items, args.seconds, args.seed)
-    stats["test_bpc"] = round(test_bpc(model, args.data), 4)
-    print(json.dumps(stats))
-
-
-if __name__ == "__main__":
-    main()

@@ -12,7 +12,6 @@ with plain Adam, no data pipeline, no clipping, no schedule.
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import numpy as np
 import torch
@@ -33,18 +32,17 @@ class CharlmLoop:
     """stages/train.py's training step (single process)."""
 
     def __init__(self, stream: np.ndarray, seq_len: int, vocab_size: int, seed: int, mp: params.ModelParams,
-                 tp: params.TrainParams, device: str = "cpu", total: int | None = None):
+                 tp: params.TrainParams, device: str = "cpu"):
         self.device = device = torch.device(device)
         self.tp, self.seq_len = tp, seq_len
         self.batches = batches = Batches(stream, seq_len, tp.batch_size, seed)
-        # As in train.py; `total` may be given (the time-budgeted run fits the schedule to its budget).
-        default_total = (batches.per_epoch * tp.epochs if not tp.max_steps
-                         else min(batches.per_epoch * tp.epochs, tp.max_steps))
-        self.total = total or default_total
+        total = batches.per_epoch * tp.epochs  # the schedule's length, as in train.py
+        if tp.max_steps:
+            total = min(total, tp.max_steps)
         torch.manual_seed(tp.seed)
         self.model = model = CharRNN(vocab_size, **dataclasses.asdict(mp)).to(device)
-        self.trainer = Trainer(model, tp, self.total, device)  # the very object stages/train.py steps with
-        self.optimizer, self.scheduler, self.scaler = self.trainer.optimizer, self.trainer.scheduler, self.trainer.scaler
+        self.trainer = trainer = Trainer(model, tp, total, device)  # the very object stages/train.py steps with
+        self.optimizer, self.scheduler, self.scaler = trainer.optimizer, trainer.scheduler, trainer.scaler
         self.loss_sum, self.loss_n = torch.zeros((), device=device), 0
         self.done = 0
         self.losses: list[tuple[int, float]] = []
@@ -62,32 +60,6 @@ class CharlmLoop:
             self.loss_sum.zero_()
             self.loss_n = 0
         return tp.batch_size * self.seq_len
-
-    def train_for(self, seconds: float, calibrate_steps: int = 20) -> dict:
-        """Train for a wall-clock budget (max_steps and epochs are ignored). The schedule's length is set from
-        the rate of steps 2..`calibrate_steps` (warm-up steps do not depend on it), so that the decay ends
-        when the budget does."""
-        windows = []
-        t0 = time.perf_counter()
-        first_t, mark, mark_t = None, 0, t0
-        while True:
-            self.step()
-            now = time.perf_counter()
-            if self.done == 1:
-                first_t = now
-            elif self.done == calibrate_steps:
-                rate = (self.done - 1) / max(now - first_t, 1e-9)
-                self.total = self.trainer.total = max(self.done + 1, int(self.done + rate * (seconds - (now - t0))))
-            if now - mark_t >= max(seconds / 15, 1.0):
-                windows.append((self.done - mark) * self.tp.batch_size * self.seq_len / (now - mark_t))
-                mark, mark_t = self.done, now
-            if now - t0 >= seconds:
-                break
-        elapsed = time.perf_counter() - t0
-        calibrated = self.done >= calibrate_steps
-        self.model.eval()
-        return {"steps": self.done, "seconds": elapsed, "schedule_steps": self.total if calibrated else None,
-                "chars_per_s": self.done * self.tp.batch_size * self.seq_len / elapsed, "windows": windows}
 
 
 class BareLoop:

@@ -4,10 +4,11 @@
     .venv/bin/python bench/run.py --quick         # small budgets and repeats, for development (~2 min)
     .venv/bin/python bench/run.py --only train    # one section (or several: --only train,generation)
 
-Sections: train (training-step throughput vs a bare loop, oneDNN on/off), packing (prepare/vocab/pack on a ~30 MB
-corpus: time and peak RSS), generation (charlm vs the lesson's two styles; oneDNN crossover), evaluation
-(score_items throughput). Quality (test bpc per training second) takes an hour: bench/quality.py measures it and
-writes its own part of BENCHMARKS.md, which this script keeps.
+Sections, one file each, every one a `section(ctx) -> list[Table]`: train (bench/train_speed.py: training-step
+throughput vs a bare loop, oneDNN on/off), packing (bench/packing.py: prepare/vocab/pack on a ~30 MB corpus, time and
+peak RSS), generation (bench/generation.py: charlm vs the lesson's two styles; oneDNN crossover), evaluation
+(bench/evaluation.py: score_items throughput). Quality (test bpc per training second) takes an hour:
+bench/quality.py measures it and writes its own part of BENCHMARKS.md, which this script keeps.
 CPU always; CUDA columns or rows appear when torch.cuda.is_available().
 
 Every number is measured in this run: the median of several repeats with the min-max range; cases that are
@@ -17,7 +18,6 @@ report is printed but BENCHMARKS.md is left alone unless --output is given.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import os
 import shutil
@@ -30,18 +30,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `bench` and `charlm` importable from the repository
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np
 import torch
 
-from bench import harness, lesson, quality
-from bench.harness import ROOT, Case, Stat, Table, best_of, measure, onednn, ratio_stat, time_calls
-from bench.loops import BareLoop, CharlmLoop, shape_params
-from charlm import params
-from charlm.data import item_bounds
-from charlm.model import CharRNN, n_params
-from charlm.scoring import score_items
-from charlm.vocab import EOS_ID
-
+from bench import evaluation, generation, harness, packing, quality, train_speed
+from bench.harness import ROOT, Table
 
 # ----------------------------------------------------------------------------------- budgets
 
@@ -71,28 +63,18 @@ QUICK = Budget("quick", train_rounds=2, train_seconds=0.3, gap_seconds=0.1, pack
                gen_rounds=2, gen_seconds=0.15, gen_length=100, prefix_single=100, prefix_batch=20,
                eval_cells=16, eval_rounds=1, eval_cap_seconds=10.0)
 
-TRAIN_SHAPES = [(1, 64, 0), (2, 256, 32), (2, 512, 32)]     # layers, hidden, embedding
-GEN_SHAPES = [(1, 256, 32), (2, 512, 32)]
-CROSSOVER_SHAPES = [(1, 256, 32), (2, 256, 32), (2, 512, 32)]  # + params.yaml's default model
-CROSSOVER_STREAMS = (1, 4, 16, 32, 64)
-EVAL_SHAPES = [(1, 256, 32), (2, 512, 32)]
-SEQ_LEN, BATCH = 100, 64
-CUDA = "cuda"  # the device of the CUDA columns (a test may point it at the CPU to exercise that code)
-
-
-def shape_name(layers: int, hidden: int, embedding: int) -> str:
-    return f"{layers}×{hidden} " + ("one-hot" if embedding == 0 else f"emb {embedding}")
-
 
 # ----------------------------------------------------------------------------------- run context
 
 
 class Context:
+    """What a section gets: the budget, a scratch folder, whether CUDA is there, a log and the AG News data."""
+
     def __init__(self, budget: Budget, workdir: Path):
         self.budget, self.workdir = budget, workdir
         self.cuda = torch.cuda.is_available()
-        self._prepared = None
-        self.sections: list[tuple[str, list[Table], float, list[str]]] = []
+        self.prepared: harness.Prepared | None = None
+        self.sections: list[tuple[str, list[Table], float, float]] = []  # title, tables, seconds, load at its end
         self.t0 = time.perf_counter()
 
     def log(self, msg: str) -> None:
@@ -100,450 +82,25 @@ class Context:
 
     def data(self) -> harness.Prepared:
         """The AG News benchmark data, prepared once per run by the real stages."""
-        if self._prepared is None:
+        if self.prepared is None:
             self.log("preparing AG News data with stages/prepare.py, vocab.py, pack.py ...")
-            self._prepared = harness.prepare_ag_news(self.workdir / "ag_news")
-        return self._prepared
+            self.prepared = harness.prepare_ag_news(self.workdir / "ag_news")
+        return self.prepared
 
 
-# ----------------------------------------------------------------------------------- 1. training
-
-
-def gap_profile(loop: CharlmLoop, device: str, seconds: float) -> dict[str, Stat]:
-    """Seconds per step of each piece of charlm's loop that the bare loop does not have, timed in isolation."""
-    out = {}
-    counter = iter(range(10**9))
-    b = loop.batches
-
-    def gather():
-        x, y = b.batch(*divmod(next(counter) % (b.per_epoch * 3), b.per_epoch))
-        return torch.from_numpy(x).to(device, non_blocking=True), torch.from_numpy(y).to(device, non_blocking=True)
-
-    out["batch gathering (Batches.batch + from_numpy + to)"] = time_calls(gather, seconds, 5, device)
-    x, y = gather()
-    if loop.model.config["embedding"] == 0:
-        out["one-hot lookup (identity embedding) vs pre-made one-hot"] = time_calls(
-            lambda: loop.model.embed(x), seconds, 5, device)
-    logits, _ = loop.model(x)
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
-    loop.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    params_list = list(loop.model.parameters())
-    out["clip_grad_norm_"] = time_calls(lambda: torch.nn.utils.clip_grad_norm_(params_list, 1.0), seconds, 5, device)
-    adam = torch.optim.Adam([p for p in params_list if p.requires_grad], lr=1e-3)
-    t_adamw = time_calls(loop.optimizer.step, seconds, 5, device)
-    t_adam = time_calls(adam.step, seconds, 5, device)
-    out["AdamW (2 groups) minus Adam (1 group)"] = Stat([a - b for a, b in zip(t_adamw.values, t_adam.values)])
-    out["LambdaLR.step"] = time_calls(loop.scheduler.step, seconds, 5, device)
-    loss_sum = torch.zeros((), device=device)
-
-    def bookkeeping():
-        nonlocal loss_sum
-        loop.scaler.scale(loss)
-        loop.scaler.unscale_(loop.optimizer) if loop.scaler.is_enabled() else None
-        loop.scaler.update()
-        loss_sum += loss.detach()
-
-    out["GradScaler no-ops + loss accumulation"] = time_calls(bookkeeping, seconds, 5, device)
-    return out
-
-
-def section_train(ctx: Context) -> list[Table]:
-    bud = ctx.budget
-    data = ctx.data()
-    packed = data.packed()
-    stream, vocab_size, seed = packed.streams["train"], packed.meta["vocab_size"], packed.meta["seed"]
-    tp = dataclasses.replace(params.load(params.TrainParams, ROOT / "params.yaml"), batch_size=BATCH, max_steps=0)
-    chars_per_step = BATCH * SEQ_LEN
-    t_main = Table("1a. Training throughput, chars/s (CPU, oneDNN on = torch's default)",
-                   ["model", "params", "charlm loop", "bare nn.LSTM loop", "charlm ÷ bare", "≥ 95%?"])
-    t_dnn = Table("1b. oneDNN on vs off for training, chars/s (CPU)",
-                  ["model", "charlm, oneDNN on", "charlm, oneDNN off", "on ÷ off", "bare, on", "bare, off",
-                   "charlm ÷ bare (off)", "faster for training"])
-    t_gap = Table("1c. Where charlm's loop spends time that the bare loop does not (CPU, oneDNN on), per step",
-                  ["model", "charlm step", "bare step", "observed gap", "batch gathering", "clip_grad_norm_",
-                   "AdamW − Adam", "LambdaLR", "scaler no-ops + loss sum", "one-hot lookup", "sum of pieces"])
-    t_cuda = Table("1d. Training throughput on CUDA, chars/s", ["model", "charlm loop", "bare loop", "charlm ÷ bare"])
-    for layers, hidden, emb in TRAIN_SHAPES:
-        mp = shape_params(layers, hidden, emb)
-        name = shape_name(layers, hidden, emb)
-        ctx.log(f"  training {name}")
-        loops = {}
-
-        def make(kind: str, mkldnn: bool | None, device: str = "cpu") -> Case:
-            if kind == "charlm":
-                loop = CharlmLoop(stream, SEQ_LEN, vocab_size, seed, mp, tp, device)
-            else:
-                loop = BareLoop(stream, SEQ_LEN, vocab_size, mp, BATCH, tp.lr, device)
-            loops[(kind, mkldnn, device)] = loop
-            return Case(f"{kind}/{'on' if mkldnn else 'off' if mkldnn is False else device}", loop.step, device,
-                        mkldnn, warmup_units=1)
-
-        cases = [make("charlm", True), make("bare", True), make("charlm", False), make("bare", False)]
-        r = measure(cases, bud.train_rounds, bud.train_seconds, log=ctx.log)
-        on, bare_on, off, bare_off = (r["charlm/on"], r["bare/on"], r["charlm/off"], r["bare/off"])
-        ratio = ratio_stat(on, bare_on)
-        n_par = n_params(loops[("charlm", True, "cpu")].model)
-        t_main.add(name, f"{n_par:,}", on.fmt(), bare_on.fmt(), ratio.pct(), "yes" if ratio.median >= 0.95 else "**no**")
-        dnn = ratio_stat(on, off)
-        t_dnn.add(name, on.fmt(), off.fmt(), dnn.fmt("×", 2), bare_on.fmt(), bare_off.fmt(),
-                  ratio_stat(off, bare_off).pct(), "oneDNN on" if dnn.median >= 1 else "**oneDNN off**")
-        ctx.log("  gap profile")
-        with onednn(True):
-            pieces = gap_profile(loops[("charlm", True, "cpu")], "cpu", bud.gap_seconds)
-        step_c, step_b = chars_per_step / on.median, chars_per_step / bare_on.median
-        ms = (lambda s: f"{s * 1e3:,.2f} ms")
-        us = (lambda st: f"{st.median * 1e6:,.0f} µs ({st.median / step_c:.2%})")
-        total = sum(p.median for p in pieces.values())
-        lookup = next((v for k, v in pieces.items() if k.startswith("one-hot")), None)
-        t_gap.add(name, ms(step_c), ms(step_b), f"{(step_c - step_b) * 1e3:,.2f} ms ({(step_c - step_b) / step_c:.1%})",
-                  us(pieces["batch gathering (Batches.batch + from_numpy + to)"]), us(pieces["clip_grad_norm_"]),
-                  us(pieces["AdamW (2 groups) minus Adam (1 group)"]), us(pieces["LambdaLR.step"]),
-                  us(pieces["GradScaler no-ops + loss accumulation"]), us(lookup) if lookup else "n/a",
-                  f"{total * 1e6:,.0f} µs ({total / step_c:.2%})")
-        loops.clear()
-        if ctx.cuda:
-            cases = [make("charlm", None, CUDA), make("bare", None, CUDA)]
-            r = measure(cases, bud.train_rounds, bud.train_seconds, log=ctx.log)
-            c, b = r[f"charlm/{CUDA}"], r[f"bare/{CUDA}"]
-            t_cuda.add(name, c.fmt(), b.fmt(), ratio_stat(c, b).pct())
-            loops.clear()
-    t_main.notes += [
-        f"seq_len {SEQ_LEN}, batch {BATCH}, LSTM, dropout 0 (section 2 uses params.yaml's own model, dropout "
-        f"included); {bud.train_rounds} interleaved rounds of ≥ {bud.train_seconds:g} s "
-        f"(whole steps, at least one) per case, after one warm-up step; median (min–max) over rounds.",
-        "charlm loop = bench/loops.py `CharlmLoop.step`: `charlm.data.Batches` over the packed AG News train stream, "
-        "`CharRNN`, `F.cross_entropy`, backward, `clip_grad_norm_(1.0)`, AdamW (2 param groups), `LambdaLR` with "
-        "charlm.training's `lr_factor`, the GradScaler calls (disabled on CPU), loss summed on the device.",
-        "bare loop = `nn.Embedding` (or a pre-made one-hot float input) → `nn.LSTM` → `nn.Linear`, `F.cross_entropy`, "
-        "backward, `Adam`, on 8 pre-made batches already on the device: no data pipeline, clipping or schedule.",
-        "charlm ÷ bare is the median of the per-round ratios (target ≥ 95%).",
-    ]
-    t_gap.notes += [
-        "charlm step and bare step are 6,400 chars ÷ the medians of table 1a; the pieces are timed in isolation "
-        "(median of 5 means, each over ≥ 2 calls) and shown with their share of the charlm step.",
-        "The observed gap is the difference of two noisy medians; the sum of pieces is what the extra code costs "
-        "by itself. A gap much larger than the sum is noise (or a cost hidden inside the model call).",
-    ]
-    tables = [t_main, t_dnn, t_gap]
-    if ctx.cuda:
-        tables.append(t_cuda)
-    return tables
-
-
-# ----------------------------------------------------------------------------------- 3. packing
-
-
-def synthetic_corpus(path: Path, megabytes: float, seed: int = 0) -> tuple[int, int]:
-    """Random words, one item per line, ~`megabytes` MB of UTF-8 with a few non-ASCII letters."""
-    rng = np.random.default_rng(seed)
-    letters = np.array(list("etaoinshrdlcumwfgypbvkjxqz"))
-    weights = 1 / np.arange(1, len(letters) + 1) ** 0.9
-    words = []
-    for _ in range(30_000):
-        w = "".join(rng.choice(letters, size=int(rng.integers(1, 11)), p=weights / weights.sum()))
-        if rng.random() < 0.15:
-            w = w.capitalize()
-        if rng.random() < 0.01:
-            w += rng.choice(["é", "ü", "—", "’"])
-        if rng.random() < 0.08:
-            w += rng.choice([",", ".", ";", ":", "!", "?"])
-        words.append(w)
-    zipf = 1 / np.arange(1, len(words) + 1) ** 1.05
-    target = int(megabytes * 1e6)
-    size, items = 0, 0
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        while size < target:
-            n_items = 2000
-            counts = rng.integers(5, 80, size=n_items)
-            ids = rng.choice(len(words), size=int(counts.sum()), p=zipf / zipf.sum())
-            pos = 0
-            lines = []
-            for c in counts:
-                lines.append(" ".join(words[i] for i in ids[pos:pos + c]))
-                pos += c
-            chunk = "\n".join(lines) + "\n"
-            f.write(chunk)
-            size += len(chunk.encode("utf-8"))
-            items += n_items
-    return path.stat().st_size, items
-
-
-def section_packing(ctx: Context) -> list[Table]:
-    bud = ctx.budget
-    folder = ctx.workdir / "packing"
-    raw = folder / "data" / "raw"
-    raw.mkdir(parents=True)
-    ctx.log(f"  writing a ~{bud.pack_mb:g} MB synthetic corpus")
-    train_bytes, train_items = synthetic_corpus(raw / "train.csv", bud.pack_mb, seed=0)
-    test_bytes, test_items = synthetic_corpus(raw / "test.csv", max(bud.pack_mb / 30, 0.2), seed=1)
-    corpus = train_bytes + test_bytes
-    harness.write_params(folder, prepare__format="lines")
-    baseline_cmd = ["-c", "import numpy, yaml, charlm.corpus, charlm.data, charlm.vocab, charlm.params"]
-    names = ["python + imports (baseline)", "prepare", "vocab", "pack"]
-    runs: dict[str, list[harness.StageRun]] = {n: [] for n in names}
-    for r in range(bud.pack_rounds):
-        runs[names[0]].append(harness.run_stage("baseline", folder, baseline_cmd))
-        for stage in ("prepare", "vocab", "pack"):
-            runs[stage].append(harness.run_stage(stage, folder))
-        ctx.log(f"    round {r + 1}/{bud.pack_rounds}: " + ", ".join(
-            f"{n} {runs[n][-1].seconds:.1f}s {runs[n][-1].maxrss_bytes / 2**20:.0f}MiB" for n in names[1:]))
-    table = Table(f"3. Data stages on a {corpus / 1e6:.1f} MB synthetic corpus ({train_items + test_items:,} items)",
-                  ["stage", "wall time", "peak RSS", "peak RSS ÷ corpus", "(peak RSS − baseline) ÷ corpus"])
-    base = Stat([run.maxrss_bytes for run in runs[names[0]]]).median
-    total = 0.0
-    for n in names:
-        t = Stat([run.seconds for run in runs[n]])
-        m = Stat([run.maxrss_bytes for run in runs[n]])
-        if n != names[0]:
-            total += t.median
-        table.add(n, t.fmt(" s", 2), m.fmt(" MiB", 0, 1 / 2**20), f"{m.median / corpus:.2f}×",
-                  "—" if n == names[0] else f"{(m.median - base) / corpus:.2f}×")
-    table.add("**prepare + vocab + pack**", f"**{total:.2f} s**", "", "", "")
-    packed_dir = folder / "data" / "packed"
-    packed_bytes = sum(p.stat().st_size for p in packed_dir.glob("*.npy"))
-    table.notes += [
-        f"Corpus: {train_bytes / 1e6:.1f} MB train + {test_bytes / 1e6:.2f} MB test of random Zipf-distributed words "
-        f"(a few non-ASCII letters), one item per line, `prepare.format: lines`; packed output {packed_bytes / 1e6:.1f} MB.",
-        f"Each stage runs as a fresh `python stages/<stage>.py` child; wall time and its own peak RSS "
-        f"(`os.wait4` rusage ru_maxrss); median (min–max) of {bud.pack_rounds} rounds. The baseline is a child "
-        f"that only imports what the stages import.",
-    ]
-    return [table]
-
-
-# ----------------------------------------------------------------------------------- 4. generation
-
-
-@contextlib.contextmanager
-def forced_backend():
-    """Make charlm.sampling.stream use whatever torch.backends.mkldnn.enabled is set to (no automatic choice)."""
-    import charlm.sampling as sampling
-    original = sampling.single_stream_backend
-    sampling.single_stream_backend = lambda device, batch: contextlib.nullcontext()
-    try:
-        yield
-    finally:
-        sampling.single_stream_backend = original
-
-
-def section_generation(ctx: Context) -> list[Table]:
-    from charlm.sampling import stream
-
-    bud = ctx.budget
-    vocab = ctx.data().vocab()
-    prompt, temp = "The ", 0.8
-    t_cmp = Table("4a. Generation, chars/s (all streams together)",
-                  ["model", "streams", "device", "charlm `stream` (as shipped)", "lesson: stateful steps (oneDNN on)",
-                   "lesson: prefix re-run", "fastest", "charlm ÷ lesson stateful"])
-    t_x = Table("4b. charlm generation, oneDNN on vs off (CPU), chars/s",
-                ["model", "streams", "oneDNN on", "oneDNN off", "on ÷ off", "faster",
-                 "`single_stream_backend` picks", "right choice?"])
-    crossover = {}
-
-    def charlm_unit(model, batch, device):
-        def unit():
-            for _ in stream(model, vocab, [prompt] * batch, [temp], bud.gen_length, seed=0, stop_at_eos=False):
-                pass
-            return batch * bud.gen_length
-        return unit
-
-    def lesson_unit(fn, model, batch, length):
-        gen = torch.Generator().manual_seed(0)
-
-        def unit():
-            fn(model, vocab, [prompt] * batch, length, temp, gen)
-            return batch * length
-        return unit
-
-    threshold = shipped_threshold()
-    for layers, hidden, emb in GEN_SHAPES:
-        name = shape_name(layers, hidden, emb)
-        torch.manual_seed(0)
-        model = CharRNN(len(vocab), "lstm", hidden, layers, 0.0, emb).eval()
-        for batch in (1, 64):
-            ctx.log(f"  generation {name}, {batch} stream(s)")
-            plen = bud.prefix_single if batch == 1 else bud.prefix_batch
-            cases = [Case("charlm", charlm_unit(model, batch, "cpu"), mkldnn=True),
-                     Case("lesson-stateful", lesson_unit(lesson.generate_stateful, model, batch, bud.gen_length),
-                          mkldnn=True),
-                     Case("lesson-prefix", lesson_unit(lesson.generate_prefix, model, batch, plen), mkldnn=True,
-                          warmup_units=0, warm=lesson_unit(lesson.generate_prefix, model, batch, 5))]
-            r = measure(cases, bud.gen_rounds, bud.gen_seconds, log=ctx.log)
-            best = best_of(r)
-            label = {"charlm": "charlm", "lesson-stateful": "lesson stateful", "lesson-prefix": "lesson prefix"}
-            t_cmp.add(name, batch, "cpu", r["charlm"].fmt(), r["lesson-stateful"].fmt(),
-                      f"{r['lesson-prefix'].fmt()} (n = {plen})", label[best],
-                      ratio_stat(r["charlm"], r["lesson-stateful"]).fmt("×", 2))
-        if ctx.cuda:
-            cmodel = CharRNN(len(vocab), "lstm", hidden, layers, 0.0, emb).to(CUDA).eval()
-            for batch in (1, 64):
-                cases = [Case("charlm", charlm_unit(cmodel, batch, CUDA), CUDA),
-                         Case("lesson-stateful", lesson_cuda_unit(cmodel, vocab, batch, bud.gen_length, prompt, temp),
-                              CUDA)]
-                r = measure(cases, bud.gen_rounds, bud.gen_seconds, log=ctx.log)
-                t_cmp.add(name, batch, CUDA, r["charlm"].fmt(), r["lesson-stateful"].fmt(), "—",
-                          "charlm" if r["charlm"].median >= r["lesson-stateful"].median else "lesson stateful",
-                          ratio_stat(r["charlm"], r["lesson-stateful"]).fmt("×", 2))
-    for layers, hidden, emb in CROSSOVER_SHAPES:
-        name = shape_name(layers, hidden, emb)
-        torch.manual_seed(0)
-        model = CharRNN(len(vocab), "lstm", hidden, layers, 0.0, emb).eval()
-        ctx.log(f"  oneDNN crossover {name}")
-        with forced_backend():
-            for batch in CROSSOVER_STREAMS:
-                cases = [Case("on", charlm_unit(model, batch, "cpu"), mkldnn=True),
-                         Case("off", charlm_unit(model, batch, "cpu"), mkldnn=False)]
-                r = measure(cases, bud.gen_rounds, bud.gen_seconds, log=ctx.log)
-                ratio = ratio_stat(r["on"], r["off"])
-                faster = "on" if ratio.median >= 1 else "off"
-                picks = "off" if batch <= threshold else "on"
-                t_x.add(name, batch, r["on"].fmt(), r["off"].fmt(), ratio.fmt("×", 2), f"oneDNN {faster}",
-                        f"oneDNN {picks}", "yes" if picks == faster else "**no**")
-                crossover.setdefault(name, []).append((batch, ratio.median))
-    t_cmp.notes += [
-        f"Random weights, vocabulary of the AG News data ({len(vocab)} symbols), prompt {prompt!r}, temperature {temp}; "
-        f"{bud.gen_length} characters per stream per call for the stateful methods; the prefix re-run (Recipe A, "
-        f"O(n²)) generates n characters per call, so its rate falls as n grows.",
-        "charlm `stream` is `charlm.sampling.stream` as shipped (its `single_stream_backend` picks oneDNN per batch); "
-        "the lesson styles (bench/lesson.py `generate_stateful`, `generate_prefix`) run with torch's default, oneDNN on.",
-        f"{bud.gen_rounds} interleaved rounds of ≥ {bud.gen_seconds:g} s (whole calls) per case after a warm-up call; "
-        f"median (min–max); ratios are medians of per-round ratios.",
-    ]
-    summary = []
-    for name, points in crossover.items():
-        on_wins = [b for b, x in points if x >= 1]
-        off_wins = [b for b, x in points if x < 1]
-        summary.append(f"{name}: oneDNN faster at {on_wins or 'none'}, native faster at {off_wins or 'none'}")
-    t_x.notes += [
-        "`charlm.sampling.stream` with its automatic choice disabled, so the flag set here is what runs.",
-        f"`single_stream_backend` as shipped turns oneDNN off for batch ≤ {threshold} on CPU.",
-        "Observed: " + "; ".join(summary) + ".",
-    ]
-    return [t_cmp, t_x]
-
-
-def shipped_threshold() -> int:
-    """The batch size up to which charlm.sampling.single_stream_backend turns oneDNN off (probed, not assumed)."""
-    import charlm.sampling as sampling
-    last_off = 0
-    for batch in range(1, 129):
-        with onednn(True), sampling.single_stream_backend(torch.device("cpu"), batch):
-            if not torch.backends.mkldnn.enabled:
-                last_off = batch
-    return last_off
-
-
-def lesson_cuda_unit(model, vocab, batch, length, prompt, temp):
-    gen = torch.Generator(device=CUDA).manual_seed(0)
-
-    @torch.no_grad()
-    def unit():
-        out, state = model(torch.tensor([vocab.ids(prompt)] * batch, device=CUDA))
-        texts = [prompt] * batch
-        for _ in range(length):
-            nc = torch.multinomial(out[:, -1].div(temp).exp(), 1, generator=gen)
-            texts = [t + vocab.itos[i] for t, i in zip(texts, nc[:, 0].tolist())]
-            out, state = model(nc, state)
-        return batch * length
-    return unit
-
-
-# ----------------------------------------------------------------------------------- 5. evaluation
-
-
-def section_evaluation(ctx: Context) -> list[Table]:
-    bud = ctx.budget
-    packed = ctx.data().packed()
-    test = np.asarray(packed.streams["test"])
-    starts, lengths = item_bounds(test, EOS_ID)
-    vocab_size = packed.meta["vocab_size"]
-    table = Table("5. Test-set scoring throughput of `score_items`, chars/s (CPU)",
-                  ["model", "batch", "padding efficiency", "oneDNN on", "oneDNN off", "on ÷ off", "faster"])
-    t_cuda = Table("5b. Test-set scoring throughput on CUDA, chars/s", ["model", "batch", "CUDA"])
-
-    def cells_for(batch: int) -> list[list[np.ndarray]]:
-        """score_items' own batches of the whole split (sorted by length), dealt round-robin into strata, so
-        every stratum spans all lengths and the strata together are the whole split, each batch once."""
-        order = np.argsort(lengths, kind="stable")
-        batches = [order[i:i + batch] for i in range(0, len(order), batch)]
-        k = min(bud.eval_cells, len(batches))
-        cells = [batches[c::k] for c in range(k)]
-        # a partial run starts with the stratum whose length mix is closest to the whole split's
-        mean = lengths.mean()
-        return sorted(cells, key=lambda cell: abs(np.mean([lengths[i].mean() for i in cell]) - mean))
-
-    def case(name, model, cells, device, mkldnn):
-        it = iter(range(10**9))
-
-        def unit():
-            cell = cells[next(it) % len(cells)]
-            chars = 0
-            for idx in cell:
-                _, c, _ = score_items(model, test, starts[idx], lengths[idx], len(idx), torch.device(device))
-                chars += c
-            return chars
-
-        def warm():
-            idx = np.argsort(lengths, kind="stable")[:8]
-            score_items(model, test, starts[idx], lengths[idx], 8, torch.device(device))
-
-        return Case(name, unit, device, mkldnn, warmup_units=0, warm=warm)
-
-    for layers, hidden, emb in EVAL_SHAPES:
-        name = shape_name(layers, hidden, emb)
-        torch.manual_seed(0)
-        model = CharRNN(vocab_size, "lstm", hidden, layers, 0.0, emb).eval()
-        for batch in (64, 256):
-            ctx.log(f"  evaluation {name}, batch {batch}")
-            cells = cells_for(batch)
-            rounds = min(bud.eval_rounds, len(cells))
-            cases = [case("on", model, cells, "cpu", True), case("off", model, cells, "cpu", False)]
-            r = measure(cases, rounds, 0.0, log=ctx.log, cap_s=bud.eval_cap_seconds)
-            rounds = len(cases[0].rates)
-            ratio = ratio_stat(r["on"], r["off"])
-            order = np.argsort(lengths, kind="stable")
-            padded = sum(int(lengths[order[i:i + batch]].max()) * len(order[i:i + batch])
-                         for i in range(0, len(order), batch))
-
-            def cell_fmt(c: Case) -> str:
-                if len(c.rates) == len(cells):
-                    total = sum(c.amounts) / sum(c.seconds)
-                    return f"**{total:,.0f}** whole split; strata {c.stat.fmt()}"
-                return f"{c.stat.fmt()} ({len(c.rates)} of {len(cells)} strata)"
-
-            table.add(name, batch, f"{lengths.sum() / padded:.0%}", cell_fmt(cases[0]), cell_fmt(cases[1]),
-                      ratio.fmt("×", 2), "oneDNN on" if ratio.median >= 1 else "oneDNN off")
-            if ctx.cuda:
-                cmodel = CharRNN(vocab_size, "lstm", hidden, layers, 0.0, emb).to(CUDA).eval()
-                cc = case("cuda", cmodel, cells, CUDA, None)
-                measure([cc], rounds, 0.0)
-                t_cuda.add(name, batch, cell_fmt(cc))
-    n_chars = int(lengths.sum())
-    table.notes += [
-        f"The {len(lengths):,}-item test split ({n_chars:,} scored characters), random weights. score_items sorts items "
-        "by length and pads each batch to its longest item; padding efficiency = scored characters ÷ padded positions.",
-        f"score_items' own batches are dealt round-robin into {bud.eval_cells} strata (every stratum spans all item "
-        f"lengths); each round times one stratum, batch by batch through `score_items`, with oneDNN on and off "
-        f"interleaved on the same batches. "
-        + (f"Up to {bud.eval_rounds} strata are timed per case, the one closest to the split's mean length first, "
-           if bud.eval_rounds > 1 else "One stratum is timed per case, the one closest to the split's mean length, ")
-        + f"and no new stratum is started after {bud.eval_cap_seconds:g} s per model and batch size. When all strata "
-        f"are timed, 'whole split' = all scored characters ÷ the summed time of every batch, and 'strata' gives the "
-        f"median (min–max) of the per-stratum rates; otherwise the figure covers the strata shown.",
-    ]
-    return [table] + ([t_cuda] if ctx.cuda else [])
-
-
-# ----------------------------------------------------------------------------------- report
+# ----------------------------------------------------------------------------------- sections and report
 
 
 SECTIONS = {
-    "train": ("1. Training step throughput", section_train),
-    "packing": ("3. Packing", section_packing),
-    "generation": ("4. Generation", section_generation),
-    "evaluation": ("5. Evaluation", section_evaluation),
+    "train": ("1. Training step throughput", train_speed.section),
+    "packing": ("3. Packing", packing.section),
+    "generation": ("4. Generation", generation.section),
+    "evaluation": ("5. Evaluation", evaluation.section),
 }
+# Section 2 is not measured here; in the full report its heading points at the part that bench/quality.py writes.
+QUALITY_POINTER = ["", "## 2. Quality", "",
+                   "Moved to the [Quality](#quality) part at the end of this file, written by `bench/quality.py` "
+                   "(about an hour)."]
 
 
 def busy_warning(facts: dict[str, str], section_loads: list[float]) -> str:
@@ -567,7 +124,7 @@ def render(ctx: Context, command: str, facts: dict[str, str], total_s: float) ->
     if bud.name == "quick":
         out += ["> **QUICK RUN** (`--quick`): small budgets and few repeats, for development only. These numbers are "
                 "not the reference; run `make bench` on a quiet machine to regenerate this file with full budgets.", ""]
-    busy = busy_warning(facts, [float(extra[0]) for _, _, _, extra in ctx.sections])
+    busy = busy_warning(facts, [load for *_, load in ctx.sections])
     if busy:
         out += [f"> **Busy machine:** {busy}", ""]
     out += [f"Generated by `{command}` — do not edit by hand; every number below was measured by that run.", "",
@@ -577,17 +134,20 @@ def render(ctx: Context, command: str, facts: dict[str, str], total_s: float) ->
             "- Throughput is a median over repeats with the (min–max) range beside it. Cases that are compared are "
             "measured in the same run, interleaved round by round with a rotating order, and a ratio is the median "
             "of the per-round ratios.",
-            "- CPU figures use torch's default thread count (see the table above). CUDA tables appear only on a machine "
-            "with CUDA.",
+            "- CPU figures use torch's default thread count (see the table above). CUDA tables appear only on a "
+            "machine with CUDA.",
             "- A busy machine (see the load averages) widens the ranges and lowers every figure; ratios measured in "
             "the same round are much more robust than absolute numbers.", "",
             "### Budgets of this run", "", "| budget | value |", "|---|---|"]
     out += [f"| {f.name} | {getattr(bud, f.name)} |" for f in dataclasses.fields(bud)]
+    pointer = QUALITY_POINTER if len(ctx.sections) == len(SECTIONS) else None  # in the full report only
     for title, tables, seconds, _ in ctx.sections:
+        if pointer and title > "2":
+            out, pointer = out + pointer, None
         out += ["", f"## {title}", "", f"_Section wall time: {seconds:.0f} s._", ""]
         out += [t.markdown() for t in tables]
     out += ["", "## Runtime", "", "| section | seconds | 1-min load average at its end |", "|---|---:|---:|"]
-    out += [f"| {title} | {seconds:.0f} | {extra[0]} |" for title, _, seconds, extra in ctx.sections]
+    out += [f"| {title} | {seconds:.0f} | {load:.2f} |" for title, _, seconds, load in ctx.sections]
     out += [f"| **total (including data preparation)** | **{total_s:.0f}** | |", ""]
     return "\n".join(out)
 
@@ -621,7 +181,7 @@ def main(argv=None) -> None:
             t0 = time.perf_counter()
             tables = fn(ctx)
             seconds = time.perf_counter() - t0
-            ctx.sections.append((title, tables, seconds, [f"{os.getloadavg()[0]:.2f}"]))
+            ctx.sections.append((title, tables, seconds, os.getloadavg()[0]))
             print(f"\n## {title}  ({seconds:.0f} s)\n")
             for t in tables:
                 print(t.markdown())
@@ -631,7 +191,7 @@ def main(argv=None) -> None:
     total = time.perf_counter() - ctx.t0
     facts["load average at end (1/5/15 min)"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     facts["data preparation (prepare/vocab/pack on AG News)"] = (
-        ", ".join(f"{k} {v:.1f} s" for k, v in ctx._prepared.seconds.items()) if ctx._prepared else "not needed")
+        ", ".join(f"{k} {v:.1f} s" for k, v in ctx.prepared.seconds.items()) if ctx.prepared else "not needed")
     print(f"\ntotal wall time: {total:.0f} s")
     if output is not None:
         # The Quality part is bench/quality.py's (an hour of its own); keep it as it is.
