@@ -113,17 +113,19 @@ def stream(
     encoded = {p: encode_prompt(vocab, p) for p in dict.fromkeys(prompts)}
     temps = torch.tensor([t for _, t in pairs], dtype=torch.float32, device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
-    alive = torch.ones(len(pairs), dtype=torch.bool, device=device)
+    alive = [True] * len(pairs)
     with single_stream_backend(device, len(pairs)):
         logits, state = model.prime([encoded[p] for p, _ in pairs])
         step = model.stepper()
         for _ in range(length):
             token = sample(logits, temps, top_k, top_p, gen)
-            out = torch.where(alive, token, -1).tolist()
-            yield [i if i >= 0 else None for i in out]
+            # The stopped streams are tracked on the host, from the one copy of the tokens that is made anyway:
+            # on CUDA each device-side check would be one more sync per character.
+            drawn = token.tolist()
+            yield [t if on else None for t, on in zip(drawn, alive, strict=True)]
             if stop_at_eos:
-                alive &= token != EOS_ID
-                if not alive.any():
+                alive = [on and t != EOS_ID for t, on in zip(drawn, alive, strict=True)]
+                if not any(alive):
                     return
             logits, state = step(token, state)
 
