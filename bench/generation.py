@@ -1,5 +1,6 @@
 """Section 4: generation throughput of `charlm.sampling.stream` against the lesson's two styles (bench/lesson.py:
-stateful steps, and the O(n²) prefix re-run), and the oneDNN on/off crossover that `single_stream_backend` encodes."""
+stateful steps, and the O(n²) prefix re-run), the oneDNN on/off crossover that `single_stream_backend` encodes for
+the cells that step through nn, and the written-out LSTM step of `CharRNN.stepper` against nn.LSTM's."""
 from __future__ import annotations
 
 import contextlib
@@ -11,10 +12,12 @@ from bench import lesson
 from bench.harness import CUDA, Case, Table, best_of, measure, onednn, ratio_stat, shape_name
 from charlm.model import CharRNN
 
-SHAPES = [(1, 256, 32), (2, 512, 32)]  # layers, hidden, embedding
+SHAPES = [(1, 256, 32), (2, 256, 32), (2, 512, 32)]  # layers, hidden, embedding
 STREAMS = (1, 64)
-CROSSOVER_SHAPES = [(1, 256, 32), (2, 256, 32), (2, 512, 32)]
+CROSSOVER_CELL = "gru"  # an LSTM steps through CharRNN.stepper on a CPU, which oneDNN does not touch
 CROSSOVER_STREAMS = (1, 4, 16, 32, 64)
+STEP_STREAMS = (1, 4, 16, 64)
+STEPS_PER_UNIT = 100
 PROMPT, TEMPERATURE = "The ", 0.8
 
 
@@ -45,6 +48,20 @@ def charlm_unit(model, vocab, batch: int, length: int):
         for _ in sampling.stream(model, vocab, [PROMPT] * batch, [TEMPERATURE], length, seed=0, stop_at_eos=False):
             pass
         return batch * length
+    return unit
+
+
+def step_unit(step, model, batch: int):
+    """STEPS_PER_UNIT one-character steps of `batch` streams through `step` (model.step or model.stepper())."""
+    token = torch.randint(3, model.config["vocab_size"], (batch,), generator=torch.Generator().manual_seed(0))
+    _, state = model.prime([[1, 5, 6]] * batch)
+
+    @torch.no_grad()
+    def unit():
+        s = state
+        for _ in range(STEPS_PER_UNIT):
+            _, s = step(token, s)
+        return batch * STEPS_PER_UNIT
     return unit
 
 
@@ -79,7 +96,7 @@ def section(ctx) -> list[Table]:
     t_cmp = Table("4a. Generation, chars/s (all streams together)",
                   ["model", "streams", "device", "charlm `stream` (as shipped)", "lesson: stateful steps (oneDNN on)",
                    "lesson: prefix re-run", "fastest", "charlm ÷ lesson stateful"])
-    t_x = Table("4b. charlm generation, oneDNN on vs off (CPU), chars/s",
+    t_x = Table("4b. charlm generation through nn (a GRU), oneDNN on vs off (CPU), chars/s",
                 ["model", "streams", "oneDNN on", "oneDNN off", "on ÷ off", "faster",
                  "`single_stream_backend` picks", "right choice?"])
     label = {"charlm": "charlm", "lesson-stateful": "lesson stateful", "lesson-prefix": "lesson prefix"}
@@ -111,10 +128,10 @@ def section(ctx) -> list[Table]:
                           label[best_of(r)],
                           ratio_stat(r["charlm"], r["lesson-stateful"]).fmt("×", 2))
     crossover = {}
-    for layers, hidden, emb in CROSSOVER_SHAPES:
-        name = shape_name(layers, hidden, emb)
+    for layers, hidden, emb in SHAPES:
+        name = f"{shape_name(layers, hidden, emb)} {CROSSOVER_CELL}"
         torch.manual_seed(0)
-        model = CharRNN(len(vocab), "lstm", hidden, layers, 0.0, emb).eval()
+        model = CharRNN(len(vocab), CROSSOVER_CELL, hidden, layers, 0.0, emb).eval()
         ctx.log(f"  oneDNN crossover {name}")
         with forced_backend():
             for batch in CROSSOVER_STREAMS:
@@ -127,6 +144,27 @@ def section(ctx) -> list[Table]:
                 t_x.add(name, batch, r["on"].fmt(), r["off"].fmt(), ratio.fmt("×", 2), f"oneDNN {faster}",
                         f"oneDNN {picks}", "yes" if picks == faster else "**no**")
                 crossover.setdefault(name, []).append((batch, ratio.median))
+    t_step = Table("4c. One LSTM step: `CharRNN.stepper` (written out) vs nn.LSTM (`CharRNN.step`), CPU, chars/s",
+                   ["model", "streams", "nn.LSTM, oneDNN on", "nn.LSTM, oneDNN off", "written out",
+                    "written out ÷ best nn.LSTM"])
+    for layers, hidden, emb in SHAPES:
+        name = shape_name(layers, hidden, emb)
+        torch.manual_seed(0)
+        model = CharRNN(len(vocab), "lstm", hidden, layers, 0.0, emb).eval()
+        ctx.log(f"  stepper {name}")
+        for batch in STEP_STREAMS:
+            cases = [Case("on", step_unit(model.step, model, batch), mkldnn=True),
+                     Case("off", step_unit(model.step, model, batch), mkldnn=False),
+                     Case("stepper", step_unit(model.stepper(), model, batch), mkldnn=True)]
+            r = measure(cases, bud.gen_rounds, bud.gen_seconds, log=ctx.log)
+            best_nn = r["on"] if r["on"].median >= r["off"].median else r["off"]
+            t_step.add(name, batch, r["on"].fmt(), r["off"].fmt(), r["stepper"].fmt(),
+                       ratio_stat(r["stepper"], best_nn).fmt("×", 2))
+    t_step.notes += [
+        f"{STEPS_PER_UNIT} steps per call from a primed state, the sampler left out; the same rounds and budgets as "
+        "4a. The written-out step folds layer 0's input projection into the embedding table; oneDNN does not "
+        "touch it. `stream` uses it for an LSTM in eval mode on a CPU.",
+    ]
     t_cmp.notes += [
         f"Random weights, vocabulary of the AG News data ({len(vocab)} symbols), prompt {PROMPT!r}, "
         f"temperature {TEMPERATURE}; {bud.gen_length} characters per stream per call for the stateful methods; the "
@@ -143,8 +181,10 @@ def section(ctx) -> list[Table]:
         off_wins = [b for b, x in points if x < 1]
         summary.append(f"{name}: oneDNN faster at {on_wins or 'none'}, native faster at {off_wins or 'none'}")
     t_x.notes += [
-        "`charlm.sampling.stream` with its automatic choice disabled, so the flag set here is what runs.",
+        f"A {CROSSOVER_CELL.upper()} (GRU and RNN cells step through nn; an LSTM through 4c's written-out step, "
+        "which oneDNN does not touch). `charlm.sampling.stream` with its automatic choice disabled, so the flag set "
+        "here is what runs.",
         f"`single_stream_backend` as shipped turns oneDNN off for batch ≤ {threshold} on CPU.",
         "Observed: " + "; ".join(summary) + ".",
     ]
-    return [t_cmp, t_x]
+    return [t_cmp, t_x, t_step]
