@@ -1,15 +1,16 @@
 """Reading raw corpora into items (one string each) and repairing AG News escape debris.
 
-Prepared corpora are UTF-8 text files with one item per line, so later stages read them with one
-`read_text` and never re-parse CSV. Items therefore never contain a newline.
+Raw files are read a row or line at a time, never whole. Prepared corpora are UTF-8 text files with one item
+per line, so later stages read them as plain text and never re-parse CSV. Items therefore never contain a newline.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import html
-import io
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 from charlm.errors import CharlmError
@@ -57,6 +58,9 @@ def flatten(text: str) -> str:
     return _LINE_BREAK.sub(" ", text)
 
 
+_CHUNK = 1 << 20  # bytes checked, or characters normalised, at a time
+
+
 def decode(raw: bytes, path: Path) -> str:
     if not raw.strip():
         raise CharlmError(f"{path}: the file is empty; check the download URL or the input file")
@@ -73,49 +77,85 @@ def decode(raw: bytes, path: Path) -> str:
     return text.removeprefix("\ufeff")
 
 
-def read_ag_news(path: Path, fields: list[str], clean_text: bool, separator: str) -> list[str]:
-    """Parse an AG News CSV (no header; label, title, description) into items, checking every row."""
-    text = decode(Path(path).read_bytes(), path)
+def check_text(path: Path) -> None:
+    """`decode`'s checks (empty, not UTF-8, NUL) over the whole file, a chunk at a time. The readers below run it
+    before they parse, so a file with an encoding problem anywhere is refused for that, as when it was decoded
+    whole, and not for a CSV error on an earlier line."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    blank = True
+    with open(path, "rb") as f:
+        try:
+            while chunk := f.read(_CHUNK):
+                blank = blank and not chunk.strip()
+                if b"\x00" in chunk:
+                    break
+                decoder.decode(chunk)
+            else:
+                decoder.decode(b"", final=True)
+                if not blank:
+                    return
+        except UnicodeDecodeError:
+            pass
+    decode(Path(path).read_bytes(), path)  # a bad file: read whole once more, only to name the line as before
+
+
+# Both readers open the file with newline="" (a CSV field may hold a newline; lines end at "\n", "\r" or
+# "\r\n", untranslated) and utf-8-sig, which drops a leading BOM as `decode` does.
+
+
+def ag_news_items(path: Path, fields: list[str], clean_text: bool, separator: str) -> Iterator[str]:
+    """The items of an AG News CSV (no header; label, title, description), a row at a time, checking every row."""
+    check_text(path)
     # Every field is read as a string (a title such as "NaN" or "1" stays text), and every row is checked:
     # a short row is an error, not a row padded with empty fields.
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     picks = [AG_NEWS_COLUMNS.index(f) for f in fields]
     fix = clean if clean_text else flatten
-    items, row, line = [], 0, 1
-    try:
-        for record in reader:
-            if record:  # a blank line
-                row += 1
-                if len(record) != 3:
-                    raise CharlmError(
-                        f"{path}: line {line}: row {row} has {len(record)} columns, expected 3 "
-                        f"(label, title, description); is this an AG News CSV? "
-                        f"For plain text use prepare.format: lines"
-                    )
-                if record[0] not in ("1", "2", "3", "4"):
-                    raise CharlmError(
-                        f"{path}: line {line}: row {row}: label {record[0]!r} is outside 1..4; "
-                        f"is this an AG News CSV? For plain text use prepare.format: lines"
-                    )
-                items.append(fix(separator.join(record[i] for i in picks)))
-            line = reader.line_num + 1
-    except csv.Error as e:
-        raise CharlmError(
-            f'{path}: line {line}: malformed CSV ({e}); each row must be "label","title","description"'
-        ) from None
-    if not items:
+    row, line = 0, 1
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f, strict=True)
+        try:
+            for record in reader:
+                if record:  # a blank line
+                    row += 1
+                    if len(record) != 3:
+                        raise CharlmError(
+                            f"{path}: line {line}: row {row} has {len(record)} columns, expected 3 "
+                            f"(label, title, description); is this an AG News CSV? "
+                            f"For plain text use prepare.format: lines"
+                        )
+                    if record[0] not in ("1", "2", "3", "4"):
+                        raise CharlmError(
+                            f"{path}: line {line}: row {row}: label {record[0]!r} is outside 1..4; "
+                            f"is this an AG News CSV? For plain text use prepare.format: lines"
+                        )
+                    yield fix(separator.join(record[i] for i in picks))
+                line = reader.line_num + 1
+        except csv.Error as e:
+            raise CharlmError(
+                f'{path}: line {line}: malformed CSV ({e}); each row must be "label","title","description"'
+            ) from None
+    if not row:
         raise CharlmError(f"{path}: the file has no rows; check the download URL or the input file")
-    return items
+
+
+def line_items(path: Path, clean_text: bool) -> Iterator[str]:
+    """Plain UTF-8 text, one item per line (a char-rnn style input.txt), a line at a time: the items of
+    `text.splitlines()`."""
+    check_text(path)
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        # Each line is split once more at the boundaries that only splitlines() knows ("\v", "\x85", ...), and is
+        # dropped once split, so that a very long line is not held once more beside its item.
+        for items in map(str.splitlines, f):
+            for item in items:
+                yield normalise_space(item) if clean_text else item
+
+
+def read_ag_news(path: Path, fields: list[str], clean_text: bool, separator: str) -> list[str]:
+    return list(ag_news_items(path, fields, clean_text, separator))
 
 
 def read_lines(path: Path, clean_text: bool) -> list[str]:
-    """Plain UTF-8 text, one item per line (a char-rnn style input.txt)."""
-    text = decode(Path(path).read_bytes(), path)
-    lines = text.splitlines()
-    return [normalise_space(line) for line in lines] if clean_text else lines
-
-
-_CHUNK = 1 << 20
+    return list(line_items(path, clean_text))
 
 
 def normalise_space(line: str) -> str:

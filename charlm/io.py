@@ -152,6 +152,20 @@ def read_text(path: str | os.PathLike, what: str, fix: str) -> str:
         raise CharlmError(f"{path}: {what} is not UTF-8 (byte {e.start}); {fix}") from None
 
 
+def read_text_chunks(path: str | os.PathLike, what: str, fix: str, size: int = 1 << 20) -> Iterator[str]:
+    """`read_text`, `size` characters at a time (no chunk is empty), so a large artifact is never whole in memory.
+    Newlines are read as `read_text` reads them: "\\r\\n" and "\\r" arrive as "\\n", never split across chunks."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            while chunk := f.read(size):
+                yield chunk
+    except FileNotFoundError:
+        raise CharlmError(f"{path}: {what} not found; {fix}") from None
+    except UnicodeDecodeError:
+        read_text(path, what, fix)  # the whole file once more, only to name the first bad byte as read_text does
+        raise
+
+
 def read_json(path: str | os.PathLike, what: str, fix: str) -> dict:
     """Read a JSON artifact; a missing or damaged file is a CharlmError naming `what` and `fix`."""
     try:

@@ -11,9 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from charlm import params
-from charlm.data import FORMAT, encode_items, sha256, split_items, window_starts
+from charlm.data import FORMAT, count_windows, pack_file, sha256
 from charlm.errors import CharlmError, run_main
-from charlm.io import atomic_dir, read_text, write_json, write_npy
+from charlm.io import atomic_dir, write_json, write_npy
 from charlm.vocab import Vocab
 
 PREPARED, OUT = Path("data/prepared"), Path("data/packed")
@@ -23,20 +23,17 @@ def main() -> None:
     p = params.load(params.PackParams)
     vocab = Vocab.load("data/vocab.json")
     fix = "rerun `dvc repro prepare`"
-    items = read_text(PREPARED / "train.txt", "prepared train split", fix).splitlines()
-    train, val = split_items(items, p.val_fraction, p.seed)
-    del items
-    test = read_text(PREPARED / "test.txt", "prepared test split", fix).splitlines()
-    texts = {"train": train, "val": val, "test": test}
-    del train, val, test
+    # The prepared text is read a chunk at a time and never held whole: memory is the encoded streams (a byte a
+    # character for up to 256 symbols), plus temporaries of a chunk or O(items) (see charlm/data.py).
+    train, val = pack_file(vocab, PREPARED / "train.txt", "prepared train split", fix, p.val_fraction, p.seed)
+    test, _ = pack_file(vocab, PREPARED / "test.txt", "prepared test split", fix)
     streams, splits = {}, {}
-    for split in list(texts):
-        lines = texts.pop(split)  # so each text is freed before the next split is encoded
-        streams[split] = stream = encode_items(vocab, "\n".join(lines))
+    for split, (stream, items) in {"train": train, "val": val, "test": test}.items():
+        streams[split] = stream
         splits[split] = {
-            "items": len(lines),
+            "items": items,
             "tokens": int(len(stream)),
-            "windows": len(window_starts(stream, p.seq_len, p.align)),
+            "windows": count_windows(stream, p.seq_len, p.align),
             "sha256": sha256(stream),
         }
     # Check everything before writing anything, so a failed pack leaves no partial output.

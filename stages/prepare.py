@@ -10,34 +10,47 @@ from pathlib import Path
 
 from charlm import corpus, params
 from charlm.errors import CharlmError, run_main
-from charlm.io import all_or_none, write_text
+from charlm.io import all_or_none, atomic_path
 
 RAW, OUT = Path("data/raw"), Path("data/prepared")
 
 
+def prepare(p: params.PrepareParams, split: str, out: Path) -> str:
+    """Stream one raw split into `out`, an item at a time (memory stays small next to the corpus); a summary."""
+    path = RAW / f"{split}.csv"
+    if not path.is_file():
+        raise CharlmError(f"{path}: not found; run the download stage (`dvc repro download`) first")
+    if p.format == "ag_news":
+        items = corpus.ag_news_items(path, p.fields, p.clean, p.separator)
+    else:
+        items = corpus.line_items(path, p.clean)
+    kept = dropped = chars = 0
+    with open(out, "w", encoding="utf-8") as f:
+        for item in items:
+            if item:
+                f.write(item)  # not item + "\n": that would copy a long item once more
+                f.write("\n")
+                kept, chars = kept + 1, chars + len(item)
+            else:
+                dropped += 1
+    if not kept:
+        raise CharlmError(f"{path}: no non-empty items after preparing; the corpus is empty")
+    return f"prepare: {split}: {kept:,} items ({dropped} empty dropped), {chars:,} characters"
+
+
 def main() -> None:
     p = params.load(params.PrepareParams)
-    prepared = {}
-    # Read and check both splits before writing either, so a bad test split leaves no train output behind.
-    for split in ("train", "test"):
-        path = RAW / f"{split}.csv"
-        if not path.is_file():
-            raise CharlmError(f"{path}: not found; run the download stage (`dvc repro download`) first")
-        if p.format == "ag_news":
-            items = corpus.read_ag_news(path, p.fields, p.clean, p.separator)
-        else:
-            items = corpus.read_lines(path, p.clean)
-        kept = [item for item in items if item]
-        if not kept:
-            raise CharlmError(f"{path}: no non-empty items after preparing; the corpus is empty")
-        prepared[split] = (kept, len(items) - len(kept))
+    # Read and check both splits before either output is replaced: each is written to a temp file, and both are
+    # renamed only once both are complete, so a bad test split leaves no new train output behind. Each split is
+    # written inside its own atomic_path only, so a full disk names the file that did not fit.
     with all_or_none() as written:
-        for split, (kept, dropped) in prepared.items():
-            write_text(OUT / f"{split}.txt", "\n".join(kept) + "\n")
-            written.append(OUT / f"{split}.txt")
-            print(
-                f"prepare: {split}: {len(kept):,} items ({dropped} empty dropped), {sum(map(len, kept)):,} characters"
-            )
+        with atomic_path(OUT / "train.txt") as train:
+            done = [prepare(p, "train", train)]
+            with atomic_path(OUT / "test.txt") as test:
+                done.append(prepare(p, "test", test))
+            written.append(OUT / "test.txt")  # renamed: removed again if renaming train fails
+        written.append(OUT / "train.txt")
+    print("\n".join(done))
 
 
 if __name__ == "__main__":

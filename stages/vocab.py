@@ -7,21 +7,30 @@ it (`train.init_from`); characters the model never saw then become <unk>.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 from charlm import params
 from charlm.errors import CharlmError, run_main
-from charlm.io import read_text
+from charlm.io import read_text_chunks
 from charlm.vocab import Vocab, count_chars
 
 PREPARED, OUT = Path("data/prepared"), Path("data/vocab.json")
+CHUNK = 1 << 18  # characters counted at a time: count_chars' temporaries are ~10 bytes a character
+
+
+def count_file(split: str, fix: str) -> dict[str, int]:
+    """`count_chars` of a prepared split, read a chunk at a time: the text is never whole in memory."""
+    total: Counter[str] = Counter()
+    for chunk in read_text_chunks(PREPARED / f"{split}.txt", f"prepared {split} split", fix, CHUNK):
+        total.update(count_chars(chunk))
+    return {c: total[c] for c in sorted(total, key=ord)}
 
 
 def main() -> None:
     p = params.load(params.VocabParams)
     fix = "rerun `dvc repro prepare`"
-    train = read_text(PREPARED / "train.txt", "prepared train split", fix)
-    counts = count_chars(train)
+    counts = count_file("train", fix)
     if p.from_model:
         from charlm import artifact  # imports torch: only when a model is asked for
 
@@ -32,7 +41,7 @@ def main() -> None:
         raise CharlmError(
             f"no character occurs vocab.min_count={p.min_count} times in the train split; lower vocab.min_count"
         )
-    test_counts = count_chars(read_text(PREPARED / "test.txt", "prepared test split", fix))
+    test_counts = count_file("test", fix)
     test_chars = sum(n for c, n in test_counts.items() if c != "\n")
     test_unk = sum(n for c, n in test_counts.items() if c != "\n" and c not in vocab.itos)
     train_chars = sum(n for c, n in counts.items() if c != "\n")

@@ -263,3 +263,52 @@ def test_read_lines_errors(tmp_path, data, expected):
     with pytest.raises(CharlmError) as info:
         corpus.read_lines(path, True)
     assert expected in str(info.value) and str(path) in str(info.value)
+
+
+# --------------------------------------------------------------------------- streaming: the whole file is never held
+
+
+@settings(max_examples=100, deadline=None)
+@given(text=st.text(st.sampled_from("ab \u00e9" + LINE_BREAKS), max_size=40), pad=st.integers(0, 12),
+       bom=st.booleans())
+def test_read_lines_is_splitlines_of_the_whole_text(tmp_path_factory, text, pad, bom):
+    """Lines are read a few KiB at a time; a "\r\n" that straddles two reads is still one line end."""
+    text = "x" * (8192 - pad) + text  # so that line ends fall on the reader's 8 KiB boundary
+    path = tmp_path_factory.mktemp("lines") / "input.txt"
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode("utf-8"))
+    assert corpus.read_lines(path, False) == text.splitlines()
+
+
+@pytest.mark.parametrize("pad", [8187, 8188, 8189, 8190, 8191, 8192])
+def test_read_ag_news_crlf_across_read_boundaries(tmp_path, pad):
+    rows = [("1", "x" * pad, "a\r\nb"), ("2", "t", "y" * pad), ("3", "u", "v")]
+    for bom in (False, True):
+        path = write_csv(tmp_path / f"{bom}.csv", rows, bom=bom, newline="\r\n")
+        assert corpus.read_ag_news(path, ["title", "description"], False, " ") == [
+            "x" * pad + " a b", "t " + "y" * pad, "u v"]
+
+
+@pytest.mark.parametrize("data, expected", [
+    (b'"1","T1"\n' + b'"2","a","b"\n' * 3 + b'"3","caf\xe9","e"\n', ["line 5", "UTF-8"]),
+    (b'"1","T1","D1"\n"9","T2","D2"\n' + b'"2","a","b"\n' * 40_000 + b'"3","\x00","e"\n', ["line 40003", "NUL"]),
+    (b'"1","unterminated,"c"\n' + b'"2","a","b"\n' * 200_000 + b'\xff\n', ["line 200002", "UTF-8"]),
+])
+def test_read_ag_news_checks_the_encoding_of_the_whole_file_first(tmp_path, data, expected):
+    """The file is parsed a row at a time, but an encoding problem anywhere is still the error reported, as when
+    the file was decoded whole, ahead of a bad row on an earlier line."""
+    path = tmp_path / "train.csv"
+    path.write_bytes(data)
+    message = read_error(path)
+    for part in expected:
+        assert part in message, (part, message)
+
+
+def test_readers_stream_items_without_reading_the_whole_file(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_bytes(b'"1","a","b"\n' * 100 + b'"2","T2"\n')  # row 101 is bad, found only when reached
+    items = corpus.ag_news_items(path, ["title", "description"], True, " ")
+    assert [next(items) for _ in range(100)] == ["a b"] * 100
+    with pytest.raises(CharlmError, match="row 101 has 2 columns"):
+        next(items)
+    path.write_bytes(b"one\ntwo  words\n")
+    assert list(corpus.line_items(path, True)) == ["one", "two words"]

@@ -1,10 +1,16 @@
 """Packed token streams, the validation split and the minibatch iterator (charlm/data.py)."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from conftest import WORDS, raw_project
 
 from charlm import data
 from charlm.data import Batches, encode_items, item_bounds, load_packed, n_windows, split_items, window_starts
@@ -92,6 +98,53 @@ def test_split_items_depends_on_the_seed():
 def test_split_items_zero_fraction_keeps_everything_in_train():
     items = [f"item{i}" for i in range(10)]
     assert split_items(items, 0.0, 0) == (items, [])
+
+
+# --------------------------------------------------------------------------- lines_of, pack_file (what pack runs)
+
+BREAKS = "\n\v\f\x1c\x1d\x1e\x85\u2028\u2029"  # where str.splitlines() breaks, "\r" aside (read as "\n")
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(st.sampled_from("ab\u00e9" + BREAKS), max_size=40), cuts=st.lists(st.integers(1, 39), max_size=8))
+def test_lines_of_is_splitlines_at_any_chunking(text, cuts):
+    bounds = sorted({0, len(text), *(c for c in cuts if c < len(text))})
+    chunks = [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    assert [line for lines in data.lines_of(chunks) for line in lines] == text.splitlines()
+
+
+def test_lines_of_joins_a_line_longer_than_many_chunks_once():
+    chunks = ["ab"] * 1000 + ["c\nd", "e"]
+    assert list(data.lines_of(chunks)) == [["ab" * 1000 + "c"], ["de"]]
+
+
+@settings(max_examples=150, deadline=None)
+@given(items=st.lists(item_text, max_size=14), val_fraction=st.sampled_from([0.0, 0.3, 0.5, 0.99]),
+       seed=st.integers(0, 5), chunk=st.sampled_from([1, 2, 5, 1 << 18]), newline=st.sampled_from(["\n", "\r\n"]))
+def test_pack_file_is_encode_items_of_split_items(tmp_path_factory, items, val_fraction, seed, chunk, newline):
+    """pack_file reads a split twice, a chunk at a time; its streams are those of the whole text, as pack made
+    them before, also for empty items (a trailing one included), no items at all and CRLF line ends."""
+    path = tmp_path_factory.mktemp("pack") / "train.txt"
+    path.write_bytes("".join(item + newline for item in items).encode("utf-8"))
+    saved = data._CHUNK
+    data._CHUNK = chunk
+    try:
+        halves = data.pack_file(VOCAB, path, "prepared train split", "rerun", val_fraction, seed)
+    finally:
+        data._CHUNK = saved
+    for (stream, n), expected in zip(halves, split_items(items, val_fraction, seed), strict=True):
+        assert n == len(expected)
+        assert stream.dtype == VOCAB.dtype
+        assert stream.tolist() == encode_items(VOCAB, "\n".join(expected)).tolist()
+
+
+def test_pack_file_errors_name_the_file_as_read_text_does(tmp_path):
+    with pytest.raises(CharlmError, match="prepared test split not found; rerun"):
+        data.pack_file(VOCAB, tmp_path / "missing.txt", "prepared test split", "rerun")
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"ab\n" * 100_000 + b"\xff\n")
+    with pytest.raises(CharlmError, match=r"prepared train split is not UTF-8 \(byte 300000\); rerun"):
+        data.pack_file(VOCAB, bad, "prepared train split", "rerun")
 
 
 # --------------------------------------------------------------------------- Batches
@@ -243,6 +296,29 @@ def test_item_aligned_batches_visit_every_item_window_once_per_epoch():
     assert (x[:, 0] == stream[starts]).all() and (y[:, -1] == stream[starts + 12]).all()
 
 
+@settings(max_examples=300, deadline=None)
+@given(tokens=st.lists(st.integers(0, 3), max_size=40), seq_len=st.integers(1, 12),
+       align=st.sampled_from(["item", "stream"]), chunk=st.sampled_from([1, 3, 1 << 18]))
+def test_count_windows_is_the_number_of_window_starts(tokens, seq_len, align, chunk):
+    """pack records count_windows (memory O(items)); training draws from window_starts: they must agree."""
+    stream = np.array(tokens, dtype=np.uint8)
+    saved = data._CHUNK
+    data._CHUNK = chunk
+    try:
+        assert data.eos_positions(stream).tolist() == np.flatnonzero(stream == EOS_ID).tolist()
+        assert data.count_windows(stream, seq_len, align) == len(window_starts(stream, seq_len, align))
+    finally:
+        data._CHUNK = saved
+
+
+@settings(max_examples=100, deadline=None)
+@given(items=st.lists(item_text.filter(bool), min_size=1, max_size=12), seq_len=st.integers(1, 20))
+def test_count_windows_of_packed_items(items, seq_len):
+    stream = encode_items(VOCAB, "\n".join(items))
+    for align in ("item", "stream"):
+        assert data.count_windows(stream, seq_len, align) == len(window_starts(stream, seq_len, align))
+
+
 # --------------------------------------------------------------------------- item_bounds
 
 
@@ -340,3 +416,47 @@ def test_load_packed_truncated_meta(packed):
     path = directory / "meta.json"
     path.write_bytes(path.read_bytes()[:15])
     assert "not valid JSON" in load_error(directory)
+
+
+# --------------------------------------------------------------------------- memory of the data stages
+
+PEAK_RSS = """import json, os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.executable, [sys.executable] + sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+print(json.dumps([usage.ru_maxrss * 1024, os.waitstatus_to_exitcode(status)]), file=sys.stderr)
+"""
+MiB = 1 << 20
+
+
+def peak_rss(cwd, *args: str) -> int:
+    """Peak resident set size in bytes of a fresh `python *args` in `cwd` (ru_maxrss, as bench/run.py reads it)."""
+    proc = subprocess.run([sys.executable, "-c", PEAK_RSS, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+    peak, code = json.loads(proc.stderr.strip().splitlines()[-1])
+    assert code == 0, proc.stderr[-3000:]
+    return peak
+
+
+@pytest.mark.slow
+def test_data_stages_memory_is_about_the_corpus_once(tmp_path):
+    """prepare, vocab and pack stream the text: each peaks at about the corpus once (pack's encoded streams)
+    above the interpreter with their imports, never at several copies of it (they were 3x to 9x the corpus)."""
+    p = raw_project(tmp_path / "repo")
+    rng = np.random.default_rng(0)
+    # A few characters outside Latin-1 make Python strings 2 bytes a character, as in real text.
+    words = np.array(WORDS + ["caf\u00e9", "\u2014", "it\u2019s"])
+    with open(p.path / "data/raw/train.csv", "w", encoding="utf-8") as f:
+        for _ in range(60):
+            n = rng.integers(5, 80, size=1000)
+            ids = np.split(rng.integers(0, len(words), size=int(n.sum())), np.cumsum(n)[:-1])
+            f.write("".join(" ".join(words[i]) + "\n" for i in ids))
+    (p.path / "data/raw/test.csv").write_text("the market rose\nshares fell\n" * 5000, encoding="utf-8")
+    p.set_params(prepare={"format": "lines"}, pack={"seq_len": 100, "val_fraction": 0.05})
+    corpus = sum(f.stat().st_size for f in (p.path / "data/raw").iterdir())
+    assert corpus > 10 * MiB
+    base = peak_rss(p.path, "-c", "import numpy, yaml, charlm.corpus, charlm.data, charlm.vocab, charlm.params")
+    for stage in ("prepare", "vocab", "pack"):
+        extra = peak_rss(p.path, "-m", f"stages.{stage}") - base
+        assert extra < 1.3 * corpus + 16 * MiB, (stage, extra / MiB, corpus / MiB)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 
 from charlm import vocab as V
 from charlm.errors import CharlmError
+from charlm.io import read_text, read_text_chunks
 from charlm.vocab import EOS_ID, PAD_ID, UNK_ID, Vocab
 
 TEXT = "the cat sat on the mat\nthe dog ate\n"
@@ -265,3 +267,32 @@ def test_unedited_copy_still_loads(saved):
     v, path, _ = saved
     edit(path, lambda d: copy.deepcopy(d))
     assert Vocab.load(path).itos == v.itos
+
+
+# --------------------------------------------------------------------------- counting a split a chunk at a time
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 1 << 20])
+def test_chunked_counts_are_the_counts_of_read_text(tmp_path, size):
+    """The vocab stage reads a split with read_text_chunks and adds up count_chars of each chunk."""
+    path = tmp_path / "train.txt"
+    path.write_bytes("ab\r\ncd\rx\n\u00e9\u6771\U0001F600\r\n\r".encode("utf-8") * 3)
+    chunks = list(read_text_chunks(path, "prepared train split", "rerun", size))
+    whole = read_text(path, "prepared train split", "rerun")
+    assert "".join(chunks) == whole and all(0 < len(c) <= size for c in chunks)
+    total: Counter[str] = Counter()
+    for chunk in chunks:
+        total.update(V.count_chars(chunk))
+    assert total == V.count_chars(whole) and total["\n"] == 15
+
+
+@pytest.mark.parametrize("data", [None, b"ab\n" * 5000 + b"\xff\n", b"ok\n\xe2\x82"])
+def test_chunked_reading_fails_as_read_text_does(tmp_path, data):
+    path = tmp_path / "train.txt"
+    if data is not None:
+        path.write_bytes(data)
+    with pytest.raises(CharlmError) as whole:
+        read_text(path, "prepared train split", "rerun `dvc repro prepare`")
+    with pytest.raises(CharlmError) as chunked:
+        list(read_text_chunks(path, "prepared train split", "rerun `dvc repro prepare`", 7))
+    assert str(chunked.value) == str(whole.value)
