@@ -38,6 +38,35 @@ def _never(device: torch.device) -> torch.Tensor:
     return torch.tensor([PAD_ID, UNK_ID], device=device)
 
 
+class Sampler:
+    """Draws one token per stream from next-token logits. Built once per generation, called once per character:
+    what depends only on the temperatures is worked out here, so a call launches as few kernels as it can.
+
+    temperature (batch,): 0 means argmax. Logits are shifted by their max before scaling, so any temperature is
+    numerically safe. <pad> and <unk> are never drawn.
+    """
+
+    def __init__(self, temperature: torch.Tensor, top_k: int = 0, top_p: float = 1.0, generator=None):
+        self.top_k, self.top_p, self.generator = top_k, top_p, generator
+        self.inverse_t = 1.0 / temperature.float().clamp_min(1e-6)[:, None]
+        self.drawn_rows = temperature > 0
+        self.any_greedy, self.any_drawn = (not bool(self.drawn_rows.all())), bool(self.drawn_rows.any())
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.float().index_fill(-1, _never(logits.device), float("-inf"))
+        if not self.any_drawn:
+            return logits.argmax(-1)
+        z = (logits - logits.max(-1, keepdim=True).values).mul_(self.inverse_t)  # max is 0: exp() cannot overflow
+        z = filter_top(z, self.top_k, self.top_p)
+        # Inverse-CDF draw, one uniform per row: torch.multinomial draws one exponential per vocabulary entry and
+        # checks its input, which was most of the sampling time at 64 streams. The CDF is in float64 so that the
+        # uniform, scaled by the row's total, lands past its last entry only with odds of about 1e-16 (clamped).
+        cdf = torch.softmax(z, dim=-1, dtype=torch.float64).cumsum_(-1)
+        u = torch.rand(cdf.size(0), 1, dtype=torch.float64, device=cdf.device, generator=self.generator)
+        drawn = torch.searchsorted(cdf, u.mul_(cdf[:, -1:]), right=True)[:, 0].clamp_max_(cdf.size(-1) - 1)
+        return torch.where(self.drawn_rows, drawn, logits.argmax(-1)) if self.any_greedy else drawn
+
+
 def sample(
     logits: torch.Tensor,
     temperature: torch.Tensor,
@@ -46,18 +75,7 @@ def sample(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Draw one token per row. logits (batch, vocab), temperature (batch,): 0 means argmax."""
-    logits = logits.float().index_fill(-1, _never(logits.device), float("-inf"))
-    greedy = logits.argmax(-1)
-    z = logits - logits.max(-1, keepdim=True).values  # max is 0 now: exp() cannot overflow
-    z = z / temperature.clamp_min(1e-6)[:, None]
-    z = filter_top(z, top_k, top_p)
-    # Inverse-CDF draw, one uniform per row: torch.multinomial draws one exponential per vocabulary entry and
-    # checks its input, which was most of the sampling time at 64 streams. The CDF is in float64 so that the
-    # uniform, scaled by the row's total, lands past its last entry only with odds of about 1e-16 (clamped).
-    cdf = torch.softmax(z, dim=-1, dtype=torch.float64).cumsum_(-1)
-    u = torch.rand(cdf.size(0), 1, dtype=torch.float64, device=cdf.device, generator=generator) * cdf[:, -1:]
-    drawn = (cdf <= u).sum(-1).clamp_max_(cdf.size(-1) - 1)
-    return torch.where(temperature > 0, drawn, greedy)
+    return Sampler(temperature, top_k, top_p, generator)(logits)
 
 
 def encode_prompt(vocab: Vocab, prompt: str) -> list[int]:
@@ -112,13 +130,13 @@ def stream(
         return
     encoded = {p: encode_prompt(vocab, p) for p in dict.fromkeys(prompts)}
     temps = torch.tensor([t for _, t in pairs], dtype=torch.float32, device=device)
-    gen = torch.Generator(device=device).manual_seed(seed)
+    draw = Sampler(temps, top_k, top_p, torch.Generator(device=device).manual_seed(seed))
     alive = [True] * len(pairs)
     with single_stream_backend(device, len(pairs)):
         logits, state = model.prime([encoded[p] for p, _ in pairs])
         step = model.stepper()
         for _ in range(length):
-            token = sample(logits, temps, top_k, top_p, gen)
+            token = draw(logits)
             # The stopped streams are tracked on the host, from the one copy of the tokens that is made anyway:
             # on CUDA each device-side check would be one more sync per character.
             drawn = token.tolist()
