@@ -163,7 +163,7 @@ def section(ctx) -> list[Table]:
     t_step.notes += [
         f"{STEPS_PER_UNIT} steps per call from a primed state, the sampler left out; the same rounds and budgets as "
         "4a. The written-out step folds layer 0's input projection into the embedding table; oneDNN does not "
-        "touch it. `stream` uses it for an LSTM in eval mode on a CPU.",
+        "touch it. `stream` uses it for an LSTM in eval mode on a CPU, up to `charlm.sampling.FEW_STREAMS` streams.",
     ]
     t_cmp.notes += [
         f"Random weights, vocabulary of the AG News data ({len(vocab)} symbols), prompt {PROMPT!r}, "

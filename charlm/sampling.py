@@ -90,17 +90,22 @@ def encode_prompt(vocab: Vocab, prompt: str) -> list[int]:
     return [EOS_ID] + vocab.ids(prompt)
 
 
-# Up to this many CPU streams, generation runs faster with oneDNN off: one-character steps of a few rows are
-# dominated by oneDNN's per-call overhead. BENCHMARKS.md, section 4b: off is 1.1-2.2x faster for 1x256 and 2x256
-# at 1-32 streams (the default grid has 25) and 1.8-2.4x for 2x512 at 1-4; oneDNN catches up near 16-64 streams.
-ONEDNN_OFF_MAX_STREAMS = 32
+# Up to this many CPU streams, one-character steps of a few rows are dominated by per-call overhead: an LSTM steps
+# through its written-out cell (CharRNN.stepper), and nn's other cells and priming run with oneDNN off. Above it, an
+# LSTM steps through nn.LSTM with oneDNN on. BENCHMARKS.md, 4c: the written-out step is 1.7-3.3x nn.LSTM's best at
+# one stream and 1.0-1.3x at 4-16, but 0.90-1.04x at 64; 4b: for a GRU, oneDNN on and off are within 0.93-1.23x.
+FEW_STREAMS = 32
+
+
+def few_cpu_streams(device: torch.device, batch: int) -> bool:
+    return device.type == "cpu" and batch <= FEW_STREAMS
 
 
 @contextlib.contextmanager
 def single_stream_backend(device: torch.device, batch: int):
     """Turn oneDNN off for generating a few streams at a time on CPU, and restore the setting afterwards."""
     previous = torch.backends.mkldnn.enabled
-    if device.type == "cpu" and batch <= ONEDNN_OFF_MAX_STREAMS:
+    if few_cpu_streams(device, batch):
         torch.backends.mkldnn.enabled = False  # type: ignore[assignment]  # torch's switch; its stub types the descriptor
     try:
         yield
@@ -134,7 +139,7 @@ def stream(
     alive = [True] * len(pairs)
     with single_stream_backend(device, len(pairs)):
         logits, state = model.prime([encoded[p] for p, _ in pairs])
-        step = model.stepper()
+        step = model.stepper() if few_cpu_streams(device, len(pairs)) else model.step
         for _ in range(length):
             token = draw(logits)
             # The stopped streams are tracked on the host, from the one copy of the tokens that is made anyway:
