@@ -92,8 +92,9 @@ def encode_prompt(vocab: Vocab, prompt: str) -> list[int]:
 
 # Up to this many CPU streams, one-character steps of a few rows are dominated by per-call overhead: an LSTM steps
 # through its written-out cell (CharRNN.stepper), and nn's other cells and priming run with oneDNN off. Above it, an
-# LSTM steps through nn.LSTM with oneDNN on. BENCHMARKS.md, 4c: the written-out step is 1.7-3.3x nn.LSTM's best at
-# one stream and 1.0-1.3x at 4-16, but 0.90-1.04x at 64; 4b: for a GRU, oneDNN on and off are within 0.93-1.23x.
+# LSTM steps through nn.LSTM with oneDNN on, as before. BENCHMARKS.md 4c: at one stream the written-out step is
+# 1.6-3.3x nn.LSTM's best; at 64 neither is consistently faster (0.83-1.33x over two runs). 4b: for a GRU, oneDNN
+# on and off are within 0.93-1.28x of each other at every size, so the switch hardly matters there.
 FEW_STREAMS = 32
 
 
