@@ -46,7 +46,9 @@ class Sampler:
     numerically safe. <pad> and <unk> are never drawn.
     """
 
-    def __init__(self, temperature: torch.Tensor, top_k: int = 0, top_p: float = 1.0, generator=None):
+    def __init__(
+        self, temperature: torch.Tensor, top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None
+    ):
         self.top_k, self.top_p, self.generator = top_k, top_p, generator
         self.inverse_t = 1.0 / temperature.float().clamp_min(1e-6)[:, None]
         self.drawn_rows = temperature > 0
