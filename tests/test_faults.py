@@ -302,8 +302,9 @@ def size(path: Path) -> int:
         return -1
 
 
-def kill_point(p: Project, stage: str, point: str, ref: Reference, old: set[str]):
-    """`ready()` for a named kill point; the random parts are drawn from RNG. `old`: debris to disregard."""
+def kill_point(p: Project, stage: str, point: str, ref: Reference, old: set[str], window: float | None = None):
+    """`ready()` for a named kill point; the random parts are drawn from RNG. `old`: debris to disregard.
+    `window`: how long an earlier attempt ran once armed, when it ended before its kill point."""
     if point == "transfer":  # part-way through the train CSV, at a random byte
         at = int(len(TRAIN_CSV) * RNG.uniform(0.05, 0.95))
         return (lambda: any(size(f) >= at for f in new_temps(p, "data/raw", ".train.csv.tmp-*", old)),
@@ -327,7 +328,7 @@ def kill_point(p: Project, stage: str, point: str, ref: Reference, old: set[str]
             return time.monotonic() >= state["t"]
         return ready, f"{delay:.2f}s after the first checkpoint"
     if point == "random":  # a random moment of a normal run's duration
-        delay = RNG.uniform(0.05, 0.95) * ref.seconds[stage]
+        delay = RNG.uniform(0.05, 0.95) * (window or ref.seconds[stage])
         state = {}
 
         def ready():
@@ -422,7 +423,10 @@ def kill_and_heal(p: Project, ref: Reference, tally: Tally, stage: str, plan: li
     record = []
     for i, (mode, point) in enumerate(plan):
         # A run that ends before its kill point (a write can be over in a millisecond) is retried with a
-        # fresh draw; the last try kills at a random moment instead.
+        # fresh draw; the last try kills at a random moment instead. A random moment is drawn within the
+        # reference run's duration, or within the time the last missed attempt ran once armed: the reference
+        # ran first, from a cold page cache, and a later run can be much shorter.
+        window = None
         for attempt, at in enumerate([point] * 3 + ["random"]):
             if before_each:
                 before_each(p)
@@ -430,11 +434,13 @@ def kill_and_heal(p: Project, ref: Reference, tally: Tally, stage: str, plan: li
             proc = launch(p, stage, mode == "dvc", log)
             started = wait_until(proc, stage_started(proc, stage, mode == "dvc"), pause=0.01)
             assert started or proc.returncode == 0, log.read_text()[-3000:]
-            ready, where = kill_point(p, stage, at, ref, set(temp_entries(p)))
+            ready, where = kill_point(p, stage, at, ref, set(temp_entries(p)), window)
+            armed = time.monotonic()
             if wait_until(proc, ready):
                 kill(proc)
                 break
             assert proc.returncode == 0, log.read_text()[-3000:]
+            window = time.monotonic() - armed
         else:
             pytest.fail(f"{stage}: the run ended before the kill point {point} four times")
         assert proc.returncode == -signal.SIGKILL
