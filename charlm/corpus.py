@@ -150,14 +150,6 @@ def line_items(path: Path, clean_text: bool) -> Iterator[str]:
                 yield normalise_space(item) if clean_text else item
 
 
-def read_ag_news(path: Path, fields: list[str], clean_text: bool, separator: str) -> list[str]:
-    return list(ag_news_items(path, fields, clean_text, separator))
-
-
-def read_lines(path: Path, clean_text: bool) -> list[str]:
-    return list(line_items(path, clean_text))
-
-
 def normalise_space(line: str) -> str:
     """`_SPACE.sub(" ", line).strip()`, a megabyte at a time (cut at whitespace): one regex pass over a 50 MB
     line holds millions of temporary strings at once, 17x the line in memory and 16 s."""

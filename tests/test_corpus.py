@@ -87,6 +87,14 @@ def test_clean_output_is_one_normalised_line(text):
     assert len(out.splitlines()) <= 1
 
 
+def read_ag_news(path, fields, clean_text, separator) -> list[str]:
+    return list(corpus.ag_news_items(path, fields, clean_text, separator))
+
+
+def read_lines(path, clean_text) -> list[str]:
+    return list(corpus.line_items(path, clean_text))
+
+
 # --------------------------------------------------------------------------- read_ag_news
 
 
@@ -122,12 +130,12 @@ ROWS = [
 ])
 def test_read_ag_news_selects_fields_and_cleans(tmp_path, fields, expected):
     path = write_csv(tmp_path / "train.csv", ROWS)
-    assert corpus.read_ag_news(path, fields, True, " ") == expected
+    assert read_ag_news(path, fields, True, " ") == expected
 
 
 def test_read_ag_news_separator_and_no_clean(tmp_path):
     path = write_csv(tmp_path / "train.csv", [("1", "A  #39;s", "b\\c"), ("2", "multi\nline", "x\r\ny")])
-    assert corpus.read_ag_news(path, ["title", "description"], False, " | ") == [
+    assert read_ag_news(path, ["title", "description"], False, " | ") == [
         "A  #39;s | b\\c", "multi line | x y"]
 
 
@@ -135,7 +143,7 @@ def test_read_ag_news_without_clean_keeps_every_item_on_one_line(tmp_path):
     # Later stages split prepared files with str.splitlines(), which also breaks at these characters.
     breaks = "\r\n \n \r \v \f \x1c \x1d \x1e \x85 \u2028 \u2029"
     path = write_csv(tmp_path / "train.csv", [("1", "a" + breaks + "b", "c")])
-    (item,) = corpus.read_ag_news(path, ["title", "description"], False, " ")
+    (item,) = read_ag_news(path, ["title", "description"], False, " ")
     assert item.splitlines() == [item]
     assert item.startswith("a") and item.endswith("b c")
 
@@ -143,14 +151,14 @@ def test_read_ag_news_without_clean_keeps_every_item_on_one_line(tmp_path):
 def test_read_ag_news_handles_quotes_commas_and_newlines_in_fields(tmp_path):
     path = tmp_path / "train.csv"
     path.write_bytes(b'"1","He said ""hi"", then left","a, b\nc"\n"2","x","y"\n')
-    assert corpus.read_ag_news(path, ["title", "description"], True, " ") == ['He said "hi", then left a, b c', "x y"]
+    assert read_ag_news(path, ["title", "description"], True, " ") == ['He said "hi", then left a, b c', "x y"]
 
 
 def test_read_ag_news_bom_and_crlf(tmp_path):
-    plain = corpus.read_ag_news(write_csv(tmp_path / "a.csv", ROWS), ["title", "description"], True, " ")
-    bom = corpus.read_ag_news(write_csv(tmp_path / "b.csv", ROWS, bom=True), ["title", "description"], True, " ")
-    crlf = corpus.read_ag_news(write_csv(tmp_path / "c.csv", ROWS, newline="\r\n"), ["title", "description"], True, " ")
-    both = corpus.read_ag_news(write_csv(tmp_path / "d.csv", ROWS, bom=True, newline="\r\n"),
+    plain = read_ag_news(write_csv(tmp_path / "a.csv", ROWS), ["title", "description"], True, " ")
+    bom = read_ag_news(write_csv(tmp_path / "b.csv", ROWS, bom=True), ["title", "description"], True, " ")
+    crlf = read_ag_news(write_csv(tmp_path / "c.csv", ROWS, newline="\r\n"), ["title", "description"], True, " ")
+    both = read_ag_news(write_csv(tmp_path / "d.csv", ROWS, bom=True, newline="\r\n"),
                                ["title", "description"], True, " ")
     assert plain == bom == crlf == both
     assert len(plain) == 4 and not plain[0].startswith("\ufeff")
@@ -159,12 +167,12 @@ def test_read_ag_news_bom_and_crlf(tmp_path):
 def test_read_ag_news_skips_blank_lines_and_accepts_unquoted(tmp_path):
     path = tmp_path / "train.csv"
     path.write_bytes(b'1,T1,D1\n\n2,T2,D2\n')
-    assert corpus.read_ag_news(path, ["title", "description"], True, " ") == ["T1 D1", "T2 D2"]
+    assert read_ag_news(path, ["title", "description"], True, " ") == ["T1 D1", "T2 D2"]
 
 
 def read_error(path, fields=("title", "description")) -> str:
     with pytest.raises(CharlmError) as info:
-        corpus.read_ag_news(path, list(fields), True, " ")
+        read_ag_news(path, list(fields), True, " ")
     message = str(info.value)
     assert "\n" not in message
     assert str(path) in message
@@ -236,14 +244,14 @@ def test_read_lines_clean(tmp_path):
     path = tmp_path / "input.txt"
     text = "\ufeffFirst  Citizen:\r\n\tBefore we proceed \n\n caf\u00e9 \u6771\u4eac \U0001F600\nlast"
     path.write_bytes(text.encode())
-    assert corpus.read_lines(path, True) == [
+    assert read_lines(path, True) == [
         "First Citizen:", "Before we proceed", "", "caf\u00e9 \u6771\u4eac \U0001F600", "last"]
 
 
 def test_read_lines_keeps_text_without_clean(tmp_path):
     path = tmp_path / "input.txt"
     path.write_bytes("a  b\t\r\n #39;s &amp; \\x\n".encode())
-    assert corpus.read_lines(path, False) == ["a  b\t", " #39;s &amp; \\x"]
+    assert read_lines(path, False) == ["a  b\t", " #39;s &amp; \\x"]
 
 
 @settings(max_examples=50, deadline=None)
@@ -252,8 +260,8 @@ def test_read_lines_keeps_text_without_clean(tmp_path):
 def test_read_lines_round_trips_lines(tmp_path_factory, lines):
     path = tmp_path_factory.mktemp("lines") / "input.txt"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8", newline="")
-    assert corpus.read_lines(path, False) == lines
-    assert corpus.read_lines(path, True) == [" ".join(line.split()) for line in lines]
+    assert read_lines(path, False) == lines
+    assert read_lines(path, True) == [" ".join(line.split()) for line in lines]
 
 
 @pytest.mark.parametrize("data, expected", [(b"", "empty"), (b"ok\n\xff\xfe\n", "line 2"), (b"a\x00b", "NUL")])
@@ -261,7 +269,7 @@ def test_read_lines_errors(tmp_path, data, expected):
     path = tmp_path / "input.txt"
     path.write_bytes(data)
     with pytest.raises(CharlmError) as info:
-        corpus.read_lines(path, True)
+        read_lines(path, True)
     assert expected in str(info.value) and str(path) in str(info.value)
 
 
@@ -276,7 +284,7 @@ def test_read_lines_is_splitlines_of_the_whole_text(tmp_path_factory, text, pad,
     text = "x" * (8192 - pad) + text  # so that line ends fall on the reader's 8 KiB boundary
     path = tmp_path_factory.mktemp("lines") / "input.txt"
     path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode("utf-8"))
-    assert corpus.read_lines(path, False) == text.splitlines()
+    assert read_lines(path, False) == text.splitlines()
 
 
 @pytest.mark.parametrize("pad", [8187, 8188, 8189, 8190, 8191, 8192])
@@ -284,7 +292,7 @@ def test_read_ag_news_crlf_across_read_boundaries(tmp_path, pad):
     rows = [("1", "x" * pad, "a\r\nb"), ("2", "t", "y" * pad), ("3", "u", "v")]
     for bom in (False, True):
         path = write_csv(tmp_path / f"{bom}.csv", rows, bom=bom, newline="\r\n")
-        assert corpus.read_ag_news(path, ["title", "description"], False, " ") == [
+        assert read_ag_news(path, ["title", "description"], False, " ") == [
             "x" * pad + " a b", "t " + "y" * pad, "u v"]
 
 
