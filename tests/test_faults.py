@@ -438,7 +438,8 @@ def kill_and_heal(p: Project, ref: Reference, tally: Tally, stage: str, plan: li
             armed = time.monotonic()
             if wait_until(proc, ready):
                 kill(proc)
-                break
+                if proc.returncode != 0:  # 0: the run ended between the kill point and the signal, a miss
+                    break
             assert proc.returncode == 0, log.read_text()[-3000:]
             window = time.monotonic() - armed
         else:
