@@ -1,4 +1,4 @@
-"""Section 5: test-set scoring throughput of `charlm.scoring.score_items` (the evaluate stage's protocol), oneDNN
+"""Section 5: test-set scoring throughput of `charlm.core.scoring.score_items` (the evaluate stage's protocol), oneDNN
 on and off, on the AG News test split."""
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import numpy as np
 import torch
 
 from bench.harness import CUDA, Case, Table, measure, ratio_stat, shape_name
-from charlm.data import item_bounds
-from charlm.model import CharRNN
-from charlm.scoring import score_items
-from charlm.vocab import EOS_ID
+from charlm.core.data import item_bounds
+from charlm.core.model import CharRNN
+from charlm.core.scoring import score_items
+from charlm.core.vocab import EOS_ID
 
 SHAPES = [(1, 256, 32), (2, 512, 32)]  # layers, hidden, embedding
 BATCHES = (64, 256)

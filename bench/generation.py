@@ -1,5 +1,5 @@
-"""Section 4: generation throughput of `charlm.sampling.stream` against the lesson's two styles (bench/lesson.py:
-stateful steps, and the O(n²) prefix re-run), the oneDNN on/off crossover that `single_stream_backend` encodes for
+"""Section 4: generation throughput of `charlm.core.sampling.token_steps` against the lesson's two styles (bench/lesson.py:
+stateful steps, and the O(n²) prefix re-run), the oneDNN on/off crossover that `few_rows_backend` encodes for
 the cells that step through nn, and the written-out LSTM step of `CharRNN.stepper` against nn.LSTM's."""
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import contextlib
 
 import torch
 
-import charlm.sampling as sampling
+import charlm.core.sampling as sampling
 from bench import lesson
 from bench.harness import CUDA, Case, Table, best_of, measure, onednn, ratio_stat, shape_name
-from charlm.model import CharRNN
+from charlm.core.model import CharRNN
 
 SHAPES = [(1, 256, 32), (2, 256, 32), (2, 512, 32)]  # layers, hidden, embedding
 STREAMS = (1, 64)
@@ -23,29 +23,29 @@ PROMPT, TEMPERATURE = "The ", 0.8
 
 @contextlib.contextmanager
 def forced_backend():
-    """Make charlm.sampling.stream use whatever torch.backends.mkldnn.enabled is set to (no automatic choice)."""
-    original = sampling.single_stream_backend
-    sampling.single_stream_backend = lambda device, batch: contextlib.nullcontext()
+    """Make charlm.core.sampling.token_steps use whatever torch.backends.mkldnn.enabled is set to (no automatic choice)."""
+    original = sampling.few_rows_backend
+    sampling.few_rows_backend = lambda device, batch: contextlib.nullcontext()
     try:
         yield
     finally:
-        sampling.single_stream_backend = original
+        sampling.few_rows_backend = original
 
 
 def shipped_threshold() -> int:
-    """The batch size up to which charlm.sampling.single_stream_backend turns oneDNN off (probed, not assumed)."""
+    """The batch size up to which charlm.core.sampling.few_rows_backend turns oneDNN off (probed, not assumed)."""
     last_off = 0
     for batch in range(1, 129):
-        with onednn(True), sampling.single_stream_backend(torch.device("cpu"), batch):
+        with onednn(True), sampling.few_rows_backend(torch.device("cpu"), batch):
             if not torch.backends.mkldnn.enabled:
                 last_off = batch
     return last_off
 
 
 def charlm_unit(model, vocab, batch: int, length: int):
-    """One call of charlm.sampling.stream (looked up at call time, so that forced_backend applies)."""
+    """One call of charlm.core.sampling.token_steps (looked up at call time, so that forced_backend applies)."""
     def unit():
-        for _ in sampling.stream(model, vocab, [PROMPT] * batch, [TEMPERATURE], length, seed=0, stop_at_eos=False):
+        for _ in sampling.token_steps(model, vocab, [PROMPT] * batch, [TEMPERATURE], length, seed=0, stop_at_eos=False):
             pass
         return batch * length
     return unit
@@ -94,11 +94,11 @@ def section(ctx) -> list[Table]:
     bud = ctx.budget
     vocab = ctx.data().vocab()
     t_cmp = Table("4a. Generation, chars/s (all streams together)",
-                  ["model", "streams", "device", "charlm `stream` (as shipped)", "lesson: stateful steps (oneDNN on)",
+                  ["model", "streams", "device", "charlm `token_steps` (as shipped)", "lesson: stateful steps (oneDNN on)",
                    "lesson: prefix re-run", "fastest", "charlm ÷ lesson stateful"])
     t_x = Table("4b. charlm generation through nn (a GRU), oneDNN on vs off (CPU), chars/s",
                 ["model", "streams", "oneDNN on", "oneDNN off", "on ÷ off", "faster",
-                 "`single_stream_backend` picks", "right choice?"])
+                 "`few_rows_backend` picks", "right choice?"])
     label = {"charlm": "charlm", "lesson-stateful": "lesson stateful", "lesson-prefix": "lesson prefix"}
     threshold = shipped_threshold()
     for layers, hidden, emb in SHAPES:
@@ -163,13 +163,13 @@ def section(ctx) -> list[Table]:
     t_step.notes += [
         f"{STEPS_PER_UNIT} steps per call from a primed state, the sampler left out; the same rounds and budgets as "
         "4a. The written-out step folds layer 0's input projection into the embedding table; oneDNN does not "
-        "touch it. `stream` uses it for an LSTM in eval mode on a CPU, up to `charlm.sampling.FEW_STREAMS` streams.",
+        "touch it. `token_steps` uses it for an LSTM in eval mode on a CPU, up to `charlm.core.sampling.FEW_ROWS` streams.",
     ]
     t_cmp.notes += [
         f"Random weights, vocabulary of the AG News data ({len(vocab)} symbols), prompt {PROMPT!r}, "
         f"temperature {TEMPERATURE}; {bud.gen_length} characters per stream per call for the stateful methods; the "
         f"prefix re-run (Recipe A, O(n²)) generates n characters per call, so its rate falls as n grows.",
-        "charlm `stream` is `charlm.sampling.stream` as shipped (its `single_stream_backend` picks oneDNN per batch); "
+        "charlm `token_steps` is `charlm.core.sampling.token_steps` as shipped (its `few_rows_backend` picks oneDNN per batch); "
         "the lesson styles (bench/lesson.py `generate_stateful`, `generate_prefix`) run with torch's default, "
         "oneDNN on.",
         f"{bud.gen_rounds} interleaved rounds of ≥ {bud.gen_seconds:g} s (whole calls) per case after a warm-up call; "
@@ -182,9 +182,9 @@ def section(ctx) -> list[Table]:
         summary.append(f"{name}: oneDNN faster at {on_wins or 'none'}, native faster at {off_wins or 'none'}")
     t_x.notes += [
         f"A {CROSSOVER_CELL.upper()} (GRU and RNN cells step through nn; an LSTM through 4c's written-out step, "
-        "which oneDNN does not touch). `charlm.sampling.stream` with its automatic choice disabled, so the flag set "
+        "which oneDNN does not touch). `charlm.core.sampling.token_steps` with its automatic choice disabled, so the flag set "
         "here is what runs.",
-        f"`single_stream_backend` as shipped turns oneDNN off for batch ≤ {threshold} on CPU.",
+        f"`few_rows_backend` as shipped turns oneDNN off for batch ≤ {threshold} on CPU.",
         "Observed: " + "; ".join(summary) + ".",
     ]
     return [t_cmp, t_x, t_step]

@@ -324,17 +324,17 @@ class Prepared:
         return self.folder / "data"
 
     def vocab(self):
-        from charlm.vocab import Vocab
+        from charlm.core.vocab import Vocab
         return Vocab.load(self.data / "vocab.json")
 
     def packed(self):
-        from charlm.data import load_packed
+        from charlm.core.data import load_packed
         return load_packed(self.data / "packed")
 
     def train_items(self) -> list[str]:
         """The train items that pack kept for training (validation items carved out exactly as pack does)."""
-        from charlm import params
-        from charlm.data import split_items
+        from charlm.pipeline import params
+        from charlm.core.data import split_items
         p = params.load(params.PackParams, self.folder / "params.yaml")
         items = (self.data / "prepared" / "train.txt").read_text(encoding="utf-8").splitlines()
         return split_items(items, p.val_fraction, p.seed)[0]

@@ -11,8 +11,8 @@ import time
 
 import torch
 
-from charlm.model import CharRNN
-from charlm.vocab import Vocab
+from charlm.core.model import CharRNN
+from charlm.core.vocab import Vocab
 
 NCHARS = 100
 

@@ -1,7 +1,7 @@
 """Training loops for the benchmark.
 
-`CharlmLoop` is charlm's real training step: `charlm.data.Batches` over a packed stream and the library's
-`charlm.training.Trainer`, the very object stages/train.py steps with (AdamW with two parameter groups, the
+`CharlmLoop` is charlm's real training step: `charlm.core.data.Batches` over a packed stream and the library's
+`charlm.core.training.Trainer`, the very object stages/train.py steps with (AdamW with two parameter groups, the
 `lr_factor` schedule, the disabled-on-CPU GradScaler calls, gradient clipping), with the loss accumulated on the
 device without a host sync per step. It leaves out only the tqdm bar and the periodic validation, sampling and
 checkpoints, which train.py keeps out of its own throughput figure too.
@@ -18,10 +18,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from charlm import params
-from charlm.data import Batches
-from charlm.model import CharRNN
-from charlm.training import Trainer
+from charlm.pipeline import params
+from charlm.core.data import Batches
+from charlm.core.model import CharRNN
+from charlm.core.training import Trainer
 
 
 def shape_params(layers: int, hidden: int, embedding: int, cell: str = "lstm") -> params.ModelParams:

@@ -55,7 +55,7 @@ def section(ctx) -> list[Table]:
     test_bytes, test_items = synthetic_corpus(raw / "test.csv", max(bud.pack_mb / 30, 0.2), seed=1)
     corpus = train_bytes + test_bytes
     harness.write_params(folder, prepare__format="lines")
-    baseline_cmd = ["-c", "import numpy, yaml, charlm.corpus, charlm.data, charlm.vocab, charlm.params"]
+    baseline_cmd = ["-c", "import numpy, yaml, charlm.core.corpus, charlm.core.data, charlm.core.vocab, charlm.pipeline.params"]
     names = ["python + imports (baseline)", "prepare", "vocab", "pack"]
     runs: dict[str, list[harness.StageRun]] = {n: [] for n in names}
     for r in range(bud.pack_rounds):

@@ -9,7 +9,7 @@ Run it on a quiet machine: the references train for a wall-clock budget, and eve
   train, evaluate and generate stages in a scratch folder, with params.yaml plus the recipe's overrides.
 - **references**, each trained for the wall-clock of the charlm recipe it is compared with: the plain loop
   (`train_plain`, the issue's 30-line nn.LSTM loop) and the lesson's recipe (bench/lesson.py). Both are scored
-  by `charlm.scoring.score_items`, the protocol of the test bpc.
+  by `charlm.core.scoring.score_items`, the protocol of the test bpc.
 - **compressors**, scored as "test after train": 8 x (size of train+test compressed - size of train compressed)
   / test characters, so that they, like the models, have read the training text first.
 
@@ -39,11 +39,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import harness, lesson  # noqa: E402
 from bench.harness import ROOT, Table  # noqa: E402
-from charlm import artifact  # noqa: E402
-from charlm.data import item_bounds  # noqa: E402
-from charlm.model import CharRNN, n_params  # noqa: E402
-from charlm.scoring import score_items  # noqa: E402
-from charlm.vocab import EOS_ID  # noqa: E402
+from charlm.pipeline import artifact  # noqa: E402
+from charlm.core.data import item_bounds  # noqa: E402
+from charlm.core.model import CharRNN, n_params  # noqa: E402
+from charlm.core.scoring import score_items  # noqa: E402
+from charlm.core.vocab import EOS_ID  # noqa: E402
 
 # The recipes, as `dvc exp run -S` overrides of params.yaml. "defaults" is params.yaml as shipped.
 RECIPES: dict[str, dict[str, object]] = {
@@ -196,7 +196,7 @@ def markdown(results: list[dict], references: list[dict], compressors: dict[str,
         "train stage s: the whole `python stages/train.py` process (start-up, validation, checkpoints and the model "
         "file included), the figure the 12-minute target is about. training s: DVCLive's `train_time_s` for charlm; "
         "for a reference, the wall-clock budget it was given, the training time of the charlm recipe named.",
-        f"test bpc: charlm's protocol (charlm/scoring.py) on the {test_chars:,} characters of the 1,000 test items; "
+        f"test bpc: charlm's protocol (charlm/core/scoring.py) on the {test_chars:,} characters of the 1,000 test items; "
         "val bpc: the same protocol on the 330 items pack holds out. One seed per row: treat differences under "
         "~0.02 bpc as noise.",
         "known words: the share of generated words (letter runs) that occur in the training text, over the 5 "

@@ -8,8 +8,8 @@ import torch
 
 from bench.harness import CUDA, ROOT, Case, Stat, Table, measure, onednn, ratio_stat, shape_name, time_calls
 from bench.loops import BareLoop, CharlmLoop, shape_params
-from charlm import params
-from charlm.model import n_params
+from charlm.pipeline import params
+from charlm.core.model import n_params
 
 SHAPES = [(1, 64, 0), (2, 256, 32), (2, 512, 32)]  # layers, hidden, embedding
 SEQ_LEN, BATCH = 100, 64
@@ -111,9 +111,9 @@ def section(ctx) -> list[Table]:
         f"seq_len {SEQ_LEN}, batch {BATCH}, LSTM, dropout 0 (section 2 uses params.yaml's own model, dropout "
         f"included); {bud.train_rounds} interleaved rounds of ≥ {bud.train_seconds:g} s "
         f"(whole steps, at least one) per case, after one warm-up step; median (min–max) over rounds.",
-        "charlm loop = bench/loops.py `CharlmLoop.step`: `charlm.data.Batches` over the packed AG News train stream, "
+        "charlm loop = bench/loops.py `CharlmLoop.step`: `charlm.core.data.Batches` over the packed AG News train stream, "
         "`CharRNN`, `F.cross_entropy`, backward, `clip_grad_norm_(1.0)`, AdamW (2 param groups), `LambdaLR` with "
-        "charlm.training's `lr_factor`, the GradScaler calls (disabled on CPU), loss summed on the device.",
+        "charlm.core.training's `lr_factor`, the GradScaler calls (disabled on CPU), loss summed on the device.",
         "bare loop = `nn.Embedding` (or a pre-made one-hot float input) → `nn.LSTM` → `nn.Linear`, `F.cross_entropy`, "
         "backward, `Adam`, on 8 pre-made batches already on the device: no data pipeline, clipping or schedule.",
         "charlm ÷ bare is the median of the per-round ratios (target ≥ 95%).",

@@ -3,7 +3,7 @@
 editable install).
 
 Ctrl-C while a stage is still importing its libraries exits quietly with status 130, like Ctrl-C later on
-(charlm.errors.run_main), instead of printing an import traceback. SystemExit unwinds normally, so temp files
+(charlm.base.errors.run_main), instead of printing an import traceback. SystemExit unwinds normally, so temp files
 are still cleaned up.
 """
 

@@ -19,9 +19,9 @@ from urllib.request import url2pathname
 
 from tqdm import tqdm
 
-from charlm import params
-from charlm.errors import CharlmError, run_main
-from charlm.io import all_or_none, atomic_path
+from charlm.base.errors import CharlmError, run_main
+from charlm.base.io import all_or_none, atomic_path
+from charlm.pipeline import params
 
 OUT = Path("data/raw")
 RETRYABLE_HTTP = {408, 425, 429, 500, 502, 503, 504}

@@ -1,7 +1,7 @@
 """evaluate: test bits per character under charlm's protocol.
 
 Reads `evaluate` from params.yaml, models/model.pt and data/packed/test.npy. Writes metrics/eval.json.
-The protocol (also in the README) is charlm/scoring.py's: each test item is scored on its own from a zero
+The protocol (also in the README) is charlm/core/scoring.py's: each test item is scored on its own from a zero
 state, its first character conditioned on <eos>; test_bpc = total -log2 p over scored characters / their count.
 With `evaluate.dynamic_lr` > 0 it also reports test_bpc_dynamic: the same characters scored while the model
 keeps learning from the test text it has already scored (dynamic evaluation), which is how PPMd reads it.
@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from charlm import artifact, params
-from charlm.data import item_bounds, load_packed
-from charlm.errors import CharlmError, run_main
-from charlm.io import write_json
-from charlm.scoring import score_items, score_items_dynamic
-from charlm.vocab import EOS_ID
+from charlm.base.errors import CharlmError, run_main
+from charlm.base.io import write_json
+from charlm.core.data import item_bounds, load_packed
+from charlm.core.scoring import score_items, score_items_dynamic
+from charlm.core.vocab import EOS_ID
+from charlm.pipeline import artifact, params
 
 OUT = Path("metrics/eval.json")
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from charlm import artifact, params
-from charlm.errors import run_main
-from charlm.io import all_or_none, read_text, write_json, write_text
-from charlm.sampling import generate, known_word_share, words_in
+from charlm.base.errors import run_main
+from charlm.base.io import all_or_none, read_text, write_json, write_text
+from charlm.core.sampling import generate, known_word_share, words_in
+from charlm.pipeline import artifact, params
 
 OUT_MD, OUT_JSON = Path("reports/samples.md"), Path("reports/samples.json")
 OUT_METRICS = Path("metrics/generate.json")

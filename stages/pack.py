@@ -3,18 +3,18 @@
 Reads `pack` from params.yaml. Writes data/packed/{train,val,test}.npy (one stream each, smallest integer
 dtype) and data/packed/meta.json, all at once: the directory is replaced as a whole.
 The validation split is carved out of train by item with `pack.seed`; the same seed orders training windows,
-which start where `pack.align` says (see charlm/data.py).
+which start where `pack.align` says (see charlm/core/data.py).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from charlm import params
-from charlm.data import FORMAT, count_windows, pack_file, sha256
-from charlm.errors import CharlmError, run_main
-from charlm.io import atomic_dir, write_json, write_npy
-from charlm.vocab import Vocab
+from charlm.base.errors import CharlmError, run_main
+from charlm.base.io import atomic_dir, write_json, write_npy
+from charlm.core.data import FORMAT, count_windows, pack_file, sha256
+from charlm.core.vocab import Vocab
+from charlm.pipeline import params
 
 PREPARED, OUT = Path("data/prepared"), Path("data/packed")
 
@@ -24,7 +24,7 @@ def main() -> None:
     vocab = Vocab.load("data/vocab.json")
     fix = "rerun `dvc repro prepare`"
     # The prepared text is read a chunk at a time and never held whole: memory is the encoded streams (a byte a
-    # character for up to 256 symbols), plus temporaries of a chunk or O(items) (see charlm/data.py).
+    # character for up to 256 symbols), plus temporaries of a chunk or O(items) (see charlm/core/data.py).
     train, val = pack_file(vocab, PREPARED / "train.txt", "prepared train split", fix, p.val_fraction, p.seed)
     test, _ = pack_file(vocab, PREPARED / "test.txt", "prepared test split", fix)
     streams, splits = {}, {}

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from charlm import corpus, params
-from charlm.errors import CharlmError, run_main
-from charlm.io import all_or_none, atomic_path
+from charlm.base.errors import CharlmError, run_main
+from charlm.base.io import all_or_none, atomic_path
+from charlm.core import corpus
+from charlm.pipeline import params
 
 RAW, OUT = Path("data/raw"), Path("data/prepared")
 

@@ -2,7 +2,7 @@
 
 Reads `model` and `train` from params.yaml, data/packed/ and data/vocab.json. Writes models/model.pt
 (config, vocabulary and weights in one file), dvclive/ (metrics and plots) and reports/train_samples.md.
-Resumable checkpoints (charlm/training.py) are deliberately not DVC outputs: DVC deletes outputs before it
+Resumable checkpoints (charlm/core/training.py) are deliberately not DVC outputs: DVC deletes outputs before it
 reruns a stage, and a checkpoint must survive a killed run. Each carries this stage's logs too.
 """
 
@@ -14,11 +14,11 @@ from typing import Any
 
 from tqdm import tqdm
 
-from charlm import artifact, distributed, params
-from charlm.errors import run_main
-from charlm.live import StageLogs, stage_live
-from charlm.sampling import generate
-from charlm.training import Progress, Run, StopRequested, build_run, checkpoint_path
+from charlm.base.errors import run_main
+from charlm.core.sampling import generate
+from charlm.core.training import Progress, Run, StopRequested, build_run, checkpoint_path
+from charlm.pipeline import artifact, distributed, params
+from charlm.pipeline.live import StageLogs, stage_live
 
 VOCAB, PACKED = Path("data/vocab.json"), Path("data/packed")
 LIVE_DIR, SAMPLES = Path("dvclive"), Path("reports/train_samples.md")

@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from charlm import params
-from charlm.errors import CharlmError, run_main
-from charlm.io import read_text_chunks
-from charlm.vocab import Vocab, count_chars
+from charlm.base.errors import CharlmError, run_main
+from charlm.base.io import read_text_chunks
+from charlm.core.vocab import Vocab, count_chars
+from charlm.pipeline import params
 
 PREPARED, OUT = Path("data/prepared"), Path("data/vocab.json")
 CHUNK = 1 << 18  # characters counted at a time: count_chars' temporaries are ~10 bytes a character
@@ -32,7 +32,7 @@ def main() -> None:
     fix = "rerun `dvc repro prepare`"
     counts = count_file("train", fix)
     if p.from_model:
-        from charlm import artifact  # imports torch: only when a model is asked for
+        from charlm.pipeline import artifact  # imports torch: only when a model is asked for
 
         _, vocab, _ = artifact.load_model(p.from_model, fix="copy a charlm model there or set vocab.from_model: null")
     else:

@@ -9,10 +9,10 @@ import zipfile
 import pytest
 import torch
 
-from charlm import artifact
-from charlm.errors import CharlmError
-from charlm.model import CharRNN
-from charlm.vocab import EOS_ID, Vocab
+from charlm.pipeline import artifact
+from charlm.base.errors import CharlmError
+from charlm.core.model import CharRNN
+from charlm.core.vocab import EOS_ID, Vocab
 
 VOCAB = Vocab(list("abcdefgh ."))
 

@@ -2,7 +2,7 @@
 
 The installed console script runs as a subprocess where the process boundary matters (help, exit status and
 stderr of errors, one end-to-end generation). Each such start imports torch (seconds on this machine), so the
-remaining behaviours call the same entry point, `charlm.cli.main(argv)`, in-process.
+remaining behaviours call the same entry point, `charlm.apps.cli.main(argv)`, in-process.
 """
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from charlm import artifact
-from charlm.cli import main
-from charlm.model import CharRNN
-from charlm.vocab import Vocab
+from charlm.pipeline import artifact
+from charlm.apps.cli import main
+from charlm.core.model import CharRNN
+from charlm.core.vocab import Vocab
 
 ITEM = "hello world! hello world!"
 SCRIPT = Path(sys.executable).parent / "charlm"
@@ -51,7 +51,7 @@ def model_path(tmp_path_factory) -> Path:
 
 
 def charlm(*args, cwd=None) -> subprocess.CompletedProcess:
-    command = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "charlm.cli"]
+    command = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "charlm.apps.cli"]
     return subprocess.run(command + [str(a) for a in args], capture_output=True, text=True, timeout=120, cwd=cwd,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
@@ -65,7 +65,7 @@ class Result:
 
 @pytest.fixture
 def cli(capsys):
-    """Run `charlm ARGS` in-process through `charlm.cli.main`; return its exit status and output."""
+    """Run `charlm ARGS` in-process through `charlm.apps.cli.main`; return its exit status and output."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
 

@@ -1,4 +1,4 @@
-"""Reading raw corpora and repairing AG News escape debris (charlm/corpus.py)."""
+"""Reading raw corpora and repairing AG News escape debris (charlm/core/corpus.py)."""
 from __future__ import annotations
 
 import csv
@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from charlm import corpus
-from charlm.errors import CharlmError
+from charlm.core import corpus
+from charlm.base.errors import CharlmError
 
 HREF = ('&lt;A HREF="http://www.investor.reuters.com/FullQuote.aspx?ticker=TXN.N target=/stocks/quickinfo/'
         'fullquote"&gt;TXN.N&lt;/A&gt;')

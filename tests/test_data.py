@@ -1,4 +1,4 @@
-"""Packed token streams, the validation split and the minibatch iterator (charlm/data.py)."""
+"""Packed token streams, the validation split and the minibatch iterator (charlm/core/data.py)."""
 from __future__ import annotations
 
 import json
@@ -12,11 +12,11 @@ from hypothesis import strategies as st
 
 from conftest import WORDS, raw_project
 
-from charlm import data
-from charlm.data import Batches, encode_items, item_bounds, load_packed, n_windows, split_items, window_starts
-from charlm.errors import CharlmError
-from charlm.io import write_json, write_npy
-from charlm.vocab import EOS_ID, Vocab
+from charlm.core import data
+from charlm.core.data import Batches, encode_items, item_bounds, load_packed, n_windows, split_items, window_starts
+from charlm.base.errors import CharlmError
+from charlm.base.io import write_json, write_npy
+from charlm.core.vocab import EOS_ID, Vocab
 
 VOCAB = Vocab(list("abcdefgh \u00e9\u6771"))
 item_text = st.text(st.sampled_from(VOCAB.chars), max_size=12)
@@ -456,7 +456,7 @@ def test_data_stages_memory_is_about_the_corpus_once(tmp_path):
     p.set_params(prepare={"format": "lines"}, pack={"seq_len": 100, "val_fraction": 0.05})
     corpus = sum(f.stat().st_size for f in (p.path / "data/raw").iterdir())
     assert corpus > 10 * MiB
-    base = peak_rss(p.path, "-c", "import numpy, yaml, charlm.corpus, charlm.data, charlm.vocab, charlm.params")
+    base = peak_rss(p.path, "-c", "import numpy, yaml, charlm.core.corpus, charlm.core.data, charlm.core.vocab, charlm.pipeline.params")
     for stage in ("prepare", "vocab", "pack"):
         extra = peak_rss(p.path, "-m", f"stages.{stage}") - base
         assert extra < 1.3 * corpus + 16 * MiB, (stage, extra / MiB, corpus / MiB)

@@ -1,7 +1,7 @@
 """dvc.yaml cannot drift from the code: every file a stage executes is one of that stage's deps.
 
 DVC reruns a stage only when a declared dep changes, so an undeclared import would let a cached metric describe
-old code. Per-file deps (not a `charlm/` folder dep) keep a change to, say, charlm/sampling.py's generation-only
+old code. Per-file deps (not a `charlm/` folder dep) keep a change to, say, charlm/core/sampling.py's generation-only
 code from rerunning train needlessly... unless train imports it, which this test then requires.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ def imported_modules(path: Path) -> set[str]:
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.add(node.module)
-            # `from charlm import artifact` imports the module charlm.artifact
+            # `from charlm.pipeline import artifact` imports the module charlm.pipeline.artifact
             found.update(f"{node.module}.{alias.name}" for alias in node.names)
     return {name for name in found if name.split(".")[0] in PACKAGES and module_file(name).exists()}
 
@@ -68,9 +68,9 @@ def test_every_executed_file_is_a_dep(name):
 def test_the_check_catches_a_removed_dep():
     """The check can fail: drop one real dep of evaluate and it is reported."""
     evaluate = stages()["evaluate"]
-    assert "charlm/data.py" in evaluate["deps"]
-    evaluate["deps"].remove("charlm/data.py")
-    assert missing_deps(evaluate) == {"charlm/data.py"}
+    assert "charlm/core/data.py" in evaluate["deps"]
+    evaluate["deps"].remove("charlm/core/data.py")
+    assert missing_deps(evaluate) == {"charlm/core/data.py"}
 
 
 def test_a_generate_change_does_not_rerun_train():
@@ -81,5 +81,5 @@ def test_a_generate_change_does_not_rerun_train():
 
 
 def test_lazy_imports_are_followed():
-    """charlm.cli imports charlm.report inside a function; the walk must see it."""
-    assert "charlm.report" in imported_modules(ROOT / "charlm" / "cli.py")
+    """charlm.apps.cli imports charlm.apps.report inside a function; the walk must see it."""
+    assert "charlm.apps.report" in imported_modules(ROOT / "charlm" / "apps" / "cli.py")

@@ -12,9 +12,10 @@ import pytest
 import torch
 from conftest import Project, raw_project
 
-from charlm import artifact, scoring
-from charlm.model import CharRNN
-from charlm.vocab import EOS_ID, UNK_ID
+from charlm.pipeline import artifact
+from charlm.core import scoring
+from charlm.core.model import CharRNN
+from charlm.core.vocab import EOS_ID, UNK_ID
 
 ENV = {"OMP_NUM_THREADS": "1"}  # 2 OpenMP threads on a busy 2-core machine slow tiny models down many times
 

@@ -88,13 +88,13 @@ def test_plots_diff_and_samples_compare_across_experiments(baseline, tmp_path):
     assert "seed1" in curve and "seed2" in curve
 
     out = tmp_path / "plots"
-    p.run(sys.executable, "-m", "charlm.cli", "plots", "seed1", "seed2", "--out", str(out))
+    p.run(sys.executable, "-m", "charlm.apps.cli", "plots", "seed1", "seed2", "--out", str(out))
     png = (out / "bits_per_character.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     html = (out / "index.html").read_text()
     assert "data:image/png;base64," in html and "<script" not in html and "src=\"http" not in html
 
-    table = p.run(sys.executable, "-m", "charlm.cli", "compare", "seed1", "seed2").stdout
+    table = p.run(sys.executable, "-m", "charlm.apps.cli", "compare", "seed1", "seed2").stdout
     lines = table.splitlines()
     assert lines[0] == "| sample | seed1 | seed2 |"
     assert len(lines) == 2 + 4  # header, rule, 2 prompts x 2 temperatures
@@ -154,7 +154,7 @@ def start_queue(p) -> None:
 def assert_same_model(p, rev_a: str, rev_b: str) -> None:
     import torch
 
-    from charlm import artifact
+    from charlm.pipeline import artifact
 
     with contextlib.chdir(p.path):
         a, _, _ = artifact.load_model(rev=rev_a)

@@ -58,7 +58,7 @@ OUTS = {
 }
 DIR_OUTS = ["data/packed", "dvclive/plots"]
 WORK_DIRS = ["data", "models", "checkpoints", "metrics", "reports", "dvclive"]
-TEMP = re.compile(r"^\..+\.(tmp|old)-(\d+)$")  # charlm.io's temp names: .NAME.tmp-PID, .NAME.old-PID
+TEMP = re.compile(r"^\..+\.(tmp|old)-(\d+)$")  # charlm.base.io's temp names: .NAME.tmp-PID, .NAME.old-PID
 
 # Enough data that writes take milliseconds (1.2 MB of train CSV), a model whose checkpoint takes a moment
 # to write, and checkpoints every 5 of 60 steps, so that kills fall between and during checkpoint writes.

@@ -446,7 +446,7 @@ def test_train_ignores_a_malicious_a_foreign_and_a_truncated_checkpoint(trained,
         (p.path / "models/model.pt").unlink()
     ck = {name: p.path / "checkpoints/train.pt" for name, p in projects.items()}
     evil_file(ck["malicious"], marker, like=trained.path / "checkpoints/train.pt")
-    from charlm.model import CharRNN
+    from charlm.core.model import CharRNN
     other = CharRNN(ref["model"]["embed.weight"].shape[0] + 7, cell="gru", hidden=24, layers=1, embedding=8)
     torch.save({**ref, "run_id": "0" * 64, "model": other.state_dict(), "step": 6}, ck["foreign"])
     ck["truncated"].write_bytes(ck["truncated"].read_bytes()[:5000])
@@ -466,7 +466,7 @@ def test_a_tampered_checkpoint_of_this_run_that_does_not_fit_is_a_clear_error(tr
     """Same run id, other shapes (a hand-edited checkpoint): train cannot resume it and says to delete it."""
     p = copy_of(trained, tmp_path / "repo")
     ref = reference_checkpoint(trained)
-    from charlm.model import CharRNN
+    from charlm.core.model import CharRNN
     other = CharRNN(ref["model"]["embed.weight"].shape[0], cell="lstm", hidden=8, layers=1, embedding=4)
     torch.save({**ref, "model": other.state_dict(), "step": 6}, p.path / "checkpoints/train.pt")
     clear(p, "train")

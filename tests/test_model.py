@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from charlm.model import CharRNN, n_params
-from charlm.vocab import EOS_ID
+from charlm.core.model import CharRNN, n_params
+from charlm.core.vocab import EOS_ID
 
 V = 11  # vocabulary size of the small models below (3 specials + 8 characters)
 CELLS = ["lstm", "gru", "rnn"]

@@ -15,8 +15,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from charlm import params
-from charlm.errors import CharlmError
+from charlm.pipeline import params
+from charlm.base.errors import CharlmError
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "params.yaml"

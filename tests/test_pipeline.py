@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from charlm.data import window_starts
+from charlm.core.data import window_starts
 
 pytestmark = pytest.mark.slow
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from charlm.model import CharRNN
-from charlm.sampling import (encode_prompt, generate, generated_words, known_word_share, sample,
-                             single_stream_backend, stream, words_in)
-from charlm.vocab import EOS_ID, PAD_ID, UNK_ID, Vocab
+from charlm.core.model import CharRNN
+from charlm.core.sampling import (encode_prompt, generate, generated_words, known_word_share, sample,
+                             few_rows_backend, token_steps, words_in)
+from charlm.core.vocab import EOS_ID, PAD_ID, UNK_ID, Vocab
 
 VOCAB = Vocab(list("abcdefghijklmnopqrstuvwxyz .,"))
 V = len(VOCAB)
@@ -41,7 +41,7 @@ def draws(logits: torch.Tensor, n: int, temperature: float = 1.0, **kw) -> torch
 
 
 def tokens(model, prompts, temperatures, length, **kw) -> list[list[int | None]]:
-    return list(stream(model, VOCAB, prompts, temperatures, length, **kw))
+    return list(token_steps(model, VOCAB, prompts, temperatures, length, **kw))
 
 
 def valid(out: torch.Tensor) -> bool:
@@ -180,7 +180,7 @@ def test_temperature_per_row():
     assert len(set(mixed[:, 1].tolist())) > 3 and len(set(out[:, 1].tolist())) > 3
 
 
-# --------------------------------------------------------------------------- stream()
+# --------------------------------------------------------------------------- token_steps()
 
 
 def eos_model(bias: float) -> CharRNN:
@@ -301,10 +301,10 @@ def test_onednn_is_off_only_while_generating_few_cpu_streams(device, batch, insi
     before = torch.backends.mkldnn.enabled
     try:
         torch.backends.mkldnn.enabled = True
-        with single_stream_backend(torch.device(device), batch):
+        with few_rows_backend(torch.device(device), batch):
             assert torch.backends.mkldnn.enabled is inside
         assert torch.backends.mkldnn.enabled is True
-        with pytest.raises(RuntimeError), single_stream_backend(torch.device(device), batch):
+        with pytest.raises(RuntimeError), few_rows_backend(torch.device(device), batch):
             raise RuntimeError  # an error inside generation still restores the setting
         assert torch.backends.mkldnn.enabled is True
     finally:

@@ -10,9 +10,9 @@ import pytest
 
 from conftest import Project, ag_news_rows, csv_bytes
 
-from charlm.data import load_packed
-from charlm.model import CharRNN
-from charlm.scoring import stream_bpc
+from charlm.core.data import load_packed
+from charlm.core.model import CharRNN
+from charlm.core.scoring import stream_bpc
 
 OUTPUTS = {
     "download": ["data/raw/train.csv", "data/raw/test.csv"],
@@ -165,7 +165,7 @@ def test_pack_seq_len_longer_than_the_corpus(project):
 
 
 def test_pack_accepts_a_validation_split_shorter_than_a_window(project):
-    # Validation scores whole items (charlm/scoring.py), not windows: one short item is a usable split.
+    # Validation scores whole items (charlm/core/scoring.py), not windows: one short item is a usable split.
     prepared(project)
     project.stage("vocab")
     # 120 items: a 1% split is one item (well under 1000 characters), while train has thousands of windows' worth.

@@ -1,4 +1,4 @@
-"""The character vocabulary: stable ids, encoding, dtype, and its JSON file (charlm/vocab.py)."""
+"""The character vocabulary: stable ids, encoding, dtype, and its JSON file (charlm/core/vocab.py)."""
 from __future__ import annotations
 
 import copy
@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from charlm import vocab as V
-from charlm.errors import CharlmError
-from charlm.io import read_text, read_text_chunks
-from charlm.vocab import EOS_ID, PAD_ID, UNK_ID, Vocab
+from charlm.core import vocab as V
+from charlm.base.errors import CharlmError
+from charlm.base.io import read_text, read_text_chunks
+from charlm.core.vocab import EOS_ID, PAD_ID, UNK_ID, Vocab
 
 TEXT = "the cat sat on the mat\nthe dog ate\n"
 

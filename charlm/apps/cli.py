@@ -14,8 +14,7 @@ import math
 import sys
 import warnings
 
-from charlm.errors import run_main
-from charlm.vocab import EOS_ID
+from charlm.base.errors import run_main
 
 
 def _number(kind, lo=None, hi=None, lo_open=False, what=""):
@@ -62,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     ]  # fmt: skip
     for flag, kind, default, text in numbers:
         g.add_argument(flag, type=kind, default=default, help=text)
-    # Defaults are resolved in generate_command: charlm.artifact imports torch, which `charlm plots` never needs.
+    # Defaults are resolved in generate_command: the artifact module imports torch, which `charlm plots` never needs.
     g.add_argument("--model", help="model file (default: the pipeline's models/model.pt)")
     source = g.add_mutually_exclusive_group()
     source.add_argument(
@@ -113,14 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
 def plots_command(args) -> None:
     from pathlib import Path
 
-    from charlm.report import render_plots
+    from charlm.apps.report import render_plots
 
     for path in render_plots(args.revisions, Path(args.out), args.format):
         print(path)
 
 
 def compare_command(args) -> None:
-    from charlm.report import compare_samples
+    from charlm.apps.report import compare_samples
 
     sys.stdout.write(compare_samples(args.revisions))
 
@@ -128,8 +127,8 @@ def compare_command(args) -> None:
 def generate_command(args) -> None:
     import random
 
-    from charlm import artifact
-    from charlm.sampling import stream
+    from charlm.core.sampling import text_pieces, token_steps
+    from charlm.pipeline import artifact
 
     device = artifact.pick_device(args.device, "--device")
     if args.checkpoint:
@@ -146,7 +145,7 @@ def generate_command(args) -> None:
             file=sys.stderr,
         )
     out = sys.stdout
-    steps = stream(
+    steps = token_steps(
         model,
         vocab,
         [args.prompt] * args.count,
@@ -159,22 +158,22 @@ def generate_command(args) -> None:
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        pieces = text_pieces(steps, vocab, args.stop_at_eos)
         if args.count == 1:
             out.write(args.prompt)
-            for (token,) in steps:
-                if token is None or (args.stop_at_eos and token == EOS_ID):
-                    continue
-                out.write(vocab.decode([token]))
-                out.flush()
+            for (piece,) in pieces:
+                if piece is not None:
+                    out.write(piece)
+                    out.flush()
             out.write("\n")
         else:
-            rows: list[list[int]] = [[] for _ in range(args.count)]
-            for step in steps:
-                for row, token in zip(rows, step, strict=True):
-                    if token is not None and not (args.stop_at_eos and token == EOS_ID):
-                        row.append(token)
+            rows: list[list[str]] = [[args.prompt] for _ in range(args.count)]
+            for step in pieces:
+                for row, piece in zip(rows, step, strict=True):
+                    if piece is not None:
+                        row.append(piece)
             for row in rows:
-                out.write(args.prompt + vocab.decode(row) + "\n")
+                out.write("".join(row) + "\n")
     out.flush()
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from charlm.errors import CharlmError
-from charlm.io import read_json, write_json
+from charlm.base.errors import CharlmError
+from charlm.base.io import read_json, write_json
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 SPECIALS = (PAD, EOS, UNK)

@@ -15,8 +15,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from charlm.errors import CharlmError
-from charlm.io import write_text
+from charlm.base.errors import CharlmError
+from charlm.base.io import write_text
 
 SAMPLES_JSON = "reports/samples.json"
 

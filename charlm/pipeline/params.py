@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ruamel.yaml import YAML, YAMLError
 
-from charlm.errors import CharlmError
+from charlm.base.errors import CharlmError
 
 PARAMS_FILE = "params.yaml"
 

@@ -25,12 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from charlm import artifact, params
-from charlm.data import Batches, Packed, load_packed
-from charlm.errors import CharlmError
-from charlm.model import CharRNN, n_params
-from charlm.scoring import stream_bpc
-from charlm.vocab import Vocab
+from charlm.base.errors import CharlmError
+from charlm.core.data import Batches, Packed, load_packed
+from charlm.core.model import CharRNN, n_params
+from charlm.core.scoring import stream_bpc
+from charlm.core.vocab import Vocab
+from charlm.pipeline import artifact, params
 
 VAL_BATCH = 64  # validation items per forward pass, as evaluate.batch_size
 KEYED_DIR = Path(".dvc/tmp/charlm-checkpoints")  # relative to the repository an experiment was queued from

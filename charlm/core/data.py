@@ -5,7 +5,7 @@ preceded by `<eos>`, the same context the evaluation protocol gives the first ch
 
 Training windows are `seq_len + 1` tokens; a window is only ever an offset, never a copy. Where they start is
 `pack.align`:
-- `stream`: at multiples of `seq_len`, so windows tile the stream and most start mid-item;
+- `token_steps`: at multiples of `seq_len`, so windows tile the stream and most start mid-item;
 - `item`: at the <eos> before every item, plus continuation windows every `seq_len` tokens through an item
   longer than one window. Each window then begins exactly as the evaluation protocol scores an item: from a
   zero state, conditioned on <eos>. Windows of consecutive short items overlap; every token is still covered.
@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from charlm.errors import CharlmError
-from charlm.io import read_json, read_npy, read_text_chunks
-from charlm.vocab import EOS_ID, Vocab
+from charlm.base.errors import CharlmError
+from charlm.base.io import read_json, read_npy, read_text_chunks
+from charlm.core.vocab import EOS_ID, Vocab
 
 FORMAT = "charlm-packed/1"
 SPLITS = ("train", "val", "test")

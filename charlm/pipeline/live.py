@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from charlm.io import write_text
+from charlm.base.io import write_text
 
 
 def stage_live(directory: Path, resume: bool):

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from charlm.data import item_bounds
-from charlm.model import IGNORE
-from charlm.vocab import EOS_ID, PAD_ID, UNK_ID
+from charlm.core.data import item_bounds
+from charlm.core.model import IGNORE
+from charlm.core.vocab import EOS_ID, PAD_ID, UNK_ID
 
 CHUNK = 512  # time steps per forward call; the state is carried, so items of any length fit in memory
 
@@ -24,7 +24,7 @@ CHUNK = 512  # time steps per forward call; the state is carried, so items of an
 def score_items(
     model, stream: np.ndarray, starts: np.ndarray, lengths: np.ndarray, batch_size: int, device
 ) -> tuple[float, int, int]:
-    """Total nats, scored characters and <unk> targets over items given by (start, length) in `stream`.
+    """Total nats, scored characters and <unk> targets over items given by (start, length) in `token_steps`.
 
     Items are sorted by length so a batch pads little; padding sits after every item's last character,
     where a forward-only RNN cannot let it change any scored position.

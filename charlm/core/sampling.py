@@ -14,8 +14,8 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from charlm.model import CharRNN
-from charlm.vocab import EOS_ID, PAD_ID, UNK_ID, Vocab
+from charlm.core.model import CharRNN
+from charlm.core.vocab import EOS_ID, PAD_ID, UNK_ID, Vocab
 
 
 def filter_top(z: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -97,18 +97,18 @@ def encode_prompt(vocab: Vocab, prompt: str) -> list[int]:
 # LSTM steps through nn.LSTM with oneDNN on, as before. BENCHMARKS.md 4c: at one stream the written-out step is
 # 1.6-3.3x nn.LSTM's best; at 64 neither is consistently faster (0.83-1.33x over two runs). 4b: for a GRU, oneDNN
 # on and off are within 0.93-1.28x of each other at every size, so the switch hardly matters there.
-FEW_STREAMS = 32
+FEW_ROWS = 32
 
 
-def few_cpu_streams(device: torch.device, batch: int) -> bool:
-    return device.type == "cpu" and batch <= FEW_STREAMS
+def few_cpu_rows(device: torch.device, batch: int) -> bool:
+    return device.type == "cpu" and batch <= FEW_ROWS
 
 
 @contextlib.contextmanager
-def single_stream_backend(device: torch.device, batch: int):
+def few_rows_backend(device: torch.device, batch: int):
     """Turn oneDNN off for generating a few streams at a time on CPU, and restore the setting afterwards."""
     previous = torch.backends.mkldnn.enabled
-    if few_cpu_streams(device, batch):
+    if few_cpu_rows(device, batch):
         torch.backends.mkldnn.enabled = False  # type: ignore[assignment]  # torch's switch; its stub types the descriptor
     try:
         yield
@@ -117,7 +117,7 @@ def single_stream_backend(device: torch.device, batch: int):
 
 
 @torch.no_grad()
-def stream(
+def token_steps(
     model: CharRNN,
     vocab: Vocab,
     prompts: list[str],
@@ -140,9 +140,9 @@ def stream(
     temps = torch.tensor([t for _, t in pairs], dtype=torch.float32, device=device)
     draw = Sampler(temps, top_k, top_p, torch.Generator(device=device).manual_seed(seed))
     alive = [True] * len(pairs)
-    with single_stream_backend(device, len(pairs)):
+    with few_rows_backend(device, len(pairs)):
         logits, state = model.prime([encoded[p] for p, _ in pairs])
-        step = model.stepper() if few_cpu_streams(device, len(pairs)) else model.step
+        step = model.stepper() if few_cpu_rows(device, len(pairs)) else model.step
         for _ in range(length):
             token = draw(logits)
             # The stopped streams are tracked on the host, from the one copy of the tokens that is made anyway:
@@ -184,23 +184,31 @@ def known_word_share(records: Iterable[dict], known: set[str]) -> tuple[float | 
     return (sum(w in known for w in words) / len(words) if words else None), len(words)
 
 
+def text_pieces(
+    steps: Iterable[list[int | None]], vocab: Vocab, stop_at_eos: bool = True
+) -> Iterator[list[str | None]]:
+    """The one decoding of generated tokens, for the stages, the CLI and the server: for each step of
+    `token_steps`, the text it adds to each row, or None once the row has stopped (the <eos> that stops a row
+    adds None too). Past an <eos> that does not stop, the <eos> reads as a newline."""
+    symbols = [vocab.decode([i]) for i in range(len(vocab))]
+    for step in steps:
+        yield [None if t is None or (stop_at_eos and t == EOS_ID) else symbols[t] for t in step]
+
+
 def generate(
     model: CharRNN, vocab: Vocab, prompts: list[str], temperatures: list[float], length: int, **kwargs
 ) -> list[dict]:
     """All samples as records {prompt, temperature, text, stopped_at_eos}."""
     pairs = [(p, t) for p in prompts for t in temperatures]
-    ids: list[list[int]] = [[] for _ in pairs]
-    for step in stream(model, vocab, prompts, temperatures, length, **kwargs):
-        for row, i in zip(ids, step, strict=True):
-            if i is not None:
-                row.append(i)
+    texts, stopped = [[p] for p, _ in pairs], [False] * len(pairs)
     stop = kwargs.get("stop_at_eos", True)
+    for step in text_pieces(token_steps(model, vocab, prompts, temperatures, length, **kwargs), vocab, stop):
+        for i, piece in enumerate(step):
+            if piece is None:
+                stopped[i] = True
+            else:
+                texts[i].append(piece)
     return [
-        {
-            "prompt": p,
-            "temperature": t,
-            "text": p + vocab.decode(r[:-1] if stop and r and r[-1] == EOS_ID else r),
-            "stopped_at_eos": bool(stop and r and r[-1] == EOS_ID),
-        }
-        for (p, t), r in zip(pairs, ids, strict=True)
+        {"prompt": p, "temperature": t, "text": "".join(text), "stopped_at_eos": s}
+        for (p, t), text, s in zip(pairs, texts, stopped, strict=True)
     ]

@@ -9,8 +9,8 @@ import sys
 
 import torch
 
-from charlm import artifact, params
-from charlm.errors import CharlmError
+from charlm.base.errors import CharlmError
+from charlm.pipeline import artifact, params
 
 
 def relaunch_under_torchrun(module: str) -> None:

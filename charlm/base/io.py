@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from charlm.errors import CharlmError
+from charlm.base.errors import CharlmError
 
 
 @contextlib.contextmanager

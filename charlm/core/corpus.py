@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from charlm.errors import CharlmError
+from charlm.base.errors import CharlmError
 
 AG_NEWS_COLUMNS = ("label", "title", "description")
 

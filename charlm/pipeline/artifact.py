@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from charlm.errors import CharlmError
-from charlm.io import atomic_path
-from charlm.model import CharRNN
-from charlm.vocab import Vocab
+from charlm.base.errors import CharlmError
+from charlm.base.io import atomic_path
+from charlm.core.model import CharRNN
+from charlm.core.vocab import Vocab
 
 MODEL_FORMAT = "charlm-model/1"
 CHECKPOINT_FORMAT = "charlm-checkpoint/3"  # /3: also carries the model config and vocabulary, for sampling

@@ -1,0 +1,1 @@
+"""Apps for people: the `charlm` command and the playground server."""

@@ -1,0 +1,1 @@
+"""Base: what every layer uses (the one error type, atomic file writes)."""

@@ -1,0 +1,1 @@
+"""Core: text, vocabulary, packed data, the model, sampling, scoring and training. Knows nothing of DVC."""
