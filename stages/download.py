@@ -21,9 +21,9 @@ from tqdm import tqdm
 
 from charlm.base.errors import CharlmError, run_main
 from charlm.base.io import all_or_none, atomic_path
-from charlm.pipeline import params
+from charlm.pipeline import params, paths
 
-OUT = Path("data/raw")
+OUT = paths.RAW
 RETRYABLE_HTTP = {408, 425, 429, 500, 502, 503, 504}
 CHUNK = 1 << 16
 

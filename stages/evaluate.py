@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -20,19 +19,19 @@ from charlm.base.io import write_json
 from charlm.core.data import item_bounds, load_packed
 from charlm.core.scoring import score_items, score_items_dynamic
 from charlm.core.vocab import EOS_ID
-from charlm.pipeline import artifact, params
+from charlm.pipeline import artifact, params, paths
 
-OUT = Path("metrics/eval.json")
+OUT = paths.EVAL_METRICS
 
 
 def main() -> None:
     p = params.load(params.EvaluateParams)
     device = artifact.pick_device(p.device, "evaluate.device")
-    model, vocab, info = artifact.load_model(artifact.DEFAULT_MODEL, device)
-    packed = load_packed("data/packed")
+    model, vocab, info = artifact.load_model(paths.MODEL, device)
+    packed = load_packed(paths.PACKED)
     if packed.meta["vocab_size"] != len(vocab):
         raise CharlmError(
-            f"{artifact.DEFAULT_MODEL} has {len(vocab)} symbols but data/packed has "
+            f"{paths.MODEL} has {len(vocab)} symbols but {paths.PACKED} has "
             f"{packed.meta['vocab_size']}; rerun `dvc repro train`"
         )
     stream = packed.streams["test"]

@@ -10,22 +10,21 @@ of grammar or sense, and copying the training text verbatim would score 1.0.
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 from charlm.base.errors import run_main
 from charlm.base.io import all_or_none, read_text, write_json, write_text
 from charlm.core.sampling import generate, known_word_share, words_in
-from charlm.pipeline import artifact, params
+from charlm.pipeline import artifact, params, paths
 
-OUT_MD, OUT_JSON = Path("reports/samples.md"), Path("reports/samples.json")
-OUT_METRICS = Path("metrics/generate.json")
-TRAIN_TEXT = Path("data/prepared/train.txt")
+OUT_MD, OUT_JSON = paths.SAMPLES_MD, paths.SAMPLES_JSON
+OUT_METRICS = paths.GENERATE_METRICS
+TRAIN_TEXT = paths.PREPARED / "train.txt"
 
 
 def main() -> None:
     p = params.load(params.GenerateParams)
     device = artifact.pick_device(p.device, "generate.device")
-    model, vocab, _ = artifact.load_model(artifact.DEFAULT_MODEL, device)
+    model, vocab, _ = artifact.load_model(paths.MODEL, device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         records = generate(

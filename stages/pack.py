@@ -8,20 +8,18 @@ which start where `pack.align` says (see charlm/core/data.py).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from charlm.base.errors import CharlmError, run_main
 from charlm.base.io import atomic_dir, write_json, write_npy
 from charlm.core.data import FORMAT, count_windows, pack_file, sha256
 from charlm.core.vocab import Vocab
-from charlm.pipeline import params
+from charlm.pipeline import params, paths
 
-PREPARED, OUT = Path("data/prepared"), Path("data/packed")
+PREPARED, OUT = paths.PREPARED, paths.PACKED
 
 
 def main() -> None:
     p = params.load(params.PackParams)
-    vocab = Vocab.load("data/vocab.json")
+    vocab = Vocab.load(paths.VOCAB)
     fix = "rerun `dvc repro prepare`"
     # The prepared text is read a chunk at a time and never held whole: memory is the encoded streams (a byte a
     # character for up to 256 symbols), plus temporaries of a chunk or O(items) (see charlm/core/data.py).

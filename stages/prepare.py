@@ -11,9 +11,9 @@ from pathlib import Path
 from charlm.base.errors import CharlmError, run_main
 from charlm.base.io import all_or_none, atomic_path
 from charlm.core import corpus
-from charlm.pipeline import params
+from charlm.pipeline import params, paths
 
-RAW, OUT = Path("data/raw"), Path("data/prepared")
+RAW, OUT = paths.RAW, paths.PREPARED
 
 
 def prepare(p: params.PrepareParams, split: str, out: Path) -> str:

@@ -9,7 +9,6 @@ reruns a stage, and a checkpoint must survive a killed run. Each carries this st
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
@@ -17,11 +16,9 @@ from tqdm import tqdm
 from charlm.base.errors import run_main
 from charlm.core.sampling import generate
 from charlm.core.training import Progress, Run, StopRequested, build_run, checkpoint_path
-from charlm.pipeline import artifact, distributed, params
+from charlm.pipeline import distributed, params, paths
 from charlm.pipeline.live import StageLogs, stage_live
 
-VOCAB, PACKED = Path("data/vocab.json"), Path("data/packed")
-LIVE_DIR, SAMPLES = Path("dvclive"), Path("reports/train_samples.md")
 LN2 = math.log(2)
 
 
@@ -30,16 +27,16 @@ def main() -> None:
     rank, world, device = distributed.setup_processes(tp)
     lead = rank == 0  # only the lead process logs and writes files
     say = tqdm.write if lead else (lambda *a, **k: None)
-    run = build_run(mp, tp, VOCAB, PACKED, rank, world, device)
+    run = build_run(mp, tp, paths.VOCAB, paths.PACKED, rank, world, device)
     model, trainer, batches, total = run.model, run.trainer, run.batches, run.total
     val, chars_per_step = run.packed.streams["val"], tp.batch_size * run.packed.meta["seq_len"]
     checkpoint = checkpoint_path(run.run_id)
     ck = trainer.resume(checkpoint, run.run_id, say)
     start, progress = (int(ck["step"]), Progress(device, ck["progress"])) if ck else (0, Progress(device))
-    logs = StageLogs(LIVE_DIR, SAMPLES, f"Samples during training (prompt {tp.sample_prompt!r})")
+    logs = StageLogs(paths.LIVE, paths.TRAIN_SAMPLES, f"Samples during training (prompt {tp.sample_prompt!r})")
     if lead:
         logs.start(ck)  # the logs as they were at the checkpoint, if any
-    live: Any = stage_live(LIVE_DIR, resume=ck is not None) if lead else None
+    live: Any = stage_live(paths.LIVE, resume=ck is not None) if lead else None
     say(run.describe(world, start))
     if tp.init_from and run.has_val and start == 0 and lead:  # fine-tuning: where the starting model stands
         log_val(live, 0, trainer.validate(val), say, f" ({tp.init_from}, before fine-tuning)")
@@ -75,7 +72,7 @@ def main() -> None:
     distributed.finish(world)
     if lead:
         finish(live, run, progress.train_s(ran=total > start), progress.step_s)
-        if checkpoint != artifact.DEFAULT_CHECKPOINT:  # a finished temporary experiment needs no checkpoint
+        if checkpoint != paths.CHECKPOINT:  # a finished temporary experiment needs no checkpoint
             checkpoint.unlink(missing_ok=True)
 
 
@@ -116,9 +113,9 @@ def finish(live, run: Run, train_s: float, step_s: float) -> None:
     live.log_metric("steps", run.total, plot=False)
     live.end()  # the summary keeps the last logged step (`total`)
     val_bpc = live.summary.get("val", {}).get("bpc")
-    run.save_model(artifact.DEFAULT_MODEL, val_bpc)
+    run.save_model(paths.MODEL, val_bpc)
     val = f", val {val_bpc:.4f} bpc" if val_bpc is not None else ""
-    print(f"train: done, {run.total:,} steps in {train_s:,.0f}s{val} -> {artifact.DEFAULT_MODEL}")
+    print(f"train: done, {run.total:,} steps in {train_s:,.0f}s{val} -> {paths.MODEL}")
 
 
 if __name__ == "__main__":

@@ -8,14 +8,13 @@ it (`train.init_from`); characters the model never saw then become <unk>.
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
 from charlm.base.errors import CharlmError, run_main
 from charlm.base.io import read_text_chunks
 from charlm.core.vocab import Vocab, count_chars
-from charlm.pipeline import params
+from charlm.pipeline import params, paths
 
-PREPARED, OUT = Path("data/prepared"), Path("data/vocab.json")
+PREPARED, OUT = paths.PREPARED, paths.VOCAB
 CHUNK = 1 << 18  # characters counted at a time: count_chars' temporaries are ~10 bytes a character
 
 

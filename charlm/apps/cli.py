@@ -128,13 +128,13 @@ def generate_command(args) -> None:
     import random
 
     from charlm.core.sampling import text_pieces, token_steps
-    from charlm.pipeline import artifact
+    from charlm.pipeline import artifact, paths
 
     device = artifact.pick_device(args.device, "--device")
     if args.checkpoint:
-        path = artifact.DEFAULT_CHECKPOINT if args.checkpoint is True else args.checkpoint
+        path = paths.CHECKPOINT if args.checkpoint is True else args.checkpoint
     else:
-        path = args.model or artifact.DEFAULT_MODEL
+        path = args.model or paths.MODEL
     fix = "train one with `dvc repro` or pass --model PATH"
     model, vocab, _ = artifact.load_model(path, device, fix=fix, rev=args.rev)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)

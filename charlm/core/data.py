@@ -248,7 +248,7 @@ class Packed:
     streams: dict[str, np.ndarray]
 
 
-def load_packed(directory: str | Path = "data/packed") -> Packed:
+def load_packed(directory: str | Path) -> Packed:
     directory = Path(directory)
     fix = "rerun `dvc repro pack`"
     meta = read_json(directory / "meta.json", "packed-data metadata", fix)

@@ -30,10 +30,9 @@ from charlm.core.data import Batches, Packed, load_packed
 from charlm.core.model import CharRNN, n_params
 from charlm.core.scoring import stream_bpc
 from charlm.core.vocab import Vocab
-from charlm.pipeline import artifact, params
+from charlm.pipeline import artifact, params, paths
 
 VAL_BATCH = 64  # validation items per forward pass, as evaluate.batch_size
-KEYED_DIR = Path(".dvc/tmp/charlm-checkpoints")  # relative to the repository an experiment was queued from
 KEEP_KEYED = 8  # checkpoints of unfinished temporary experiments kept there, newest first (~model + 2x Adam each)
 
 
@@ -121,7 +120,7 @@ class Trainer:
                 **extra,
             },
         )
-        if path.parent.name == KEYED_DIR.name:
+        if path.parent.name == paths.KEYED_CHECKPOINTS.name:
             prune_keyed(path)
 
     def resume(self, path: Path, run_id: str, print_fn) -> dict | None:
@@ -230,8 +229,8 @@ def checkpoint_path(run_id: str) -> Path:
     parts = Path.cwd().resolve().parts
     for i in range(len(parts) - 3, 0, -1):
         if parts[i : i + 3] == (".dvc", "tmp", "exps"):
-            return Path(*parts[:i]) / KEYED_DIR / f"{run_id[:32]}.pt"
-    return artifact.DEFAULT_CHECKPOINT
+            return Path(*parts[:i]) / paths.KEYED_CHECKPOINTS / f"{run_id[:32]}.pt"
+    return paths.CHECKPOINT
 
 
 def prune_keyed(keep: Path) -> None:

@@ -19,11 +19,10 @@ from charlm.base.errors import CharlmError
 from charlm.base.io import atomic_path
 from charlm.core.model import CharRNN
 from charlm.core.vocab import Vocab
+from charlm.pipeline import paths
 
 MODEL_FORMAT = "charlm-model/1"
 CHECKPOINT_FORMAT = "charlm-checkpoint/3"  # /3: also carries the model config and vocabulary, for sampling
-DEFAULT_MODEL = Path("models/model.pt")
-DEFAULT_CHECKPOINT = Path("checkpoints/train.pt")
 
 
 def save(path: str | Path, obj: dict) -> None:
@@ -102,7 +101,7 @@ def read_at_revision(path: str | Path, rev: str) -> bytes:
 
 
 def load_model(
-    path: str | Path = DEFAULT_MODEL,
+    path: str | Path = paths.MODEL,
     device: str | torch.device = "cpu",
     fix: str = "run `dvc repro train` or pass the path of a trained model",
     rev: str | None = None,
