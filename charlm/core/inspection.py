@@ -1,0 +1,335 @@
+"""What a trained model makes of a text: per-character scores (the Read view) and its hidden units (Inside).
+
+Scores follow the evaluation protocol of `charlm.core.scoring` exactly: each item is read on its own from a zero
+state, its first character conditioned on <eos>, an unseen character scored as <unk>. So the bits per character
+of a pasted text are the figure evaluate would give for it as a test split.
+
+Symbols are named by `vocab.itos`: a character is itself (one character long), and a special keeps its name,
+"<eos>", "<unk>" or "<pad>" (longer than one character, so never mistaken for text). None is ever left out of a
+top list, so the probabilities the model puts on specials stay visible.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from torch import nn
+
+from charlm.base.errors import CharlmError
+from charlm.core.corpus import normalise_space
+from charlm.core.scoring import CHUNK
+from charlm.core.vocab import EOS_ID, PAD_ID, Vocab
+
+BATCH = 64  # items per forward call; sorted by length first, so a batch pads little
+_GATES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
+
+# --------------------------------------------------------------------------- items
+
+
+def text_items(text: str) -> list[str]:
+    """The items of a pasted text, as the `prepare` stage makes them from a `format: lines` file with clean on.
+
+    `corpus.line_items` reads the file with utf-8-sig (a leading BOM goes), splits it at every boundary that
+    `str.splitlines` knows (CRLF, CR, LF, \\v, \\x85, ...) and normalises each line's whitespace; `prepare` then
+    drops the empty items. Only `normalise_space` runs per line on that route (`corpus.clean`'s AG News repairs
+    are for the ag_news format), so a pasted text is cut into the same items its file would be.
+    """
+    items = (normalise_space(line) for line in text.removeprefix("\ufeff").splitlines())
+    return [item for item in items if item]
+
+
+def _encoded(vocab: Vocab, items: list[str]) -> list[np.ndarray]:
+    for i, item in enumerate(items):
+        # Vocab.encode reads "\n" as <eos>, which would end the item there; the protocol never sees one inside.
+        if "\n" in item:
+            raise CharlmError(f"item {i} holds a line break; split the text into items with text_items first")
+    return [vocab.encode(item).astype(np.int64) for item in items]
+
+
+def _batches(lengths: list[int]) -> Iterator[np.ndarray]:
+    """Indices of non-empty items, shortest first, BATCH at a time."""
+    order = [i for i in np.argsort(lengths, kind="stable").tolist() if lengths[i]]
+    for start in range(0, len(order), BATCH):
+        yield np.array(order[start : start + BATCH])
+
+
+@contextmanager
+def _evaluating(model: nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout) and no autograd for the duration; the model's mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+# --------------------------------------------------------------------------- Read: per-character scores
+
+
+def char_scores(model, vocab: Vocab, items: list[str], top: int = 5) -> list[list[dict]]:
+    """For every character of every item: {"bits", "top", "rank"}.
+
+    bits: -log2 p of the character (of <unk> where the vocabulary lacks it), as `scoring.score_items` scores it.
+    top: the `top` most likely symbols before the character was read, [[name, prob], ...], most likely first;
+    names as in the module docstring. rank: 1-based rank of the character's id among all symbols (1 + the number
+    of symbols the model found strictly more likely), so rank 1 means the model's first guess was right.
+    An empty item gets an empty list.
+    """
+    if isinstance(top, bool) or not isinstance(top, int) or top < 0:
+        raise CharlmError(f"top must be a whole number >= 0, got {top!r}")
+    encoded = _encoded(vocab, items)
+    names = list(vocab.itos)
+    k = min(top, len(names))
+    device = model.head.weight.device
+    out: list[list[dict]] = [[] for _ in items]
+    with _evaluating(model):
+        for idx in _batches([len(ids) for ids in encoded]):
+            n_max = max(len(encoded[i]) for i in idx)
+            # Inputs are <eos> then every character but the last; targets are the characters. Padding sits after
+            # each item's end, where a forward-only RNN cannot reach a scored position (as in score_items).
+            x = np.full((len(idx), n_max), PAD_ID, dtype=np.int64)
+            y = np.full((len(idx), n_max), PAD_ID, dtype=np.int64)
+            x[:, 0] = EOS_ID
+            for row, i in enumerate(idx.tolist()):
+                ids = encoded[i]
+                x[row, 1 : len(ids)] = ids[:-1]
+                y[row, : len(ids)] = ids
+            bits, top_p, top_id, rank = [], [], [], []
+            state = None
+            for t in range(0, n_max, CHUNK):
+                logits, state = model(torch.from_numpy(x[:, t : t + CHUNK]).to(device), state)
+                logp = logits.float().log_softmax(-1)  # fp32, as the protocol's cross-entropy computes it
+                target = logp.gather(-1, torch.from_numpy(y[:, t : t + CHUNK]).to(device)[..., None])
+                bits.append(-target[..., 0].double() / math.log(2))
+                rank.append((logp > target).sum(-1) + 1)
+                values, ids_ = logp.topk(k, dim=-1)
+                top_p.append(values.exp())
+                top_id.append(ids_)
+            bits_l = torch.cat(bits, 1).tolist()
+            rank_l = torch.cat(rank, 1).tolist()
+            top_p_l = torch.cat(top_p, 1).tolist()
+            top_id_l = torch.cat(top_id, 1).tolist()
+            for row, i in enumerate(idx.tolist()):
+                out[i] = [
+                    {
+                        "bits": bits_l[row][j],
+                        "top": [[names[s], p] for s, p in zip(top_id_l[row][j], top_p_l[row][j], strict=True)],
+                        "rank": rank_l[row][j],
+                    }
+                    for j in range(len(encoded[i]))
+                ]
+    return out
+
+
+def bits_per_char(scores: list[list[dict]]) -> float:
+    """Total bits over all characters / their number; 0.0 for no characters, as `scoring.stream_bpc` gives."""
+    bits = [c["bits"] for item in scores for c in item]
+    return math.fsum(bits) / max(len(bits), 1)
+
+
+# --------------------------------------------------------------------------- Inside: hidden units
+
+
+def unit_kinds(model) -> list[str]:
+    """The per-layer states one can look at: an LSTM has a cell state c besides its output h."""
+    return ["cell", "output"] if model.rnn.mode == "LSTM" else ["output"]
+
+
+def _check(model, layer: int, kind: str) -> None:
+    layers = model.rnn.num_layers
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < layers:
+        raise CharlmError(f"layer {layer!r} does not exist: the model's layers are 0..{layers - 1}")
+    kinds = unit_kinds(model)
+    if kind not in kinds:
+        raise CharlmError(f"unit kind {kind!r} does not exist for a {model.rnn.mode} model: use one of {kinds}")
+
+
+def _single_layer(rnn, layer: int, width: int) -> nn.Module:
+    """Layer `layer` of a stacked RNN on its own, with the same weights, so nn's own kernels run it."""
+    extra = {"nonlinearity": rnn.nonlinearity} if isinstance(rnn, nn.RNN) else {}
+    one = type(rnn)(width, rnn.hidden_size, 1, bias=rnn.bias, batch_first=True, **extra)
+    one.load_state_dict(
+        {f"{name}_l0": getattr(rnn, f"{name}_l{layer}") for name in _GATES if hasattr(one, f"{name}_l0")}
+    )
+    return one.to(device=rnn.weight_hh_l0.device, dtype=rnn.weight_hh_l0.dtype).eval()
+
+
+def _lstm_cells(rnn, layer: int, x: torch.Tensor) -> torch.Tensor:
+    """The cell state c after every step of one LSTM layer, (batch, time, hidden): nn.LSTM only returns the last.
+
+    nn.LSTM's equations and gate order (input, forget, cell, output), a step at a time; the input projection of
+    every step is one matrix product up front.
+    """
+    w_ih, w_hh, b_ih, b_hh = (getattr(rnn, f"{name}_l{layer}") for name in _GATES)
+    gates_x = torch.matmul(x, w_ih.T) + (b_ih + b_hh)
+    h = x.new_zeros(x.size(0), rnn.hidden_size)
+    c = torch.zeros_like(h)
+    cells = []
+    w_hh_t = w_hh.T
+    for t in range(x.size(1)):
+        in_gate, forget, cell, out = torch.addmm(gates_x[:, t], h, w_hh_t).chunk(4, 1)
+        c = torch.sigmoid(forget) * c + torch.sigmoid(in_gate) * torch.tanh(cell)
+        h = torch.sigmoid(out) * torch.tanh(c)
+        cells.append(c)
+    return torch.stack(cells, 1)
+
+
+def _layer_states(model, vocab: Vocab, items: list[str], layer: int, kind: str) -> list[np.ndarray]:
+    """`activations` of several items, batched; one (len(item), hidden) array each."""
+    _check(model, layer, kind)
+    encoded = _encoded(vocab, items)
+    device = model.head.weight.device
+    hidden = model.rnn.hidden_size
+    out = [np.zeros((len(ids), hidden), dtype=np.float32) for ids in encoded]
+    with _evaluating(model):
+        for idx in _batches([len(ids) for ids in encoded]):
+            n_max = max(len(encoded[i]) for i in idx)
+            # <eos> then every character; padding after the end cannot reach an earlier step.
+            x_ids = np.full((len(idx), n_max + 1), PAD_ID, dtype=np.int64)
+            x_ids[:, 0] = EOS_ID
+            for row, i in enumerate(idx.tolist()):
+                x_ids[row, 1 : len(encoded[i]) + 1] = encoded[i]
+            x = model.embed(torch.from_numpy(x_ids).to(device))
+            # Between layers nn.RNN applies dropout only in training mode, so none here: the eval model's states.
+            for i in range(layer):
+                x = _single_layer(model.rnn, i, x.size(-1))(x)[0]
+            if kind == "cell":
+                states = _lstm_cells(model.rnn, layer, x)
+            else:
+                states = _single_layer(model.rnn, layer, x.size(-1))(x)[0]
+            # The state after <eos> goes: row j is the state after character j.
+            rows = states[:, 1:].float().cpu().numpy()
+            for row, i in enumerate(idx.tolist()):
+                out[i] = rows[row, : len(encoded[i])]
+    return out
+
+
+def activations(model, vocab: Vocab, item: str, layer: int, kind: str) -> np.ndarray:
+    """(len(item), hidden): the state of `layer` (0-based) after reading each character, having read <eos> first.
+
+    Row j is the state after character j, the one the model predicts character j + 1 from. kind "output" is
+    the layer's h (what the next layer, or the head, reads); "cell" is an LSTM's cell state c.
+    """
+    return _layer_states(model, vocab, [item], layer, kind)[0]
+
+
+# --------------------------------------------------------------------------- features and correlations
+
+
+def _inside_quotes(text: str) -> np.ndarray:
+    """1 inside a quotation: '"' toggles it; curly quotes open (“) and close (”). The value after reading a
+    character, like the states: an opening quote is 1, a closing quote 0."""
+    out = np.zeros(len(text))
+    inside = False
+    for j, c in enumerate(text):
+        if c == '"':
+            inside = not inside
+        elif c == "“":
+            inside = True
+        elif c == "”":
+            inside = False
+        out[j] = inside
+    return out
+
+
+def _inside_parentheses(text: str) -> np.ndarray:
+    """Nesting depth after reading a character: "(" adds one, ")" takes one off (never below 0). So "(" itself is
+    at depth 1 and the ")" that closes it at depth 0."""
+    out = np.zeros(len(text))
+    depth = 0
+    for j, c in enumerate(text):
+        if c == "(":
+            depth += 1
+        elif c == ")":
+            depth = max(depth - 1, 0)
+        out[j] = depth
+    return out
+
+
+def _position_in_word(text: str) -> np.ndarray:
+    """1 at a word's first character, 2 at its second, ...; 0 outside words. A word is a run of letters and
+    digits (str.isalnum), so an apostrophe or hyphen ends one. Counting from 1 keeps a first letter apart
+    from a space."""
+    out = np.zeros(len(text))
+    run = 0
+    for j, c in enumerate(text):
+        run = run + 1 if c.isalnum() else 0
+        out[j] = run
+    return out
+
+
+def _position_in_item(text: str) -> np.ndarray:
+    """0 at the item's first character, counting up."""
+    return np.arange(len(text), dtype=np.float64)
+
+
+def _capital(text: str) -> np.ndarray:
+    """1 for an upper-case letter (str.isupper), else 0."""
+    return np.array([c.isupper() for c in text], dtype=np.float64)
+
+
+def _digit(text: str) -> np.ndarray:
+    """1 for a digit (str.isdigit), else 0."""
+    return np.array([c.isdigit() for c in text], dtype=np.float64)
+
+
+FEATURES: dict[str, Callable[[str], np.ndarray]] = {
+    "inside quotes": _inside_quotes,
+    "inside parentheses": _inside_parentheses,
+    "position in word": _position_in_word,
+    "position in item": _position_in_item,
+    "capital letter": _capital,
+    "digit": _digit,
+}
+
+
+def correlations(acts: np.ndarray, feats: np.ndarray) -> np.ndarray:
+    """Pearson r of every column of acts (n, units) with every column of feats (n, features): (units, features).
+
+    A column that does not vary (max == min) has no correlation; it gets r = 0, never NaN. An exact test, not a
+    small-variance threshold: the mean of a constant float column need not equal its values, which would leave
+    rounding noise that normalises to any r.
+    """
+    a = np.asarray(acts, dtype=np.float64)
+    f = np.asarray(feats, dtype=np.float64)
+    if a.ndim != 2 or f.ndim != 2 or len(a) != len(f):
+        raise ValueError(f"acts {a.shape} and feats {f.shape} must be (n, units) and (n, features)")
+    r = np.zeros((a.shape[1], f.shape[1]))
+    if len(a) < 2:
+        return r
+    a_var = np.ptp(a, axis=0) > 0
+    f_var = np.ptp(f, axis=0) > 0
+    a = a[:, a_var] - a[:, a_var].mean(0)
+    f = f[:, f_var] - f[:, f_var].mean(0)
+    cov = a.T @ f
+    norms = np.outer(np.sqrt((a * a).sum(0)), np.sqrt((f * f).sum(0)))
+    r[np.ix_(a_var, f_var)] = np.clip(cov / norms, -1.0, 1.0)
+    return r
+
+
+def rank_units(model, vocab: Vocab, items: list[str], layer: int, kind: str, top: int = 20) -> list[dict]:
+    """The units of `layer` that track a feature best: [{"unit", "feature", "r"}], by |r| descending.
+
+    r is the Pearson correlation, over every character of `items`, of a unit's state after the character
+    (`activations`) with a feature's value there (FEATURES, computed per item). Each unit appears once, with its
+    best feature; at most `top` units.
+    """
+    if isinstance(top, bool) or not isinstance(top, int) or top < 0:
+        raise CharlmError(f"top must be a whole number >= 0, got {top!r}")
+    states = _layer_states(model, vocab, items, layer, kind)
+    names = list(FEATURES)
+    acts = np.concatenate([np.zeros((0, model.rnn.hidden_size), dtype=np.float32), *states])
+    feats = np.array([np.concatenate([np.zeros(0), *(FEATURES[n](item) for item in items)]) for n in names]).T
+    feats = feats.reshape(len(acts), len(names))
+    r = correlations(acts, feats)
+    best = np.abs(r).argmax(1)
+    r_best = r[np.arange(len(r)), best]
+    order = np.argsort(-np.abs(r_best), kind="stable")[:top]
+    return [{"unit": int(u), "feature": names[best[u]], "r": float(r_best[u])} for u in order.tolist()]
