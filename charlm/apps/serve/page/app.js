@@ -1,0 +1,655 @@
+// charlm playground. Plain JavaScript, no library, no build step.
+// Every piece of model or user text enters the page through textContent / createTextNode, never as HTML.
+"use strict";
+
+const MAX_MODELS = 4;
+const SVG = "http://www.w3.org/2000/svg";
+const TOKEN = new URLSearchParams(location.search).get("token");
+
+const state = {
+  models: [],        // from /api/models
+  chosen: [],        // ids, in the order they were ticked
+  extra: [],         // revisions added by hand: {id, label, kind}
+  job: null,         // current generation: {id, source}
+  read: null,        // last /api/score answer
+  readChars: [],     // spans of the Read view, in order
+  inside: { values: null, layers: 1, units: 0, kinds: ["output"] },
+};
+
+const $ = (id) => document.getElementById(id);
+
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (k === "class") node.className = v;
+    else if (k === "text") node.textContent = v;
+    else node.setAttribute(k, v);
+  }
+  for (const c of children) node.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  return node;
+}
+
+// ---------- API ----------
+
+function apiUrl(path) {
+  if (!TOKEN) return path;
+  return path + (path.includes("?") ? "&" : "?") + "token=" + encodeURIComponent(TOKEN);
+}
+
+async function api(path, body) {
+  const init = body === undefined ? {} : {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+  };
+  let res;
+  try {
+    res = await fetch(apiUrl(path), init);
+  } catch (e) {
+    throw new Error("The server did not answer (" + e.message + ")");
+  }
+  let data = null;
+  try { data = await res.json(); } catch (e) { data = null; }
+  if (!res.ok) {
+    const msg = data && typeof data.error === "string" ? data.error : `${res.status} ${res.statusText}`;
+    throw new Error(msg);
+  }
+  return data;
+}
+
+function showError(message) {
+  const box = $("message");
+  box.textContent = message;
+  box.hidden = false;
+}
+
+function clearError() {
+  const box = $("message");
+  box.textContent = "";
+  box.hidden = true;
+}
+
+async function guard(fn) {
+  try {
+    await fn();
+  } catch (e) {
+    showError(e.message || String(e));
+  }
+}
+
+// ---------- Models ----------
+
+function allModels() {
+  return state.models.concat(state.extra);
+}
+
+function modelById(id) {
+  return allModels().find((m) => m.id === id) || { id, label: id, kind: "" };
+}
+
+function label(id) {
+  return modelById(id).label || id;
+}
+
+function fmt(x, digits = 4) {
+  return typeof x === "number" && isFinite(x) ? x.toFixed(digits) : "–";
+}
+
+function differingParams(models) {
+  const keys = new Set();
+  for (const m of models) for (const k of Object.keys(m.params || {})) keys.add(k);
+  return [...keys].sort().filter((k) => {
+    const values = new Set(models.map((m) => JSON.stringify((m.params || {})[k])));
+    return values.size > 1;
+  });
+}
+
+async function loadModels(refresh) {
+  const data = await api("/api/models" + (refresh ? "?refresh=1" : ""));
+  state.models = data.models || [];
+  const hint = $("models-hint");
+  hint.textContent = data.hint || "";
+  hint.hidden = !data.hint;
+  const known = new Set(allModels().map((m) => m.id));
+  state.chosen = state.chosen.filter((id) => known.has(id));
+  if (!state.chosen.length && state.models.length) state.chosen = [state.models[0].id];
+  renderModels();
+  chosenChanged();
+}
+
+function renderModels() {
+  const body = $("models-table").querySelector("tbody");
+  body.replaceChildren();
+  const models = allModels();
+  const keys = differingParams(state.models);
+  for (const m of models) {
+    const index = state.chosen.indexOf(m.id);
+    const box = el("input", { type: "checkbox", "aria-label": "use " + (m.label || m.id) });
+    box.checked = index >= 0;
+    box.addEventListener("change", () => toggleModel(m.id, box));
+    const name = el("td", {});
+    if (index >= 0) name.append(el("span", { class: "swatch-dot m" + index, "aria-hidden": "true" }));
+    name.append(m.label || m.id);
+    const params = keys.filter((k) => m.params && k in m.params)
+      .map((k) => k + "=" + JSON.stringify(m.params[k])).join("  ");
+    const row = el("tr", { class: index >= 0 ? "chosen" : "" },
+      el("td", {}, box), name, el("td", { text: m.kind || "" }),
+      el("td", { class: "num", text: fmt(m.val_bpc) }), el("td", { class: "num", text: fmt(m.test_bpc) }),
+      el("td", { class: "params", text: params }));
+    body.append(row);
+  }
+  $("models-empty").hidden = models.length > 0;
+}
+
+function toggleModel(id, box) {
+  if (box.checked) {
+    if (state.chosen.length >= MAX_MODELS) {
+      box.checked = false;
+      showError(`At most ${MAX_MODELS} models at once: untick one first.`);
+      return;
+    }
+    state.chosen.push(id);
+  } else {
+    state.chosen = state.chosen.filter((x) => x !== id);
+  }
+  clearError();
+  renderModels();
+  chosenChanged();
+}
+
+function addRevision(event) {
+  event.preventDefault();
+  const name = $("rev-name").value.trim();
+  if (!name) return;
+  const id = "rev:" + name;
+  if (!allModels().some((m) => m.id === id)) state.extra.push({ id, label: name, kind: "revision", params: {} });
+  const box = { checked: true };
+  if (!state.chosen.includes(id)) toggleModel(id, box);
+  $("rev-name").value = "";
+}
+
+function chosenChanged() {
+  renderColourChoices();
+  renderInsideModels();
+  guard(loadCurves);
+}
+
+// ---------- Write ----------
+
+function numberField(id, parse) {
+  const raw = $(id).value.trim();
+  if (raw === "") return null;
+  const value = parse(raw);
+  if (!isFinite(value)) throw new Error(`${$(id).labels[0].textContent}: ${raw} is not a number`);
+  return value;
+}
+
+function endJob(status) {
+  if (state.job) {
+    state.job.source.close();
+    state.job = null;
+  }
+  $("write-go").disabled = false;
+  $("write-stop").disabled = true;
+  if (status) $("write-status").textContent = status;
+}
+
+async function write(event) {
+  event.preventDefault();
+  clearError();
+  if (state.job) return;
+  if (!state.chosen.length) return showError("Choose a model first (Models).");
+  const models = state.chosen.slice();
+  const prompt = $("prompt").value;
+  const body = {
+    models, prompt,
+    temperature: numberField("temperature", parseFloat) ?? 0.8,
+    top_k: numberField("top-k", (s) => parseInt(s, 10)) ?? 0,
+    top_p: numberField("top-p", parseFloat) ?? 1,
+    length: numberField("length", (s) => parseInt(s, 10)) ?? 300,
+    seed: numberField("seed", (s) => parseInt(s, 10)),
+    stop_at_eos: $("stop-eos").checked,
+  };
+  const columns = $("columns");
+  columns.replaceChildren();
+  const outs = models.map((id, i) => {
+    const text = document.createTextNode("");
+    const ended = el("span", { class: "ended" });
+    const pre = el("pre", { "aria-label": "written by " + label(id) }, el("span", { class: "prompt", text: prompt }), text);
+    pre.dataset.model = id;
+    columns.append(el("div", { class: "column" },
+      el("h3", {}, el("span", { class: "swatch-dot m" + i, "aria-hidden": "true" }), label(id), ended), pre));
+    return { text, ended };
+  });
+  $("write-go").disabled = true;
+  $("write-status").textContent = "starting…";
+  let job;
+  try {
+    job = (await api("/api/generate", body)).job;
+  } catch (e) {
+    endJob("");
+    return showError(e.message);
+  }
+  const source = new EventSource(apiUrl(`/api/jobs/${encodeURIComponent(job)}/events`));
+  state.job = { id: job, source };
+  $("write-stop").disabled = false;
+  source.addEventListener("start", (e) => {
+    const data = JSON.parse(e.data);
+    $("write-status").textContent = `writing… seed ${data.seed}`;
+    $("write-status").dataset.seed = data.seed;
+  });
+  source.addEventListener("piece", (e) => {
+    const pieces = JSON.parse(e.data).pieces;
+    pieces.forEach((piece, i) => {
+      if (!outs[i]) return;
+      if (piece === null) outs[i].ended.textContent = "ended";
+      else outs[i].text.appendData(piece);
+    });
+  });
+  source.addEventListener("done", (e) => {
+    const reason = JSON.parse(e.data).reason;
+    const seed = $("write-status").dataset.seed;
+    endJob(`${reason === "stopped" ? "stopped" : "finished"} · seed ${seed}`);
+    $("write-status").dataset.done = reason;
+  });
+  source.addEventListener("error", (e) => {
+    // An `event: error` from the server carries data; a bare error is the connection failing.
+    let message = "The connection to the server was lost.";
+    if (e.data) {
+      try { message = JSON.parse(e.data).error; } catch (_) { message = String(e.data); }
+    }
+    if (!state.job || state.job.source !== source) return;
+    endJob("failed");
+    $("write-status").dataset.done = "error";
+    showError(message);
+  });
+}
+
+async function stop() {
+  if (!state.job) return;
+  $("write-stop").disabled = true;
+  $("write-status").textContent = "stopping…";
+  await guard(() => api(`/api/jobs/${encodeURIComponent(state.job.id)}/stop`, {}));
+}
+
+// ---------- Read ----------
+
+const SURPRISAL_BINS = 8;  // one bit each; the last is 7 bits and more (viridis, style.css)
+const DIFF_EDGES = [-2, -1, -0.25, 0.25, 1, 2];  // A - B bits -> 7 diverging bins (blue-orange, style.css)
+
+function surprisalClass(bits) {
+  return "s" + Math.max(0, Math.min(SURPRISAL_BINS - 1, Math.floor(bits)));
+}
+
+function diffClass(d) {
+  let i = 0;
+  while (i < DIFF_EDGES.length && d > DIFF_EDGES[i]) i++;
+  return "d" + i;
+}
+
+function shownChar(ch) {
+  if (ch === " ") return "␣";
+  if (ch === "\n") return "⏎";
+  if (ch === "\t") return "⇥";
+  return ch;
+}
+
+function renderColourChoices() {
+  const select = $("read-colour");
+  const previous = select.value;
+  select.replaceChildren();
+  const ids = state.read ? state.read.models.map((m) => m.id) : state.chosen;
+  ids.forEach((id, i) => select.append(el("option", { value: String(i), text: "bits of " + label(id) })));
+  if (ids.length === 2) {
+    select.append(el("option", { value: "diff", text: `difference (A − B bits): ${label(ids[0])} − ${label(ids[1])}` }));
+  }
+  if ([...select.options].some((o) => o.value === previous)) select.value = previous;
+  select.disabled = ids.length < 2;
+}
+
+function renderLegend(box, caption, entries) {
+  box.replaceChildren(el("span", { class: "cap", text: caption }));
+  for (const [cls, text] of entries) box.append(el("span", { class: "sw " + cls, text }));
+}
+
+function readLegend() {
+  const box = $("read-legend");
+  if (!state.read) return box.replaceChildren();
+  if ($("read-colour").value === "diff") {
+    const names = ["≤ −2", "−2…−1", "−1…−¼", "±¼", "¼…1", "1…2", "> 2"];
+    renderLegend(box, "A − B bits (blue: A better, orange: B better)", names.map((t, i) => ["d" + i, t]));
+  } else {
+    const entries = [];
+    for (let i = 0; i < SURPRISAL_BINS; i++) entries.push(["s" + i, i === SURPRISAL_BINS - 1 ? `${i}+` : `${i}–${i + 1}`]);
+    renderLegend(box, "bits of surprisal", entries);
+  }
+}
+
+function colourRead() {
+  if (!state.read) return;
+  const mode = $("read-colour").value;
+  const models = state.read.models;
+  for (const span of state.readChars) {
+    const item = +span.dataset.item, pos = +span.dataset.pos;
+    let cls;
+    if (mode === "diff") {
+      cls = diffClass(models[0].scores[item][pos].bits - models[1].scores[item][pos].bits);
+    } else {
+      cls = surprisalClass(models[+mode || 0].scores[item][pos].bits);
+    }
+    span.className = "ch " + cls;
+  }
+  readLegend();
+}
+
+function renderRead(data) {
+  state.read = data;
+  const out = $("read-out");
+  out.replaceChildren();
+  state.readChars = [];
+  data.items.forEach((text, item) => {
+    const line = el("div", { class: "item" });
+    [...text].forEach((ch, pos) => {
+      const span = el("span", { class: "ch", tabindex: "-1", text: ch });
+      span.dataset.item = item;
+      span.dataset.pos = pos;
+      span.dataset.index = state.readChars.length;
+      state.readChars.push(span);
+      line.append(span);
+    });
+    out.append(line);
+  });
+  if (state.readChars.length) state.readChars[0].tabIndex = 0;
+  const list = $("read-bpc");
+  list.replaceChildren();
+  data.models.forEach((m, i) => list.append(el("li", {},
+    el("span", { class: "swatch-dot m" + i, "aria-hidden": "true" }), label(m.id) + ": ",
+    el("strong", { class: "bpc-value", text: fmt(m.bpc) }), ` bits per character over ${m.chars} characters`)));
+  renderColourChoices();
+  colourRead();
+  $("read-tip").replaceChildren();
+}
+
+function showTip(span) {
+  const data = state.read;
+  if (!data) return;
+  const item = +span.dataset.item, pos = +span.dataset.pos;
+  const actual = data.items[item][pos];
+  const tip = $("read-tip");
+  tip.replaceChildren(el("div", {}, "character ", el("code", { text: shownChar(actual) }),
+    ` (item ${item + 1}, position ${pos + 1})`));
+  data.models.forEach((m, i) => {
+    const s = m.scores[item][pos];
+    tip.append(el("h4", {}, el("span", { class: "swatch-dot m" + i, "aria-hidden": "true" }),
+      `${label(m.id)}: ${s.bits.toFixed(2)} bits, rank ${s.rank}`));
+    const table = el("table", {});
+    for (const [ch, p] of s.top) {
+      table.append(el("tr", { class: ch === actual ? "actual" : "" },
+        el("td", {}, el("code", { text: shownChar(ch) })), el("td", { class: "num", text: (100 * p).toFixed(1) + "%" })));
+    }
+    tip.append(table);
+  });
+}
+
+function focusChar(index) {
+  const chars = state.readChars;
+  if (!chars.length) return;
+  index = Math.max(0, Math.min(chars.length - 1, index));
+  for (const s of chars) if (s.tabIndex === 0) s.tabIndex = -1;
+  chars[index].tabIndex = 0;
+  chars[index].focus();
+}
+
+function readKeys(e) {
+  const span = e.target.closest(".ch");
+  if (!span) return;
+  const i = +span.dataset.index;
+  const moves = { ArrowRight: 1, ArrowLeft: -1, ArrowDown: 40, ArrowUp: -40 };
+  if (e.key in moves) focusChar(i + moves[e.key]);
+  else if (e.key === "Home") focusChar(0);
+  else if (e.key === "End") focusChar(state.readChars.length - 1);
+  else return;
+  e.preventDefault();
+}
+
+async function score() {
+  clearError();
+  if (!state.chosen.length) return showError("Choose a model first (Models).");
+  const text = $("read-text").value;
+  if (!text.trim()) return showError("Paste a text to score, or press Test item.");
+  $("read-go").disabled = true;
+  try {
+    renderRead(await api("/api/score", { models: state.chosen.slice(), text }));
+  } finally {
+    $("read-go").disabled = false;
+  }
+}
+
+async function testItem() {
+  clearError();
+  const data = await api("/api/test-item");
+  $("read-text").value = data.text;
+}
+
+// ---------- Inside ----------
+
+function renderInsideModels() {
+  const select = $("in-model");
+  const previous = select.value;
+  select.replaceChildren();
+  for (const id of state.chosen) select.append(el("option", { value: id, text: label(id) }));
+  if (state.chosen.includes(previous)) select.value = previous;
+}
+
+function setOptions(select, values) {
+  const previous = select.value;
+  select.replaceChildren();
+  for (const v of values) select.append(el("option", { value: String(v), text: String(v) }));
+  if (values.map(String).includes(previous)) select.value = previous;
+}
+
+function insideRequest() {
+  return {
+    model: $("in-model").value,
+    layer: parseInt($("in-layer").value, 10) || 0,
+    kind: $("in-kind").value,
+  };
+}
+
+async function showUnit() {
+  clearError();
+  if (!$("in-model").value) return showError("Choose a model first (Models).");
+  const text = $("read-text").value;
+  if (!text.trim()) return showError("Inside shows the Read text: paste one there, or press Test item.");
+  const unit = Math.max(0, parseInt($("in-unit").value, 10) || 0);
+  const req = insideRequest();
+  const data = await api("/api/activations", { ...req, text, unit });
+  state.inside = data;
+  setOptions($("in-layer"), [...Array(data.layers).keys()]);
+  setOptions($("in-kind"), data.kinds);
+  $("in-unit").max = String(data.units - 1);
+  $("in-unit").value = String(unit);
+  $("in-shown").textContent = `${label(req.model)} · layer ${req.layer} · ${req.kind} · unit ${unit} of ${data.units}`;
+  $("in-shown").dataset.unit = unit;
+  let scale = 0;
+  for (const row of data.values) for (const v of row) scale = Math.max(scale, Math.abs(v));
+  if (req.kind === "output" || scale === 0) scale = Math.max(scale, 1);  // an output lies in [-1, 1]
+  const bin = (v) => "d" + Math.max(0, Math.min(6, Math.floor(((v / scale) + 1) / 2 * 7)));
+  const out = $("in-out");
+  out.replaceChildren();
+  data.items.forEach((text, item) => {
+    const line = el("div", { class: "item" });
+    [...text].forEach((ch, pos) => {
+      const v = data.values[item][pos];
+      line.append(el("span", { class: "ch " + bin(v), title: v.toFixed(3), text: ch }));
+    });
+    out.append(line);
+  });
+  const s = scale.toPrecision(2);
+  renderLegend($("in-legend"), "activation", [["d0", "−" + s], ["d1", "\u00a0"], ["d2", "\u00a0"], ["d3", "0"], ["d4", "\u00a0"], ["d5", "\u00a0"], ["d6", "+" + s]]);
+  for (const li of $("in-units").children) li.classList.toggle("current", li.dataset.unit === String(unit));
+}
+
+function stepUnit(delta) {
+  const units = state.inside.units || Infinity;
+  const unit = Math.min(units - 1, Math.max(0, (parseInt($("in-unit").value, 10) || 0) + delta));
+  $("in-unit").value = String(unit);
+  return guard(showUnit);
+}
+
+async function rankUnits() {
+  clearError();
+  if (!$("in-model").value) return showError("Choose a model first (Models).");
+  const data = await api("/api/units", insideRequest());
+  const note = $("in-note");
+  note.textContent = data.note || "";
+  note.hidden = !data.note;
+  const list = $("in-units");
+  list.replaceChildren();
+  for (const u of data.units) {
+    const button = el("button", { type: "button", text: `unit ${u.unit}: ${u.feature} (r = ${fmt(u.r, 2)})` });
+    button.addEventListener("click", () => { $("in-unit").value = String(u.unit); guard(showUnit); });
+    const li = el("li", {}, button);
+    li.dataset.unit = String(u.unit);
+    list.append(li);
+  }
+}
+
+// ---------- Curves ----------
+
+function niceTicks(lo, hi, count) {
+  const span = hi - lo || 1;
+  const raw = span / count;
+  const mag = Math.pow(10, Math.floor(Math.log10(raw)));
+  const step = [1, 2, 2.5, 5, 10].map((f) => f * mag).find((s) => span / s <= count) || 10 * mag;
+  const ticks = [];
+  for (let t = Math.ceil(lo / step) * step; t <= hi + step * 1e-9; t += step) ticks.push(+t.toPrecision(12));
+  return ticks;
+}
+
+function svg(tag, attrs, text) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, String(v));
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+const COLOURS = ["#0072b2", "#e69f00", "#009e73", "#cc79a7"];  // Okabe-Ito: colour-blind safe
+
+async function loadCurves() {
+  const plot = $("curves-plot");
+  const empty = $("curves-empty");
+  if (!state.chosen.length) {
+    plot.replaceChildren();
+    empty.textContent = "Choose a model to see its learning curves.";
+    empty.hidden = false;
+    return;
+  }
+  const ids = state.chosen.slice();
+  const data = await api("/api/curves?models=" + ids.map(encodeURIComponent).join(","));
+  if (ids.join(",") !== state.chosen.join(",")) return;  // the choice changed meanwhile
+  drawCurves(data.curves || []);
+}
+
+function drawCurves(curves) {
+  const plot = $("curves-plot");
+  const empty = $("curves-empty");
+  const withData = curves.filter((c) => (c.train && c.train.length) || (c.val && c.val.length));
+  plot.replaceChildren();
+  if (!withData.length) {
+    empty.textContent = "No training logs for the chosen models (a model file alone has no curves).";
+    empty.hidden = false;
+    return;
+  }
+  const missing = curves.filter((c) => !withData.includes(c)).map((c) => c.label || c.id);
+  empty.textContent = missing.length ? "No training logs for " + missing.join(", ") + "." : "";
+  empty.hidden = !missing.length;
+  const W = 900, H = 340, L = 56, R = 190, T = 14, B = 40;
+  let x0 = Infinity, x1 = -Infinity, y0 = Infinity, y1 = -Infinity;
+  for (const c of withData) for (const [s, v] of [...(c.train || []), ...(c.val || [])]) {
+    x0 = Math.min(x0, s); x1 = Math.max(x1, s); y0 = Math.min(y0, v); y1 = Math.max(y1, v);
+  }
+  // Early train bpc is far above the rest; clip the y range to what the validation curves and late training show.
+  const vals = withData.flatMap((c) => (c.val || []).map((p) => p[1]));
+  if (vals.length) y1 = Math.min(y1, Math.max(...vals) + 0.6 * (Math.max(...vals) - Math.min(...vals) + 0.5));
+  if (x1 === x0) x1 = x0 + 1;
+  if (y1 === y0) { y0 -= 0.5; y1 += 0.5; }
+  const yt = niceTicks(y0, y1, 6);
+  y0 = Math.min(y0, yt[0]);
+  const sx = (s) => L + (s - x0) / (x1 - x0) * (W - L - R);
+  const sy = (v) => T + (1 - (Math.min(v, y1) - y0) / (y1 - y0)) * (H - T - B);
+  const root = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": "bits per character against training step" });
+  root.append(svg("title", {}, "Learning curves: train (dashed) and validation (solid) bits per character"));
+  const axis = svg("g", { class: "axis" });
+  for (const t of yt) {
+    if (t < y0 || t > y1) continue;
+    axis.append(svg("line", { class: "grid", x1: L, x2: W - R, y1: sy(t), y2: sy(t) }));
+    axis.append(svg("text", { x: L - 6, y: sy(t) + 4, "text-anchor": "end" }, t.toFixed(2)));
+  }
+  for (const t of niceTicks(x0, x1, 8)) {
+    if (t < x0 || t > x1) continue;
+    axis.append(svg("line", { x1: sx(t), x2: sx(t), y1: H - B, y2: H - B + 5 }));
+    axis.append(svg("text", { x: sx(t), y: H - B + 18, "text-anchor": "middle" }, t >= 1000 ? `${t / 1000}k` : String(t)));
+  }
+  axis.append(svg("path", { d: `M${L},${T}V${H - B}H${W - R}`, fill: "none" }));
+  axis.append(svg("text", { x: (L + W - R) / 2, y: H - 4, "text-anchor": "middle" }, "step"));
+  axis.append(svg("text", { x: 14, y: (T + H - B) / 2, "text-anchor": "middle", transform: `rotate(-90 14 ${(T + H - B) / 2})` }, "bits per character"));
+  root.append(axis);
+  const clip = svg("clipPath", { id: "plot-area" });
+  clip.append(svg("rect", { x: L, y: T - 2, width: W - L - R, height: H - T - B + 2 }));
+  root.append(clip);
+  const legend = svg("g", {});
+  let ly = T + 6;
+  curves.forEach((c) => {
+    const i = ids().indexOf(c.id);
+    const colour = COLOURS[i >= 0 ? i : 0];
+    for (const kind of ["train", "val"]) {
+      const points = c[kind] || [];
+      if (!points.length) continue;
+      const d = points.map(([s, v], j) => `${j ? "L" : "M"}${sx(s).toFixed(1)},${sy(v).toFixed(1)}`).join("");
+      root.append(svg("path", { class: "series " + kind, d, stroke: colour, "clip-path": "url(#plot-area)" }));
+      if (kind === "val") for (const [s, v] of points) root.append(svg("circle", { cx: sx(s), cy: sy(v), r: 2.5, fill: colour }));
+      legend.append(svg("line", { class: "series " + kind, x1: W - R + 14, x2: W - R + 38, y1: ly, y2: ly, stroke: colour }));
+      const last = points[points.length - 1][1];
+      legend.append(svg("text", { x: W - R + 44, y: ly + 4 }, `${c.label || c.id} ${kind} ${last.toFixed(3)}`));
+      ly += 18;
+    }
+  });
+  root.append(legend);
+  plot.append(root);
+}
+
+function ids() {
+  return state.chosen;
+}
+
+// ---------- wiring ----------
+
+function init() {
+  $("refresh").addEventListener("click", () => guard(() => loadModels(true)));
+  $("rev-form").addEventListener("submit", addRevision);
+  $("write-form").addEventListener("submit", (e) => guard(() => write(e)));
+  $("write-stop").addEventListener("click", () => guard(stop));
+  $("read-go").addEventListener("click", () => guard(score));
+  $("test-item").addEventListener("click", () => guard(testItem));
+  $("read-colour").addEventListener("change", colourRead);
+  const out = $("read-out");
+  out.addEventListener("keydown", readKeys);
+  out.addEventListener("focusin", (e) => { if (e.target.classList.contains("ch")) showTip(e.target); });
+  out.addEventListener("mouseover", (e) => { if (e.target.classList && e.target.classList.contains("ch")) showTip(e.target); });
+  out.addEventListener("click", (e) => { if (e.target.classList && e.target.classList.contains("ch")) focusChar(+e.target.dataset.index); });
+  $("in-go").addEventListener("click", () => guard(showUnit));
+  $("in-prev").addEventListener("click", () => stepUnit(-1));
+  $("in-next").addEventListener("click", () => stepUnit(1));
+  $("in-rank").addEventListener("click", () => guard(rankUnits));
+  $("in-unit").addEventListener("change", () => guard(showUnit));
+  for (const id of ["in-model", "in-layer", "in-kind"]) $(id).addEventListener("change", () => guard(showUnit));
+  $("inside").addEventListener("keydown", (e) => {
+    if (e.key !== "[" && e.key !== "]") return;
+    if (e.target.tagName === "TEXTAREA" || (e.target.tagName === "INPUT" && e.target.type === "text")) return;
+    e.preventDefault();
+    stepUnit(e.key === "]" ? 1 : -1);
+  });
+  window.addEventListener("pagehide", () => endJob(""));
+  guard(() => loadModels(false));
+}
+
+init();
