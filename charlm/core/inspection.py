@@ -319,7 +319,8 @@ def rank_units(model, vocab: Vocab, items: list[str], layer: int, kind: str, top
 
     r is the Pearson correlation, over every character of `items`, of a unit's state after the character
     (`activations`) with a feature's value there (FEATURES, computed per item). Each unit appears once, with its
-    best feature; at most `top` units.
+    best feature; at most `top` units. A unit with r = 0 for every feature (it, or every feature, is constant over
+    the text, e.g. a text of one character) is left out, so the list may be short or empty.
     """
     if isinstance(top, bool) or not isinstance(top, int) or top < 0:
         raise CharlmError(f"top must be a whole number >= 0, got {top!r}")
@@ -331,5 +332,6 @@ def rank_units(model, vocab: Vocab, items: list[str], layer: int, kind: str, top
     r = correlations(acts, feats)
     best = np.abs(r).argmax(1)
     r_best = r[np.arange(len(r)), best]
-    order = np.argsort(-np.abs(r_best), kind="stable")[:top]
+    order = np.argsort(-np.abs(r_best), kind="stable")
+    order = order[r_best[order] != 0][:top]
     return [{"unit": int(u), "feature": names[best[u]], "r": float(r_best[u])} for u in order.tolist()]
