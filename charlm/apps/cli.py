@@ -5,6 +5,7 @@ charlm generate --prompt "Today " --temperature 0.8 --length 300 [--model PATH] 
                 [--top-k K] [--top-p P] [-n COUNT] [--no-stop-at-eos] [--device auto|cpu|cuda]
 charlm plots [REV ...] [--out DIR] [--format png|svg]   # learning curves as files, offline
 charlm compare REV [REV ...]                            # samples of experiments side by side
+charlm serve [--model PATH]... [--port 8000] [--host 127.0.0.1] [--device auto|cpu|cuda]  # the web page
 """
 
 from __future__ import annotations
@@ -106,6 +107,25 @@ def build_parser() -> argparse.ArgumentParser:
         "experiment, one row per prompt and temperature.",
     )
     cmp.add_argument("revisions", nargs="+", help="revisions or experiment names; 'workspace' for the workspace")
+    sv = sub.add_parser(
+        "serve",
+        help="a local web page to generate from, read with and look inside the models of this repository",
+        description="Serve a web page over HTTP: generate from several models side by side, see how each reads "
+        "a text character by character, inspect hidden units, and compare learning curves. It lists the "
+        "workspace model, training checkpoints, and every DVC experiment, branch and tag with a model.",
+    )
+    sv.add_argument("--model", action="append", default=[], metavar="PATH",
+                    help="also serve this model file (repeatable); outside a repository, the only models")  # fmt: skip
+    sv.add_argument("--port", type=_number(int, 0, 65535, what="0..65535"), default=8000,
+                    help="port to listen on; 0 picks a free one (default: 8000)")  # fmt: skip
+    sv.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: 127.0.0.1, this machine only); any other address needs the "
+        "access token printed in the URL",
+    )
+    sv.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="where to run the models (default: auto, CUDA when present)")  # fmt: skip
     return parser
 
 
@@ -177,9 +197,21 @@ def generate_command(args) -> None:
     out.flush()
 
 
+def serve_command(args) -> None:
+    from charlm.apps.serve.server import serve  # imports torch and DVC: only for this command
+
+    serve(args.model, args.host, args.port, args.device)
+
+
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    command = {"generate": generate_command, "plots": plots_command, "compare": compare_command}[args.command]
+    commands = {
+        "generate": generate_command,
+        "plots": plots_command,
+        "compare": compare_command,
+        "serve": serve_command,
+    }
+    command = commands[args.command]
     run_main(lambda: command(args), "charlm")
 
 

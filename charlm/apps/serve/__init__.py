@@ -1,0 +1,1 @@
+"""`charlm serve`: the HTTP server (server.py), its generation jobs (jobs.py) and the page it serves (page/)."""

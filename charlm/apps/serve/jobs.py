@@ -1,0 +1,126 @@
+"""Generation jobs: admitted with a bounded number of slots, run by the thread that streams their events.
+
+A job is created by POST /api/generate (its models already loaded, so a bad id fails there) and runs when its
+event stream is read: that thread steps every model of the job in lockstep and writes each position as one
+event, so a client that goes away stops the generation at its next write and frees the slot at once. A job
+whose events are never read gives its slot back after `unclaimed_s`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from charlm.core.sampling import text_pieces, token_steps
+
+
+@dataclass
+class Request:
+    prompt: str
+    temperature: float
+    top_k: int
+    top_p: float
+    length: int
+    seed: int
+    stop_at_eos: bool
+
+
+@dataclass
+class Job:
+    id: str
+    model_ids: list[str]
+    loaded: list[tuple]  # (model, vocab, info) per model
+    request: Request
+    created: float = field(default_factory=time.monotonic)
+    stop: threading.Event = field(default_factory=threading.Event)
+    claimed: bool = False
+    sent: int = 0  # positions streamed so far
+
+    def pieces(self) -> Iterator[list[str | None]]:
+        """Per position, the text each model adds (None once it has stopped): the decoding `charlm generate`
+        prints, one model at a time with the same seed, so a model's text matches the CLI's byte for byte."""
+        r = self.request
+        streams = [
+            text_pieces(
+                token_steps(
+                    model, vocab, [r.prompt], [r.temperature], r.length, r.top_k, r.top_p, r.seed, r.stop_at_eos
+                ),
+                vocab,
+                r.stop_at_eos,
+            )
+            for model, vocab, _ in self.loaded
+        ]
+        none: list[str | None] = [None]
+        for step in itertools.zip_longest(*streams, fillvalue=none):
+            yield [row[0] for row in step]
+
+
+class TooMany(Exception):
+    pass
+
+
+class Jobs:
+    """The jobs admitted and not yet finished; at most `slots` at a time."""
+
+    def __init__(self, slots: int = 16, unclaimed_s: float = 60.0):
+        self.slots, self.unclaimed_s = slots, unclaimed_s
+        self._jobs: dict[str, Job] = {}
+        self._lock = threading.Lock()
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        full = len(self._jobs) >= self.slots
+        for job_id, job in list(self._jobs.items()):
+            # A job stopped before its stream was opened only keeps its slot while no other job needs it.
+            if not job.claimed and (now - job.created > self.unclaimed_s or (full and job.stop.is_set())):
+                del self._jobs[job_id]
+
+    def add(self, model_ids: list[str], loaded: list[tuple], request: Request) -> Job:
+        with self._lock:
+            self._expire()
+            if len(self._jobs) >= self.slots:
+                raise TooMany(
+                    f"too many generations running ({self.slots}); wait for one to finish or stop one, then retry"
+                )
+            job = Job(secrets.token_hex(16), model_ids, loaded, request)
+            self._jobs[job.id] = job
+            return job
+
+    def claim(self, job_id: str) -> Job | None:
+        """The job, once: its events can be read by one client only."""
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None or job.claimed:
+                return None
+            job.claimed = True
+            return job
+
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            return self._jobs.get(job_id)
+
+    def finish(self, job: Job) -> None:
+        with self._lock:
+            self._jobs.pop(job.id, None)
+
+    def running(self) -> int:
+        with self._lock:
+            return len(self._jobs)
+
+
+def run(job: Job, send: Callable[[str, dict], None]) -> str:
+    """Stream a job through `send(event, data)`; return how it ended. An OSError from `send` (the client went
+    away) ends it at once; the caller frees the slot."""
+    send("start", {"seed": job.request.seed, "models": job.model_ids})
+    for step in job.pieces():
+        if job.stop.is_set():
+            break
+        send("piece", {"pieces": step})
+        job.sent += 1
+    reason = "stopped" if job.stop.is_set() else "finished"
+    send("done", {"reason": reason})
+    return reason

@@ -1,0 +1,634 @@
+"""`charlm serve`: a local web page to generate from, read with and look inside the models of a repository.
+
+Python's ThreadingHTTPServer and Server-Sent Events; no other runtime dependency. The maths lives in
+`charlm.core.sampling` and `charlm.core.inspection`, the list of models in `charlm.pipeline.experiments`.
+
+HTTP API (all JSON; an error is 4xx with {"error": "<one line>"}, and the server keeps serving):
+
+When the server has a token (a non-loopback --host), every request carries `?token=<t>`, `/` and `/page/*` too.
+
+GET  /                      the page (page/index.html); GET /page/<index.html|app.js|style.css> its files
+GET  /api/models[?refresh=1]
+     -> {"repo": bool, "hint": str|null, "models": [{"id", "label", "kind", "val_bpc", "test_bpc", "params"}]}
+     kind: workspace | checkpoint | experiment | branch | tag | commit | file. ids: "workspace" (models/model.pt),
+     "checkpoint" (checkpoints/train.pt, read again when it changes), "checkpoint:<stem>" (a queued or temp
+     experiment's checkpoint), "rev:<name>" (a DVC experiment, branch or tag with a model; any other revision
+     may be asked for as "rev:<name>" too), "file:<k>" (the k-th --model). params: the params that differ
+     from the workspace's, as dotted keys. The list is computed once, and again on refresh=1.
+POST /api/generate  {"models": [id, ...] (1..4), "prompt": str, "temperature": float >= 0, "top_k": int >= 0,
+                     "top_p": float in (0, 1], "length": int 1..5000, "seed": int >= 0 | null, "stop_at_eos": bool}
+     -> {"job": "<hex>"}; 400 names the bad field, 404 for a model that cannot be found or loaded,
+     429 when 16 generations are already admitted.
+GET  /api/jobs/<job>/events -> text/event-stream, read once; one stream for every model of the job:
+     event: start {"seed": int, "models": [ids]}; per position event: piece {"pieces": [str|null per model]}
+     (null: that model has stopped); last event: done {"reason": "finished"|"stopped"}, or event: error
+     {"error": str}. The client shows prompt + pieces. Closing the stream cancels the generation.
+POST /api/jobs/<job>/stop   -> {"stopped": true}; the stream ends with done {"reason": "stopped"}
+POST /api/score     {"models": [ids 1..4], "text": str}
+     -> {"items": [str], "models": [{"id", "bpc", "chars", "scores": [[{"bits", "top": [[char, p] x5], "rank"}
+        per char] per item]}]}
+GET  /api/test-item[?seed=N] -> {"text": str}: an item of the workspace's packed test split (404 without one)
+POST /api/activations {"model": id, "text": str, "layer": int, "kind": "cell"|"output", "unit": int}
+     -> {"items": [str], "layers": int, "units": int, "kinds": [str], "values": [[float per char] per item]}
+POST /api/units     {"model": id, "layer": int, "kind": str}
+     -> {"units": [{"unit", "feature", "r"}], "note": str|null}, ranked on the workspace's validation items
+GET  /api/curves?models=id,id -> {"curves": [{"id", "label", "train": [[step, bpc]], "val": [[step, bpc]]}]}
+
+Safety: binds 127.0.0.1 unless told otherwise; another address needs the random token printed in the URL. The
+Host header must name the served address (a loopback server answers to 127.0.0.1 and localhost only), which
+defeats DNS rebinding; an Origin header must be the served origin, which refuses cross-site requests. Text,
+length, models per request, concurrent generations and body size are bounded, and at most 6 models stay loaded.
+Responses are JSON with nosniff, and the page carries a strict Content-Security-Policy. Nothing is written to
+the workspace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import ipaddress
+import json
+import math
+import random
+import secrets
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from charlm.apps.serve.jobs import Jobs, Request, TooMany, run
+from charlm.base.errors import CharlmError
+from charlm.pipeline import experiments, paths
+
+PAGE = Path(__file__).resolve().parent / "page"
+PAGE_FILES = {
+    "index.html": "text/html; charset=utf-8",
+    "app.js": "text/javascript; charset=utf-8",
+    "style.css": "text/css; charset=utf-8",
+}
+CSP = "default-src 'self'; connect-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'"
+
+
+@dataclass(frozen=True)
+class Limits:
+    text: int = 20_000  # characters of a prompt or a text to read
+    length: int = 5_000  # characters generated per model
+    models: int = 4  # models per request
+    generations: int = 16  # generation jobs admitted at once
+    analyses: int = 4  # score / activations / units requests computed at once
+    body: int = 1 << 20  # bytes of a request body
+    loaded: int = 6  # models kept loaded
+    val_items: int = 200  # validation items that units are ranked on
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# --------------------------------------------------------------------------- request fields
+
+
+def _field(body: dict, name: str, check: Callable[[Any], bool], what: str, default: Any = ...) -> Any:
+    if name not in body:
+        if default is ...:
+            raise HTTPError(400, f"{name} is missing: it must be {what}")
+        return default
+    value = body[name]
+    if not check(value):
+        raise HTTPError(400, f"{name} must be {what}")
+    return value
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _only(body: dict, allowed: set[str]) -> None:
+    extra = sorted(set(body) - allowed)
+    if extra:
+        raise HTTPError(400, f"unknown field {extra[0]!r}; expected {', '.join(sorted(allowed))}")
+
+
+class App:
+    """What the handlers share: the catalog of models, the loaded ones, jobs and caches of inspection results."""
+
+    def __init__(self, files: list[str], device, limits: Limits = Limits(), token: str | None = None):
+        self.limits, self.token, self.device = limits, token, device
+        self.catalog = experiments.Catalog(files)
+        self.models = experiments.ModelCache(device, limits.loaded)
+        self.jobs = Jobs(limits.generations)
+        self.analyses = threading.BoundedSemaphore(limits.analyses)
+        self._cache_lock = threading.Lock()
+        self._last_acts: tuple[tuple, Any] | None = None
+        self._units: dict[tuple, dict] = {}
+        self.allowed_hosts: set[str] = set()  # Host header values; empty: any (a wildcard bind with a token)
+
+    # ---------------------------------------------------------------- models
+
+    def _models_field(self, body: dict) -> list[str]:
+        n = self.limits.models
+        ids = _field(
+            body,
+            "models",
+            lambda v: (
+                isinstance(v, list) and 1 <= len(v) <= n and all(isinstance(i, str) and 0 < len(i) <= 300 for i in v)
+            ),
+            f"a list of 1 to {n} model ids",
+        )
+        return ids
+
+    def load(self, model_id: str) -> tuple:
+        try:
+            source = self.catalog.resolve(model_id)
+        except CharlmError as e:
+            raise HTTPError(404, f"unknown model {model_id!r}: {e}") from None
+        try:
+            return self.models.get(source)
+        except CharlmError as e:
+            prefix = "unknown model" if source.rev is not None else "model"
+            raise HTTPError(404, f"{prefix} {model_id!r}: {e}") from None
+
+    def _text(self, body: dict, name: str, required: bool = True) -> str:
+        n = self.limits.text
+        what = f"a string of at most {n:,} characters"
+        return _field(body, name, lambda v: isinstance(v, str) and len(v) <= n, what, ... if required else "")
+
+    # ---------------------------------------------------------------- endpoints
+
+    def list_models(self, query: dict) -> dict:
+        return self.catalog.listing(refresh=query.get("refresh", ["0"])[-1] not in ("", "0"))
+
+    def generate(self, body: dict) -> dict:
+        _only(body, {"models", "prompt", "temperature", "top_k", "top_p", "length", "seed", "stop_at_eos"})
+        ids = self._models_field(body)
+        r = Request(
+            prompt=self._text(body, "prompt", required=False),
+            temperature=float(_field(body, "temperature", lambda v: _is_number(v) and v >= 0, "a number >= 0", 0.8)),
+            top_k=_field(body, "top_k", lambda v: _is_int(v) and v >= 0, "a whole number >= 0", 0),
+            top_p=float(_field(body, "top_p", lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]", 1.0)),
+            length=_field(
+                body,
+                "length",
+                lambda v: _is_int(v) and 1 <= v <= self.limits.length,
+                f"a whole number from 1 to {self.limits.length:,}",
+                300,
+            ),
+            seed=0,
+            stop_at_eos=_field(body, "stop_at_eos", lambda v: isinstance(v, bool), "true or false", True),
+        )
+        seed = _field(
+            body,
+            "seed",
+            lambda v: v is None or (_is_int(v) and 0 <= v < 2**63),
+            "a whole number from 0 to 2^63 - 1, or null",
+            None,
+        )
+        r.seed = seed if seed is not None else random.SystemRandom().randrange(2**31)  # as `charlm generate`
+        loaded = [self.load(i) for i in ids]
+        try:
+            job = self.jobs.add(ids, loaded, r)
+        except TooMany as e:
+            raise HTTPError(429, str(e)) from None
+        return {"job": job.id}
+
+    def stop(self, job_id: str) -> dict:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise HTTPError(404, f"unknown job {job_id!r} (finished, or never started)")
+        job.stop.set()
+        return {"stopped": True}
+
+    def _analysis(self, compute: Callable[[], dict]) -> dict:
+        if not self.analyses.acquire(blocking=False):
+            raise HTTPError(429, f"too many analyses running ({self.limits.analyses}); retry in a moment")
+        try:
+            return compute()
+        except CharlmError as e:
+            raise HTTPError(400, str(e)) from None
+        finally:
+            self.analyses.release()
+
+    def _items(self, body: dict) -> list[str]:
+        from charlm.core import inspection
+
+        items = inspection.text_items(self._text(body, "text"))
+        if not items:
+            raise HTTPError(400, "text holds no item: every line is empty")
+        return items
+
+    def score(self, body: dict) -> dict:
+        from charlm.core import inspection
+
+        _only(body, {"models", "text"})
+        ids = self._models_field(body)
+        items = self._items(body)
+        loaded = [self.load(i) for i in ids]
+
+        def compute() -> dict:
+            out = []
+            for model_id, (model, vocab, _) in zip(ids, loaded, strict=True):
+                scores = inspection.char_scores(model, vocab, items, top=5)
+                out.append(
+                    {
+                        "id": model_id,
+                        "bpc": inspection.bits_per_char(scores),
+                        "chars": sum(len(s) for s in scores),
+                        "scores": scores,
+                    }
+                )
+            return {"items": items, "models": out}
+
+        return self._analysis(compute)
+
+    def _layer_kind(self, body: dict, model) -> tuple[int, str]:
+        from charlm.core import inspection
+
+        layers, kinds = model.rnn.num_layers, inspection.unit_kinds(model)
+        layer = _field(
+            body, "layer", lambda v: _is_int(v) and 0 <= v < layers, f"a whole number from 0 to {layers - 1}"
+        )
+        kind = _field(body, "kind", lambda v: v in kinds, " or ".join(repr(k) for k in kinds))
+        return layer, kind
+
+    def activations(self, body: dict) -> dict:
+        from charlm.core import inspection
+
+        _only(body, {"model", "text", "layer", "kind", "unit"})
+        model_id = _field(body, "model", lambda v: isinstance(v, str) and 0 < len(v) <= 300, "a model id")
+        items = self._items(body)
+        model, vocab, _ = self.load(model_id)
+        layer, kind = self._layer_kind(body, model)
+        units = model.rnn.hidden_size
+        unit = _field(body, "unit", lambda v: _is_int(v) and 0 <= v < units, f"a whole number from 0 to {units - 1}")
+        key = (model_id, id(model), tuple(items), layer, kind)
+
+        def compute() -> dict:
+            with self._cache_lock:
+                cached = self._last_acts
+            if cached is not None and cached[0] == key:
+                acts = cached[1]
+            else:
+                acts = [inspection.activations(model, vocab, item, layer, kind) for item in items]
+                with self._cache_lock:
+                    self._last_acts = (key, acts)
+            return {
+                "items": items,
+                "layers": model.rnn.num_layers,
+                "units": units,
+                "kinds": inspection.unit_kinds(model),
+                "values": [[float(v) for v in a[:, unit]] for a in acts],
+            }
+
+        return self._analysis(compute)
+
+    def _val_items(self) -> list[str] | None:
+        from charlm.core.data import item_bounds, load_packed
+        from charlm.core.vocab import EOS_ID, Vocab
+
+        if not (paths.PACKED / "meta.json").is_file() or not paths.VOCAB.is_file():
+            return None
+        try:
+            stream = load_packed(paths.PACKED).streams["val"]
+            vocab = Vocab.load(paths.VOCAB)
+        except CharlmError:
+            return None
+        starts, lengths = item_bounds(stream, EOS_ID)
+        n = min(len(starts), self.limits.val_items)
+        return [vocab.decode(stream[s : s + n_].tolist()) for s, n_ in zip(starts[:n], lengths[:n], strict=True)]
+
+    def units(self, body: dict) -> dict:
+        from charlm.core import inspection
+
+        _only(body, {"model", "layer", "kind"})
+        model_id = _field(body, "model", lambda v: isinstance(v, str) and 0 < len(v) <= 300, "a model id")
+        model, vocab, _ = self.load(model_id)
+        layer, kind = self._layer_kind(body, model)
+        key = (model_id, id(model), layer, kind)
+        with self._cache_lock:
+            if key in self._units:
+                return self._units[key]
+
+        def compute() -> dict:
+            items = self._val_items()
+            if not items:
+                return {
+                    "units": [],
+                    "note": f"no validation data here ({paths.PACKED} and {paths.VOCAB}; run `dvc repro pack`); "
+                    "the other views work on pasted text",
+                }
+            ranked = inspection.rank_units(model, vocab, items, layer, kind, top=20)
+            return {"units": ranked, "note": None}
+
+        result = self._analysis(compute)
+        with self._cache_lock:
+            self._units[key] = result
+        return result
+
+    def test_item(self, query: dict) -> dict:
+        from charlm.core.data import item_bounds, load_packed
+        from charlm.core.vocab import EOS_ID, Vocab
+
+        missing = f"no packed test data here; run `dvc repro pack` (it writes {paths.PACKED} and {paths.VOCAB})"
+        if not (paths.PACKED / "meta.json").is_file() or not paths.VOCAB.is_file():
+            raise HTTPError(404, missing)
+        seed_text = query.get("seed", [None])[-1]
+        if seed_text is not None and not (seed_text.isdigit() and len(seed_text) <= 18):
+            raise HTTPError(400, "seed must be a whole number >= 0")
+        try:
+            stream = load_packed(paths.PACKED).streams["test"]
+            vocab = Vocab.load(paths.VOCAB)
+        except CharlmError as e:
+            raise HTTPError(404, f"{e}") from None
+        starts, lengths = item_bounds(stream, EOS_ID)
+        if not len(starts):
+            raise HTTPError(404, missing)
+        rng = random.Random(int(seed_text)) if seed_text is not None else random.SystemRandom()
+        k = rng.randrange(len(starts))
+        return {"text": vocab.decode(stream[starts[k] : starts[k] + lengths[k]].tolist())}
+
+    def curves(self, query: dict) -> dict:
+        ids = [i for i in ",".join(query.get("models", [])).split(",") if i]
+        if not 1 <= len(ids) <= self.limits.models:
+            raise HTTPError(400, f"models must name 1 to {self.limits.models} model ids, comma-separated")
+        out = []
+        for model_id in ids:
+            try:
+                source = self.catalog.resolve(model_id)
+            except CharlmError as e:
+                raise HTTPError(404, f"unknown model {model_id!r}: {e}") from None
+            out.append({"id": model_id, "label": source.label, **experiments.curves(source)})
+        return {"curves": out}
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+class Handler(BaseHTTPRequestHandler):
+    server_version = "charlm"
+    server: Server
+
+    def version_string(self) -> str:
+        return self.server_version  # no Python version on the wire
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002  # the base class's name
+        pass  # a request log line per streamed character's client would drown the URL the user needs
+
+    # ---------------------------------------------------------------- responses
+
+    def _headers(self, status: int, content_type: str, length: int | None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        if length is not None:
+            self.send_header("Content-Length", str(length))
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Content-Security-Policy", CSP)
+        self.send_header("X-Frame-Options", "DENY")
+        self.send_header("Referrer-Policy", "no-referrer")  # the URL may carry the token
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+
+    def _json(self, status: int, obj: Any) -> None:
+        data = json.dumps(obj, ensure_ascii=False, allow_nan=False).encode("utf-8")
+        self._headers(status, "application/json", len(data))
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def _error(self, status: int, message: str) -> None:
+        self.close_connection = True
+        self._json(status, {"error": _one_line(message)})
+
+    # ---------------------------------------------------------------- checks
+
+    def _checked(self) -> tuple[str, dict] | None:
+        """(path, query) of an allowed request; None once a refusal has been sent."""
+        app = self.server.app
+        host = self.headers.get("Host", "")
+        if app.allowed_hosts and host.lower() not in app.allowed_hosts:
+            self._error(403, f"Host {host!r} is not served here; open the URL that `charlm serve` printed")
+            return None
+        origin = self.headers.get("Origin")
+        if origin is not None and origin.lower() != f"http://{host.lower()}":
+            self._error(403, "cross-site request refused: the Origin is not this server")
+            return None
+        url = urlsplit(self.path)
+        query = parse_qs(url.query, keep_blank_values=True)
+        if app.token is not None:
+            given = query.get("token", [""])[-1]
+            if not hmac.compare_digest(given.encode(), app.token.encode()):
+                self._error(403, "missing or wrong token: open the URL that `charlm serve` printed, with its ?token=")
+                return None
+        return url.path, query
+
+    def _body(self) -> dict:
+        length_text = self.headers.get("Content-Length")
+        if self.headers.get("Transfer-Encoding") is not None or length_text is None:
+            raise HTTPError(411, "a request body needs a Content-Length (chunked bodies are not read)")
+        try:
+            length = int(length_text)
+        except ValueError:
+            raise HTTPError(400, "Content-Length is not a number") from None
+        if length < 0:
+            raise HTTPError(400, "Content-Length is negative")
+        limit = self.server.app.limits.body
+        if length > limit:
+            # A client that is still sending would see the connection reset before the answer: a body of up to
+            # a few times the limit is read and dropped first, a larger one is not read at all.
+            left = length if length <= 8 * limit else 0
+            while left > 0 and (chunk := self.rfile.read(min(left, 1 << 16))):
+                left -= len(chunk)
+            raise HTTPError(413, f"request body over {limit:,} bytes")
+        raw = self.rfile.read(length)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise HTTPError(400, "request body is not UTF-8") from None
+        try:
+            body = json.loads(text, parse_constant=lambda c: _bad_constant(c))
+        except ValueError as e:
+            raise HTTPError(400, f"request body is not valid JSON ({_one_line(str(e), 120)})") from None
+        if not isinstance(body, dict):
+            raise HTTPError(400, "request body must be a JSON object")
+        return body
+
+    # ---------------------------------------------------------------- routes
+
+    def do_GET(self) -> None:
+        self._handle("GET")
+
+    def do_POST(self) -> None:
+        self._handle("POST")
+
+    def _handle(self, method: str) -> None:
+        checked = self._checked()
+        if checked is None:
+            return
+        path, query = checked
+        app = self.server.app
+        try:
+            if method == "GET" and path == "/":
+                return self._page("index.html")
+            if method == "GET" and path.startswith("/page/"):
+                return self._page(path[len("/page/") :])
+            parts = path.split("/")
+            if method == "GET" and len(parts) == 5 and parts[:3] == ["", "api", "jobs"] and parts[4] == "events":
+                return self._events(parts[3])
+            routes: dict[tuple[str, str], Callable[[], dict]] = {
+                ("GET", "/api/models"): lambda: app.list_models(query),
+                ("GET", "/api/test-item"): lambda: app.test_item(query),
+                ("GET", "/api/curves"): lambda: app.curves(query),
+                ("POST", "/api/generate"): lambda: app.generate(self._body()),
+                ("POST", "/api/score"): lambda: app.score(self._body()),
+                ("POST", "/api/activations"): lambda: app.activations(self._body()),
+                ("POST", "/api/units"): lambda: app.units(self._body()),
+            }
+            if method == "POST" and len(parts) == 5 and parts[:3] == ["", "api", "jobs"] and parts[4] == "stop":
+                job_id = parts[3]
+                routes[("POST", path)] = lambda: app.stop(job_id)
+            handler = routes.get((method, path))
+            if handler is None:
+                allowed = [m for m, p in routes if p == path]
+                if allowed:
+                    raise HTTPError(405, f"{path} takes {allowed[0]}, not {method}")
+                raise HTTPError(404, f"no such page or API: {path}")
+            self._json(200, handler())
+        except HTTPError as e:
+            self._error(e.status, str(e))
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        except Exception as e:  # a bug must cost one request, not the server; the line says what broke
+            print(
+                f"charlm serve: error: {method} {path}: {type(e).__name__}: {_one_line(str(e), 200)}", file=sys.stderr
+            )
+            with contextlib.suppress(OSError):
+                self._error(500, f"internal error ({type(e).__name__}: {_one_line(str(e), 200)})")
+
+    def _page(self, name: str) -> None:
+        content_type = PAGE_FILES.get(name)
+        if content_type is None:
+            raise HTTPError(404, f"no such page file: {name!r}")
+        try:
+            data = (PAGE / name).read_bytes()
+        except OSError:
+            raise HTTPError(404, f"the page is not installed here (charlm/apps/serve/page/{name} is missing)") from None
+        self._headers(200, content_type, len(data))
+        self.wfile.write(data)
+
+    def _events(self, job_id: str) -> None:
+        app = self.server.app
+        job = app.jobs.claim(job_id)
+        if job is None:
+            raise HTTPError(404, f"unknown job {job_id!r}, or its events were already read")
+        try:
+            self.close_connection = True
+            self._headers(200, "text/event-stream; charset=utf-8", None)
+
+            def send(event: str, data: dict) -> None:
+                payload = json.dumps(data, ensure_ascii=False, allow_nan=False)
+                self.wfile.write(f"event: {event}\ndata: {payload}\n\n".encode())
+                self.wfile.flush()
+
+            try:
+                run(job, send)
+            except OSError:
+                return  # the client went away: the generation ends here, and `finally` frees its slot
+            except Exception as e:
+                with contextlib.suppress(OSError):
+                    send("error", {"error": _one_line(f"generation failed: {type(e).__name__}: {e}")})
+        finally:
+            app.jobs.finish(job)
+
+
+def _bad_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True  # a stream still open at Ctrl-C must not keep the process alive
+    allow_reuse_address = False  # a port in use is an error to report, never shared
+
+    def __init__(self, address: tuple[str, int], app: App):
+        super().__init__(address, Handler)
+        self.app = app
+        host, port = self.server_address[:2]
+        if is_loopback(address[0]):
+            app.allowed_hosts = {f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"}
+        elif address[0] in ("0.0.0.0", "::", ""):
+            app.allowed_hosts = set()  # any name may reach a wildcard bind; the token is what admits a request
+        else:
+            shown = f"[{address[0]}]" if ":" in address[0] else address[0]
+            app.allowed_hosts = {f"{shown.lower()}:{port}"}
+
+    def url(self) -> str:
+        host, port = str(self.server_address[0]), self.server_address[1]
+        shown = f"[{host}]" if ":" in host else host
+        token = f"?token={self.app.token}" if self.app.token else ""
+        return f"http://{shown}:{port}/{token}"
+
+
+def make_server(
+    files: list[str],
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    device: str = "auto",
+    limits: Limits = Limits(),
+) -> Server:
+    """Bind the server (not yet serving); a port in use is a CharlmError."""
+    import errno
+    import socket
+
+    from charlm.pipeline import artifact
+
+    token = None if is_loopback(host) else secrets.token_urlsafe(24)
+    app = App(files, artifact.pick_device(device, "--device"), limits, token)
+    if ":" in host:
+        Server.address_family = socket.AF_INET6
+    try:
+        return Server((host, port), app)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise CharlmError(f"port {port} is in use; pick another with --port (or --port 0)") from None
+        raise CharlmError(f"cannot listen on {host}:{port} ({e.strerror or e}); check --host and --port") from None
+
+
+def serve(files: list[str], host: str, port: int, device: str) -> None:
+    """`charlm serve`: print the URL, serve until Ctrl-C."""
+    import warnings
+
+    # A prompt's unseen characters read as <unk>, which the page can show; the warning would only fill the log.
+    warnings.filterwarnings("ignore", message=r"prompt .* not in the vocabulary")
+    server = make_server(files, host, port, device)
+    if server.app.token:
+        print(
+            f"charlm: warning: serving on {host}, reachable from other machines; every request needs the token "
+            "in the URL below",
+            file=sys.stderr,
+        )
+    print(f"charlm: serving {server.url()} (Ctrl-C to stop)", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()

@@ -1,0 +1,337 @@
+"""Which models a repository holds, for `charlm serve`: the workspace model, training checkpoints, every DVC
+experiment, branch and tag that has a model, and model files named on the command line; their metrics and the
+params that differ from the workspace's; an LRU of loaded models; and DVCLive's learning curves.
+
+Everything is read relative to the current directory, the repository root, as every `charlm` command does.
+Nothing here writes to the workspace: revisions are read through `dvc.api`, which checks nothing out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from charlm.base.errors import CharlmError
+from charlm.pipeline import artifact, paths
+
+VAL_METRICS = paths.LIVE / "metrics.json"  # val.bpc
+CURVES = {"train": paths.LIVE / "plots/metrics/train/bpc.tsv", "val": paths.LIVE / "plots/metrics/val/bpc.tsv"}
+NO_MODEL_HINT = "No model yet: run `dvc repro` (or `make run`), or pass --model PATH"
+NO_REPO_HINT = "No model: pass --model PATH, or run `charlm serve` in a charlm repository"
+FIX = "train one with `dvc repro` or pass --model PATH"
+MAX_REV = 200
+# DVC's own state is not safe to share between threads (its index and lock files); one call at a time.
+_DVC_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Source:
+    """A model the server can load: a file in the workspace (or anywhere), or models/model.pt at a revision."""
+
+    id: str
+    label: str
+    kind: str  # workspace | checkpoint | experiment | branch | tag | commit | file
+    path: Path
+    rev: str | None = None
+    val_bpc: float | None = None
+    test_bpc: float | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def row(self) -> dict:
+        return {
+            "id": self.id,
+            "label": self.label,
+            "kind": self.kind,
+            "val_bpc": self.val_bpc,
+            "test_bpc": self.test_bpc,
+            "params": self.params,
+        }
+
+
+def check_rev(name: str) -> str:
+    """A revision name as DVC and git may take it, and nothing else: not an option, no control characters."""
+    if not name or len(name) > MAX_REV or name.startswith("-") or re.search(r"[\x00-\x20\x7f]", name):
+        shown = name if len(name) <= 60 else name[:50] + "..."
+        raise CharlmError(f"{shown!r} is not a revision name (no leading '-', spaces or control characters)")
+    return name
+
+
+def in_repo() -> bool:
+    return Path(".dvc").is_dir()
+
+
+def _json_number(path: Path, *keys: str) -> float | None:
+    try:
+        value: Any = json.loads(path.read_text(encoding="utf-8"))
+        for key in keys:
+            value = value[key]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def _plain(value: Any) -> Any:
+    """A value of `dvc.api.exp_show()` as JSON: it gives numbers as floats and booleans and None as strings."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value in ("True", "False", "None"):
+        return {"True": True, "False": False, "None": None}[value]
+    return value
+
+
+def _flat_keys(tree: Any, prefix: str = "") -> set[str]:
+    if not isinstance(tree, dict):
+        return {prefix}
+    keys: set[str] = set()
+    for k, v in tree.items():
+        keys |= _flat_keys(v, f"{prefix}.{k}" if prefix else str(k))
+    return keys
+
+
+def _column(columns, name: str, file: str) -> str | None:
+    """exp_show names a column by its key, or `file:key` where two files share the key."""
+    for c in (name, f"{file}:{name}"):
+        if c in columns:
+            return c
+    return None
+
+
+def _experiment_sources() -> list[Source]:
+    """Experiments, branches and tags with a model, from `dvc.api.exp_show()` as a pandas table."""
+    import dvc.api
+    import pandas as pd
+    import yaml
+    from dvc.repo import Repo
+
+    with _DVC_LOCK, Repo(".") as repo:
+        scm = repo.scm
+        try:
+            head = scm.get_rev()
+        except Exception:  # a repository without commits has no revisions to list
+            return []
+        named = [("branch", b) for b in sorted(scm.list_branches())] + [("tag", t) for t in sorted(scm.list_tags())]
+        names_sha = {}
+        for kind, name in named:
+            try:
+                names_sha[(kind, name)] = scm.resolve_rev(name)
+            except Exception:
+                continue
+        table = pd.DataFrame(dvc.api.exp_show(revs=["HEAD"] + [n for _, n in names_sha], force=False))
+        row_sha = {}
+        for rev in table["rev"].dropna().unique() if "rev" in table else []:
+            if rev != "workspace":
+                try:
+                    row_sha[rev] = scm.resolve_rev(rev)
+                except Exception:
+                    continue
+    if table.empty:
+        return []
+    try:
+        params_tree = yaml.safe_load(Path("params.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        params_tree = {}
+    columns = list(table.columns)
+    param_cols = {k: c for k in sorted(_flat_keys(params_tree)) if (c := _column(columns, k, "params.yaml"))}
+    val_col = _column(columns, "val.bpc", str(VAL_METRICS))
+    test_col = _column(columns, "test_bpc", str(paths.EVAL_METRICS))
+    model_col = _column(columns, str(paths.MODEL), "")
+    workspace = table[table["rev"] == "workspace"]
+    reference = {k: _plain(workspace.iloc[0][c]) for k, c in param_cols.items()} if len(workspace) else {}
+
+    def described(record, **kw) -> Source | None:
+        if model_col is None or _plain(record.get(model_col)) is None:
+            return None  # dvc.lock names no model at this revision
+        if record.get("State") in ("Queued", "Running", "Failed"):
+            return None
+        params = {k: v for k, c in param_cols.items() if (v := _plain(record.get(c))) != reference.get(k)}
+
+        def number(c):
+            return _plain(record.get(c)) if c else None
+
+        val, test = number(val_col), number(test_col)
+        return Source(
+            path=paths.MODEL,
+            val_bpc=float(val) if isinstance(val, (int, float)) else None,
+            test_bpc=float(test) if isinstance(test, (int, float)) else None,
+            params=params,
+            **kw,
+        )
+
+    sources: list[Source] = []
+    baselines: dict[str, dict] = {}
+    for record in table.to_dict("records"):
+        rev, name = record.get("rev"), record.get("Experiment")
+        if rev == "workspace" or not isinstance(rev, str):
+            continue
+        if isinstance(name, str) and name:
+            source = described(record, id=f"rev:{name}", label=name, kind="experiment", rev=name)
+            if source:
+                sources.append(source)
+        elif rev in row_sha:
+            baselines[row_sha[rev]] = record
+    covered = set()
+    for (kind, name), sha in names_sha.items():
+        if sha in baselines and (
+            source := described(baselines[sha], id=f"rev:{name}", label=name, kind=kind, rev=name)
+        ):
+            sources.append(source)
+            covered.add(sha)
+    if head in baselines and head not in covered:  # a detached HEAD that no branch or tag names
+        short = head[:7]
+        if source := described(baselines[head], id=f"rev:{short}", label=short, kind="commit", rev=head):
+            sources.append(source)
+    return sources
+
+
+def list_sources(files: list[str]) -> tuple[bool, list[Source], str | None]:
+    """(inside a DVC repository, every model found, a note on why experiments are missing or None)."""
+    sources: list[Source] = []
+    repo = in_repo()
+    note = None
+    if repo:
+        if paths.MODEL.is_file():
+            sources.append(
+                Source(
+                    "workspace",
+                    f"workspace ({paths.MODEL})",
+                    "workspace",
+                    paths.MODEL,
+                    val_bpc=_json_number(VAL_METRICS, "val", "bpc"),
+                    test_bpc=_json_number(paths.EVAL_METRICS, "test_bpc"),
+                )
+            )
+        if paths.CHECKPOINT.is_file():
+            sources.append(Source("checkpoint", f"checkpoint ({paths.CHECKPOINT})", "checkpoint", paths.CHECKPOINT))
+        if paths.KEYED_CHECKPOINTS.is_dir():
+            for f in sorted(paths.KEYED_CHECKPOINTS.glob("*.pt")):
+                sources.append(
+                    Source(f"checkpoint:{f.stem}", f"queued/temp experiment checkpoint {f.stem[:12]}", "checkpoint", f)
+                )
+        try:
+            sources += _experiment_sources()
+        except Exception as e:  # DVC or git refusing (a broken repository) must not take the other models down
+            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            note = f"experiments could not be listed ({reason})"
+    for k, name in enumerate(files):
+        sources.append(Source(f"file:{k}", str(name), "file", Path(name)))
+    return repo, sources, note
+
+
+class Catalog:
+    """The list of models, computed once and again on refresh; resolves a model id to its Source."""
+
+    def __init__(self, files: list[str]):
+        self.files = list(files)
+        self._lock = threading.Lock()
+        self._listing: tuple[bool, list[Source], str | None] | None = None
+
+    def listing(self, refresh: bool = False) -> dict:
+        with self._lock:
+            if self._listing is None or refresh:
+                self._listing = list_sources(self.files)
+            repo, sources, note = self._listing
+        hint = None
+        if not sources:
+            hint = (
+                NO_MODEL_HINT if repo else "No model: pass --model PATH, or run `charlm serve` in a charlm repository"
+            )
+            if note:
+                hint += f"; {note}"
+        return {"repo": repo, "hint": hint, "models": [s.row() for s in sources]}
+
+    def resolve(self, model_id: str) -> Source:
+        """The Source of an id; `rev:<name>` also names any revision not listed (a commit, say)."""
+        if self._listing is None:
+            self.listing()
+        assert self._listing is not None
+        for source in self._listing[1]:
+            if source.id == model_id:
+                return source
+        if model_id.startswith("rev:") and self._listing[0]:
+            name = check_rev(model_id[4:])
+            return Source(model_id, name, "commit", paths.MODEL, rev=name)
+        raise CharlmError("not in the list of models; reload it (GET /api/models?refresh=1)")
+
+
+class ModelCache:
+    """At most `size` loaded models, least recently used out first. A checkpoint file is read again when its
+    modification time changes (training rewrites it); a revision's model never changes."""
+
+    def __init__(self, device, size: int = 6):
+        self.device, self.size = device, size
+        self._models: OrderedDict[tuple, tuple] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _key(self, source: Source) -> tuple:
+        if source.rev is not None:
+            return (source.id, source.rev)
+        try:
+            stat = source.path.stat()
+        except OSError:
+            return (source.id, str(source.path), None)
+        return (source.id, str(source.path), stat.st_mtime_ns, stat.st_size)
+
+    def get(self, source: Source):
+        """(model, vocab, info); a CharlmError in one line when it cannot be loaded."""
+        key = self._key(source)
+        with self._lock:  # one load at a time: loads are rare, and two of the same model would both be kept
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+            if source.rev is not None:
+                with _DVC_LOCK:
+                    loaded = artifact.load_model(source.path, self.device, fix=FIX, rev=source.rev)
+            else:
+                loaded = artifact.load_model(source.path, self.device, fix=FIX)
+            for old in [k for k in self._models if k[0] == source.id]:
+                del self._models[old]  # the previous version of a rewritten checkpoint
+            self._models[key] = loaded
+            while len(self._models) > self.size:
+                self._models.popitem(last=False)
+            return loaded
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+
+def _read_curve(text: str) -> list[list[float]]:
+    points = []
+    for row in csv.DictReader(io.StringIO(text), delimiter="\t"):
+        try:
+            step, bpc = int(float(row["step"])), float(row["bpc"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if math.isfinite(bpc):
+            points.append([step, bpc])
+    return points
+
+
+def curves(source: Source) -> dict[str, list[list[float]]]:
+    """DVCLive's train and validation bpc of a model: the workspace's files, or the same files at its revision.
+    Checkpoints and model files carry no logs here: empty curves."""
+    out: dict[str, list[list[float]]] = {"train": [], "val": []}
+    if source.kind == "workspace":
+        for name, path in CURVES.items():
+            with contextlib.suppress(OSError, UnicodeDecodeError):
+                out[name] = _read_curve(path.read_text(encoding="utf-8"))
+    elif source.rev is not None:
+        import dvc.api
+
+        for name, path in CURVES.items():
+            try:
+                with _DVC_LOCK, dvc.api.open(str(path), rev=source.rev, encoding="utf-8") as f:
+                    out[name] = _read_curve(f.read())
+            except Exception:  # a revision without logs, or whose logs were never pushed: no curve, not an error
+                pass
+    return out

@@ -1,0 +1,474 @@
+"""`charlm serve`: the real server on a free loopback port, spoken to over real HTTP.
+
+Two servers per module: one outside any repository, serving tiny model files given with --model, and (slow)
+one in a throw-away git + DVC repository with a trained workspace model and a `dvc exp run --temp` experiment.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from charlm.apps.cli import main
+from charlm.apps.serve import server as srv
+from charlm.core.model import CharRNN
+from charlm.core.vocab import Vocab
+from charlm.pipeline import artifact
+
+from conftest import ag_news_rows, csv_bytes, git_project, md5
+
+VOCAB = Vocab(list("abcdefghijklmnopqrstuvwxyz .,!T"))
+SCRIPT = Path(sys.executable).parent / "charlm"
+
+
+def tiny_model(path: Path, seed: int, hidden: int = 16, layers: int = 1, cell: str = "lstm") -> Path:
+    torch.manual_seed(seed)
+    model = CharRNN(len(VOCAB), cell=cell, hidden=hidden, layers=layers, embedding=8)
+    artifact.save(path, artifact.model_record(model, VOCAB, {"steps": 0}))
+    return path
+
+
+class Running:
+    """A server serving in a thread, from `cwd` (the server reads the repository it runs in, as `charlm` does)."""
+
+    def __init__(self, cwd: Path, files: list[str], host: str = "127.0.0.1", limits=srv.Limits()):
+        self.cwd = cwd
+        before = os.getcwd()
+        os.chdir(cwd)
+        try:
+            self.server = srv.make_server(files, host=host, port=0, device="cpu", limits=limits)
+        finally:
+            os.chdir(before)
+        self.port = self.server.server_address[1]
+        self.app = self.server.app
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def request(self, method: str, path: str, body=None, headers: dict | None = None, raw: bytes | None = None):
+        """(status, headers, parsed JSON or text)."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        all_headers = {"Content-Type": "application/json", **(headers or {})}
+        conn.request(method, path, body=data, headers=all_headers)
+        resp = conn.getresponse()
+        text = resp.read().decode("utf-8")
+        conn.close()
+        ctype = resp.getheader("Content-Type", "")
+        return resp.status, resp, json.loads(text) if ctype.startswith("application/json") else text
+
+    def get(self, path: str, **kw):
+        return self.request("GET", path, **kw)
+
+    def post(self, path: str, body=None, **kw):
+        return self.request("POST", path, body, **kw)
+
+    def job(self, **fields) -> str:
+        status, _, out = self.post("/api/generate", fields)
+        assert status == 200, out
+        return out["job"]
+
+    def events(self, job: str) -> list[tuple[str, dict]]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        conn.request("GET", f"/api/jobs/{job}/events")
+        resp = conn.getresponse()
+        assert resp.status == 200, resp.read()
+        assert resp.getheader("Content-Type").startswith("text/event-stream")
+        events = parse_events(resp.read().decode("utf-8"))
+        conn.close()
+        return events
+
+
+def parse_events(text: str) -> list[tuple[str, dict]]:
+    out = []
+    for block in text.split("\n\n"):
+        if not block.strip():
+            continue
+        fields = dict(line.split(": ", 1) for line in block.splitlines())
+        out.append((fields["event"], json.loads(fields["data"])))
+    return out
+
+
+def texts(events: list[tuple[str, dict]], prompt: str, n: int) -> list[str]:
+    rows = [[prompt] for _ in range(n)]
+    for name, data in events:
+        if name == "piece":
+            for row, piece in zip(rows, data["pieces"], strict=True):
+                if piece is not None:
+                    row.append(piece)
+    return ["".join(r) for r in rows]
+
+
+def cli_text(capsys, *args) -> str:
+    capsys.readouterr()
+    main(["generate", *map(str, args)])
+    return capsys.readouterr().out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread_module():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    """A server outside any repository, with 7 model files: more than the 6 it keeps loaded."""
+    root = tmp_path_factory.mktemp("plain")
+    files = [str(tiny_model(root / f"m{k}.pt", seed=k)) for k in range(6)]
+    files.append(str(tiny_model(root / "big.pt", seed=9, hidden=192, layers=2)))  # slow enough to cancel
+    server = Running(root, files)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def in_plain(plain, monkeypatch):
+    monkeypatch.chdir(plain.cwd)
+    return plain
+
+
+GEN = {"prompt": "The ", "temperature": 0.9, "top_k": 5, "top_p": 0.95, "length": 60, "seed": 7, "stop_at_eos": True}
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def test_one_stream_carries_two_models_each_equal_to_charlm_generate(in_plain, capsys):
+    s = in_plain
+    files = [m["label"] for m in s.get("/api/models")[2]["models"]]
+    events = s.events(s.job(models=["file:0", "file:1"], **GEN))
+    assert events[0] == ("start", {"seed": 7, "models": ["file:0", "file:1"]})
+    assert events[-1] == ("done", {"reason": "finished"})
+    assert all(len(d["pieces"]) == 2 for e, d in events if e == "piece")
+    served = texts(events, GEN["prompt"], 2)
+    flags = ["--prompt", "The ", "--temperature", 0.9, "--top-k", 5, "--top-p", 0.95, "--length", 60, "--seed", 7]
+    for text, path in zip(served, files[:2], strict=True):
+        assert text + "\n" == cli_text(capsys, *flags, "--model", path)
+    assert served[0] != served[1]
+
+
+def test_greedy_without_stop_at_eos_and_a_random_seed_reported(in_plain, capsys):
+    s = in_plain
+    events = s.events(s.job(models=["file:2"], prompt="ab", temperature=0, length=30, stop_at_eos=False))
+    seed = events[0][1]["seed"]
+    assert isinstance(seed, int) and seed >= 0
+    assert len([e for e, _ in events if e == "piece"]) == 30
+    expected = cli_text(capsys, "--prompt", "ab", "--temperature", 0, "--length", 30, "--no-stop-at-eos",
+                        "--seed", seed, "--model", s.app.catalog.resolve("file:2").path)
+    assert texts(events, "ab", 1)[0] + "\n" == expected
+
+
+def test_stop_ends_the_stream_with_done_stopped(in_plain):
+    s = in_plain
+    job = s.job(models=["file:6"], prompt="a", temperature=1.0, length=5000, seed=1, stop_at_eos=False)
+    conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=60)
+    conn.request("GET", f"/api/jobs/{job}/events")
+    resp = conn.getresponse()
+    first = resp.readline()
+    assert first == b"event: start\n"
+    assert s.post(f"/api/jobs/{job}/stop", {})[2] == {"stopped": True}
+    events = parse_events(first.decode() + resp.read().decode())
+    conn.close()
+    assert events[-1] == ("done", {"reason": "stopped"})
+    assert len(events) - 2 < 5000
+    # Events are read once.
+    assert s.get(f"/api/jobs/{job}/events")[0] == 404
+
+
+def test_sixteen_generations_are_admitted_the_seventeenth_429_and_a_disconnect_frees_a_slot(in_plain):
+    s = in_plain
+    long = s.job(models=["file:6"], prompt="a", temperature=1.0, length=5000, seed=1, stop_at_eos=False)
+    short = [s.job(models=["file:0"], prompt="a", length=3, seed=k) for k in range(15)]
+    status, resp, out = s.post("/api/generate", {"models": ["file:0"], "length": 3})
+    assert status == 429 and "too many generations" in out["error"]
+    job = s.app.jobs.get(long)
+    sock = socket.create_connection(("127.0.0.1", s.port))
+    sock.sendall(f"GET /api/jobs/{long}/events HTTP/1.1\r\nHost: 127.0.0.1:{s.port}\r\n\r\n".encode())
+    received = b""
+    while received.count(b"event: piece") < 2:
+        received += sock.recv(4096)
+    sock.close()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        status, _, out = s.post("/api/generate", {"models": ["file:0"], "length": 3, "seed": 1})
+        if status == 200:
+            break
+        time.sleep(0.05)
+    assert status == 200, out
+    assert job.sent < 5000  # the generation was cancelled, not run to its end
+    for j in [*short, out["job"]]:
+        assert s.events(j)[-1] == ("done", {"reason": "finished"})
+    assert s.app.jobs.running() == 0
+
+
+def test_loaded_models_are_bounded(in_plain):
+    s = in_plain
+    for k in range(7):
+        s.events(s.job(models=[f"file:{k}"], length=2, seed=0))
+    assert len(s.app.models) <= 6
+
+
+# --------------------------------------------------------------------------- the other views on model files
+
+
+def test_models_outside_a_repository_are_the_files(in_plain):
+    status, resp, out = in_plain.get("/api/models")
+    assert status == 200 and out["repo"] is False and out["hint"] is None
+    assert [m["id"] for m in out["models"]] == [f"file:{k}" for k in range(7)]
+    assert {m["kind"] for m in out["models"]} == {"file"}
+
+
+def test_score_activations_units_and_curves_on_files(in_plain):
+    s = in_plain
+    status, _, out = s.post("/api/score", {"models": ["file:0", "file:1"], "text": "abc de\n\nfgh"})
+    assert status == 200, out
+    assert out["items"] == ["abc de", "fgh"]
+    m = out["models"][0]
+    assert m["id"] == "file:0" and m["chars"] == 9 and m["bpc"] > 0
+    assert [len(item) for item in m["scores"]] == [6, 3]
+    assert len(m["scores"][0][0]["top"]) == 5 and m["scores"][0][0]["rank"] >= 1
+    body = {"model": "file:0", "text": "abc\nde", "layer": 0, "kind": "cell", "unit": 3}
+    status, _, out = s.post("/api/activations", body)
+    assert status == 200, out
+    assert out["layers"] == 1 and out["units"] == 16 and out["kinds"] == ["cell", "output"]
+    assert [len(v) for v in out["values"]] == [3, 2]
+    again = s.post("/api/activations", {**body, "unit": 4})[2]
+    assert again["values"] != out["values"]
+    status, _, out = s.post("/api/units", {"model": "file:0", "layer": 0, "kind": "output"})
+    assert status == 200 and out["units"] == [] and "no validation data" in out["note"]
+    assert s.get("/api/curves?models=file:0")[2] == {
+        "curves": [{"id": "file:0", "label": s.app.catalog.resolve("file:0").label, "train": [], "val": []}]}
+    status, _, out = s.get("/api/test-item")
+    assert status == 404 and "no packed test data" in out["error"]
+
+
+# --------------------------------------------------------------------------- hostile requests
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"models": ["file:0"], "temperature": -1}, "temperature must be a number >= 0"),
+    ({"models": ["file:0"], "temperature": "hot"}, "temperature"),
+    ({"models": ["file:0"], "length": 10**9}, "length must be a whole number from 1 to 5,000"),
+    ({"models": ["file:0"], "length": 0}, "length"),
+    ({"models": ["file:0"], "length": 2.5}, "length"),
+    ({"models": ["file:0"], "top_p": 0}, "top_p"),
+    ({"models": ["file:0"], "top_k": True}, "top_k"),
+    ({"models": ["file:0"], "seed": -3}, "seed"),
+    ({"models": ["file:0"], "stop_at_eos": "yes"}, "stop_at_eos"),
+    ({"models": ["file:0"], "prompt": "x" * 20_001}, "prompt must be a string of at most 20,000"),
+    ({"models": ["file:0"] * 5}, "models must be a list of 1 to 4"),
+    ({"models": []}, "models"),
+    ({"models": "file:0"}, "models"),
+    ({"prompt": "a"}, "models is missing"),
+    ({"models": ["file:0"], "colour": "red"}, "unknown field 'colour'"),
+])  # fmt: skip
+def test_bad_generate_fields_are_400_naming_the_field(in_plain, body, field):
+    status, resp, out = in_plain.post("/api/generate", body)
+    assert status == 400 and field in out["error"] and "\n" not in out["error"]
+    assert resp.getheader("Content-Type") == "application/json"
+
+
+@pytest.mark.parametrize("raw, status, words", [
+    (b"{not json", 400, "not valid JSON"),
+    (b"\xff\xfe{}", 400, "not UTF-8"),
+    (b"[1, 2]", 400, "JSON object"),
+    (b'{"models": ["file:0"], "temperature": NaN}', 400, "not valid JSON"),
+    (b"{" + b" " * (1 << 20) + b"}", 413, "over 1,048,576 bytes"),
+])  # fmt: skip
+def test_malformed_bodies_are_refused_and_the_server_keeps_serving(in_plain, raw, status, words):
+    got, _, out = in_plain.post("/api/generate", raw=raw)
+    assert got == status and words in out["error"], out
+    assert in_plain.get("/api/models")[0] == 200
+
+
+def test_score_limits_and_unknown_models(in_plain):
+    s = in_plain
+    status, _, out = s.post("/api/score", {"models": ["file:0"], "text": "a" * 20_001})
+    assert status == 400 and "text must be" in out["error"]
+    status, _, out = s.post("/api/score", {"models": ["nope"], "text": "abc"})
+    assert status == 404 and out["error"].startswith("unknown model 'nope'")
+    status, _, out = s.post("/api/generate", {"models": ["rev:main"]})  # no repository here: no revisions
+    assert status == 404 and "unknown model 'rev:main'" in out["error"]
+    status, _, out = s.post("/api/activations", {"model": "file:0", "text": "ab", "layer": 1, "kind": "cell",
+                                                  "unit": 0})  # fmt: skip
+    assert status == 400 and "layer must be a whole number from 0 to 0" in out["error"]
+    assert s.get("/api/jobs/0123/events")[0] == 404
+    assert s.post("/api/jobs/0123/stop", {})[0] == 404
+    assert s.get("/api/nothing")[0] == 404
+    assert s.post("/api/models", {})[0] == 405
+
+
+def test_host_and_origin_headers_are_checked(in_plain):
+    s = in_plain
+    status, _, out = s.get("/api/models", headers={"Host": f"evil.example:{s.port}"})
+    assert status == 403 and "Host" in out["error"]
+    status, _, out = s.get("/api/models", headers={"Host": f"localhost:{s.port}"})
+    assert status == 200
+    status, _, out = s.post("/api/generate", {"models": ["file:0"], "length": 2},
+                            headers={"Origin": "http://evil.example"})  # fmt: skip
+    assert status == 403 and "cross-site" in out["error"]
+    status, _, out = s.post("/api/generate", {"models": ["file:0"], "length": 2},
+                            headers={"Origin": f"http://127.0.0.1:{s.port}"})  # fmt: skip
+    assert status == 200
+    s.events(out["job"])
+
+
+def test_page_files_only_with_their_types_and_a_strict_csp(in_plain):
+    s = in_plain
+    for path in ("/page/../server.py", "/page/server.py", "/page/%2e%2e/server.py", "/server.py", "/page/"):
+        assert s.get(path)[0] == 404, path
+    status, resp, _ = s.get("/api/models")
+    assert resp.getheader("X-Content-Type-Options") == "nosniff"
+    if not (srv.PAGE / "index.html").exists():
+        pytest.skip("the page is not there yet")
+    status, resp, text = s.get("/")
+    assert status == 200 and resp.getheader("Content-Type") == "text/html; charset=utf-8"
+    assert resp.getheader("Content-Security-Policy") == srv.CSP
+    assert "script-src 'self'" in srv.CSP and "unsafe" not in srv.CSP
+    for name, ctype in srv.PAGE_FILES.items():
+        if (srv.PAGE / name).exists():
+            status, resp, _ = s.get(f"/page/{name}")
+            assert status == 200 and resp.getheader("Content-Type") == ctype
+
+
+def test_a_non_loopback_host_needs_the_token(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tiny_model(tmp_path / "m.pt", seed=0)
+    s = Running(tmp_path, [str(tmp_path / "m.pt")], host="0.0.0.0")
+    try:
+        token = s.app.token
+        assert token and len(token) >= 24 and s.server.url().endswith(f"/?token={token}")
+        assert s.get("/api/models")[0] == 403
+        assert s.get("/api/models?token=wrong")[0] == 403
+        assert s.get("/")[0] == 403
+        status, _, out = s.get(f"/api/models?token={token}")
+        assert status == 200 and out["models"][0]["id"] == "file:0"
+        assert s.post(f"/api/generate?token={token}", {"models": ["file:0"], "length": 1})[0] == 200
+    finally:
+        s.close()
+
+
+def test_port_in_use_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(SystemExit) as exit_:
+            main(["serve", "--port", str(port), "--device", "cpu"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err == f"charlm: error: port {port} is in use; pick another with --port (or --port 0)\n"
+
+
+def test_the_command_prints_its_url_and_ctrl_c_exits_cleanly(tmp_path):
+    tiny_model(tmp_path / "m.pt", seed=0)
+    command = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "charlm.apps.cli"]
+    proc = subprocess.Popen(command + ["serve", "--port", "0", "--host", "0.0.0.0", "--device", "cpu",
+                                       "--model", "m.pt"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("charlm: serving http://0.0.0.0:"), line
+        url = line.split()[2]
+        port, token = int(url.split(":")[2].split("/")[0]), url.split("?token=")[1]
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", f"/api/models?token={token}")
+        assert json.loads(conn.getresponse().read())["models"][0]["label"] == "m.pt"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode in (0, 130)
+    assert "warning: serving on 0.0.0.0" in err and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------- a DVC repository
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """A trained workspace model, committed, and an experiment run with --temp (the workspace stays as it was)."""
+    root = tmp_path_factory.mktemp("repo")
+    p = git_project(root / "repo")
+    train, test = csv_bytes(ag_news_rows(240, seed=1)), csv_bytes(ag_news_rows(40, seed=2))
+    (root / "train.csv").write_bytes(train)
+    (root / "test.csv").write_bytes(test)
+    p.set_params(download={"train": {"url": str(root / "train.csv"), "md5": md5(train)},
+                           "test": {"url": str(root / "test.csv"), "md5": md5(test)}},
+                 model={"hidden": 24, "layers": 1},
+                 train={"max_steps": 10, "eval_every": 5, "log_every": 5, "checkpoint_every": 10,
+                        "sample_every": 0})  # fmt: skip
+    env = {"OMP_NUM_THREADS": "1"}
+    p.dvc("repro", env=env)
+    p.git("add", "-A")
+    p.git("commit", "-qm", "baseline")
+    p.dvc("exp", "run", "--temp", "-n", "wide", "-S", "model.hidden=40", env=env)
+    server = Running(p.path, [])
+    yield p, server
+    server.close()
+
+
+@pytest.fixture
+def in_repo(repo, monkeypatch):
+    monkeypatch.chdir(repo[0].path)
+    return repo
+
+
+@pytest.mark.slow
+def test_repo_models_experiment_params_metrics_generation_curves_and_a_clean_workspace(in_repo, capsys):
+    p, s = in_repo
+    before = p.git("status", "--porcelain").stdout
+    status, _, out = s.get("/api/models?refresh=1")
+    assert status == 200 and out["repo"] is True and out["hint"] is None
+    by_id = {m["id"]: m for m in out["models"]}
+    assert {"workspace", "rev:wide", "rev:main"} <= by_id.keys(), by_id.keys()
+    ws, wide = by_id["workspace"], by_id["rev:wide"]
+    assert ws["kind"] == "workspace" and ws["params"] == {}
+    assert wide["kind"] == "experiment" and wide["params"] == {"model.hidden": 40}
+    assert by_id["rev:main"]["kind"] == "branch" and by_id["rev:main"]["params"] == {}
+    metrics = json.loads((p.path / "metrics/eval.json").read_text())
+    assert ws["test_bpc"] == pytest.approx(metrics["test_bpc"])
+    assert ws["val_bpc"] == pytest.approx(json.loads((p.path / "dvclive/metrics.json").read_text())["val"]["bpc"])
+    assert wide["test_bpc"] is not None and wide["val_bpc"] is not None and wide["test_bpc"] != ws["test_bpc"]
+
+    events = s.events(s.job(models=["workspace", "rev:wide"], **GEN))
+    served = texts(events, GEN["prompt"], 2)
+    flags = ["--prompt", "The ", "--temperature", 0.9, "--top-k", 5, "--top-p", 0.95, "--length", 60, "--seed", 7]
+    assert served[0] + "\n" == cli_text(capsys, *flags)
+    assert served[1] + "\n" == cli_text(capsys, *flags, "--rev", "wide")
+
+    status, _, out = s.post("/api/generate", {"models": ["rev:nope"]})
+    assert status == 404 and out["error"].startswith("unknown model 'rev:nope': ")
+    status, _, out = s.post("/api/generate", {"models": ["rev:--output=x"]})
+    assert status == 404 and "not a revision name" in out["error"]
+
+    curves = {c["id"]: c for c in s.get("/api/curves?models=workspace,rev:wide")[2]["curves"]}
+    for c in curves.values():
+        assert [step for step, _ in c["train"]] == [5, 10] and [step for step, _ in c["val"]] == [5, 10]
+    assert curves["workspace"]["val"] != curves["rev:wide"]["val"]
+
+    status, _, first = s.get("/api/test-item?seed=3")
+    assert status == 200 and first["text"] and s.get("/api/test-item?seed=3")[2] == first
+    status, _, out = s.post("/api/units", {"model": "rev:wide", "layer": 0, "kind": "cell"})
+    assert status == 200 and out["note"] is None and 0 < len(out["units"]) <= 20
+    assert {"unit", "feature", "r"} == set(out["units"][0])
+    status, _, out = s.post("/api/score", {"models": ["workspace", "rev:wide"], "text": first["text"]})
+    assert status == 200 and len(out["models"]) == 2
+    assert p.git("status", "--porcelain").stdout == before
