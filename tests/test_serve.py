@@ -472,3 +472,48 @@ def test_repo_models_experiment_params_metrics_generation_curves_and_a_clean_wor
     status, _, out = s.post("/api/score", {"models": ["workspace", "rev:wide"], "text": first["text"]})
     assert status == 200 and len(out["models"]) == 2
     assert p.git("status", "--porcelain").stdout == before
+
+
+def checkpoint_record(seed: int) -> dict:
+    torch.manual_seed(seed)
+    model = CharRNN(len(VOCAB), cell="gru", hidden=12, layers=1, embedding=4)
+    record = artifact.model_record(model, VOCAB, {})
+    return {"format": artifact.CHECKPOINT_FORMAT, "config": record["config"], "vocab": record["vocab"],
+            "model": record["state_dict"], "step": 3}  # fmt: skip
+
+
+def test_checkpoints_are_listed_and_read_again_when_rewritten(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".dvc").mkdir()
+    s = Running(tmp_path, [])
+    try:
+        status, _, out = s.get("/api/models")
+        assert out["models"] == [] and out["hint"].startswith("No model yet: run `dvc repro`")
+        tiny_model(tmp_path / "models" / "model.pt", seed=0)
+        artifact.save(tmp_path / "checkpoints" / "train.pt", checkpoint_record(1))
+        artifact.save(tmp_path / ".dvc/tmp/charlm-checkpoints/abc123.pt", checkpoint_record(2))
+        assert s.get("/api/models")[2]["models"] == []  # the list is kept until a refresh
+        out = s.get("/api/models?refresh=1")[2]
+        assert out["repo"] is True and out["hint"] is None
+        assert [(m["id"], m["kind"]) for m in out["models"]] == [
+            ("workspace", "workspace"), ("checkpoint", "checkpoint"), ("checkpoint:abc123", "checkpoint")]
+
+        def sample() -> str:
+            return texts(s.events(s.job(models=["checkpoint"], prompt="a", temperature=0, length=20,
+                                        stop_at_eos=False)), "a", 1)[0]  # fmt: skip
+
+        first = sample()
+        artifact.save(tmp_path / "checkpoints" / "train.pt", checkpoint_record(5))
+        os.utime(tmp_path / "checkpoints" / "train.pt", ns=(time.time_ns() + 10**9,) * 2)
+        assert sample() != first
+        assert s.events(s.job(models=["checkpoint:abc123", "workspace"], length=5))[-1][0] == "done"
+    finally:
+        s.close()
+
+
+def test_the_default_host_is_loopback_without_a_token(in_plain):
+    from charlm.apps.cli import build_parser
+
+    args = build_parser().parse_args(["serve"])
+    assert (args.host, args.port, args.model) == ("127.0.0.1", 8000, [])
+    assert in_plain.server.server_address[0] == "127.0.0.1" and in_plain.app.token is None

@@ -8,12 +8,15 @@ whose events are never read gives its slot back after `unclaimed_s`.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
+
+import torch
 
 from charlm.core.sampling import text_pieces, token_steps
 
@@ -40,7 +43,7 @@ class Job:
     claimed: bool = False
     sent: int = 0  # positions streamed so far
 
-    def pieces(self) -> Iterator[list[str | None]]:
+    def pieces(self) -> Generator[list[str | None], None, None]:
         """Per position, the text each model adds (None once it has stopped): the decoding `charlm generate`
         prints, one model at a time with the same seed, so a model's text matches the CLI's byte for byte."""
         r = self.request
@@ -55,8 +58,37 @@ class Job:
             for model, vocab, _ in self.loaded
         ]
         none: list[str | None] = [None]
-        for step in itertools.zip_longest(*streams, fillvalue=none):
-            yield [row[0] for row in step]
+        with _generating(self.loaded[0][0].head.weight.device):
+            for step in itertools.zip_longest(*streams, fillvalue=none):
+                yield [row[0] for row in step]
+
+
+# `token_steps` turns oneDNN off while it generates a few CPU streams and then restores the process-wide switch.
+# Interleaved generators (a job's models) and concurrent jobs would restore it under one another, so a model could
+# step with oneDNN on while `charlm generate` steps with it off. Here it stays off while any job generates.
+_switch = threading.Lock()
+_generators = 0
+_saved = True
+
+
+@contextlib.contextmanager
+def _generating(device: torch.device) -> Iterator[None]:
+    global _generators, _saved
+    if device.type != "cpu":
+        yield
+        return
+    with _switch:
+        if _generators == 0:
+            _saved = bool(torch.backends.mkldnn.enabled)
+            torch.backends.mkldnn.enabled = False  # type: ignore[assignment]  # torch's switch, a descriptor
+        _generators += 1
+    try:
+        yield
+    finally:
+        with _switch:
+            _generators -= 1
+            if _generators == 0:
+                torch.backends.mkldnn.enabled = _saved  # type: ignore[assignment]
 
 
 class TooMany(Exception):
@@ -116,11 +148,12 @@ def run(job: Job, send: Callable[[str, dict], None]) -> str:
     """Stream a job through `send(event, data)`; return how it ended. An OSError from `send` (the client went
     away) ends it at once; the caller frees the slot."""
     send("start", {"seed": job.request.seed, "models": job.model_ids})
-    for step in job.pieces():
-        if job.stop.is_set():
-            break
-        send("piece", {"pieces": step})
-        job.sent += 1
+    with contextlib.closing(job.pieces()) as pieces:  # closed at once, also when `send` raises
+        for step in pieces:
+            if job.stop.is_set():
+                break
+            send("piece", {"pieces": step})
+            job.sent += 1
     reason = "stopped" if job.stop.is_set() else "finished"
     send("done", {"reason": reason})
     return reason

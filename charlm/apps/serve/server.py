@@ -51,6 +51,7 @@ import json
 import math
 import random
 import secrets
+import socket
 import sys
 import threading
 from collections.abc import Callable
@@ -70,6 +71,7 @@ PAGE_FILES = {
     "app.js": "text/javascript; charset=utf-8",
     "style.css": "text/css; charset=utf-8",
 }
+UNITS_KEPT = 64  # rankings of (model, layer, kind) kept; each is a short list
 CSP = "default-src 'self'; connect-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'"
 
 
@@ -346,6 +348,8 @@ class App:
         result = self._analysis(compute)
         with self._cache_lock:
             self._units[key] = result
+            while len(self._units) > UNITS_KEPT:
+                del self._units[next(iter(self._units))]
         return result
 
     def test_item(self, query: dict) -> dict:
@@ -571,6 +575,8 @@ class Server(ThreadingHTTPServer):
     allow_reuse_address = False  # a port in use is an error to report, never shared
 
     def __init__(self, address: tuple[str, int], app: App):
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
         super().__init__(address, Handler)
         self.app = app
         host, port = self.server_address[:2]
@@ -598,14 +604,11 @@ def make_server(
 ) -> Server:
     """Bind the server (not yet serving); a port in use is a CharlmError."""
     import errno
-    import socket
 
     from charlm.pipeline import artifact
 
     token = None if is_loopback(host) else secrets.token_urlsafe(24)
     app = App(files, artifact.pick_device(device, "--device"), limits, token)
-    if ":" in host:
-        Server.address_family = socket.AF_INET6
     try:
         return Server((host, port), app)
     except OSError as e:
