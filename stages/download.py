@@ -22,6 +22,7 @@ from tqdm import tqdm
 from charlm.base.errors import CharlmError, run_main
 from charlm.base.io import all_or_none, atomic_path
 from charlm.pipeline import params, paths
+from charlm.pipeline.sections.download import DownloadParams
 
 OUT = paths.RAW
 RETRYABLE_HTTP = {408, 425, 429, 500, 502, 503, 504}
@@ -29,7 +30,7 @@ CHUNK = 1 << 16
 
 
 def main() -> None:
-    p = params.load(params.DownloadParams)
+    p = params.load(DownloadParams)
     with all_or_none() as written:
         for split in ("train", "test"):
             src = getattr(p, split)

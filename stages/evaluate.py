@@ -20,12 +20,13 @@ from charlm.core.data import item_bounds, load_packed
 from charlm.core.scoring import score_items, score_items_dynamic
 from charlm.core.vocab import EOS_ID
 from charlm.pipeline import artifact, params, paths
+from charlm.pipeline.sections.evaluate import EvaluateParams
 
 OUT = paths.EVAL_METRICS
 
 
 def main() -> None:
-    p = params.load(params.EvaluateParams)
+    p = params.load(EvaluateParams)
     device = artifact.pick_device(p.device, "evaluate.device")
     model, vocab, info = artifact.load_model(paths.MODEL, device)
     packed = load_packed(paths.PACKED)

@@ -15,6 +15,7 @@ from charlm.base.errors import run_main
 from charlm.base.io import all_or_none, read_text, write_json, write_text
 from charlm.core.sampling import generate, known_word_share, words_in
 from charlm.pipeline import artifact, params, paths
+from charlm.pipeline.sections.generate import GenerateParams
 
 OUT_MD, OUT_JSON = paths.SAMPLES_MD, paths.SAMPLES_JSON
 OUT_METRICS = paths.GENERATE_METRICS
@@ -22,7 +23,7 @@ TRAIN_TEXT = paths.PREPARED / "train.txt"
 
 
 def main() -> None:
-    p = params.load(params.GenerateParams)
+    p = params.load(GenerateParams)
     device = artifact.pick_device(p.device, "generate.device")
     model, vocab, _ = artifact.load_model(paths.MODEL, device)
     with warnings.catch_warnings(record=True) as caught:

@@ -13,12 +13,13 @@ from charlm.base.io import atomic_dir, write_json, write_npy
 from charlm.core.data import FORMAT, count_windows, pack_file, sha256
 from charlm.core.vocab import Vocab
 from charlm.pipeline import params, paths
+from charlm.pipeline.sections.pack import PackParams
 
 PREPARED, OUT = paths.PREPARED, paths.PACKED
 
 
 def main() -> None:
-    p = params.load(params.PackParams)
+    p = params.load(PackParams)
     vocab = Vocab.load(paths.VOCAB)
     fix = "rerun `dvc repro prepare`"
     # The prepared text is read a chunk at a time and never held whole: memory is the encoded streams (a byte a

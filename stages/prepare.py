@@ -12,11 +12,12 @@ from charlm.base.errors import CharlmError, run_main
 from charlm.base.io import all_or_none, atomic_path
 from charlm.core import corpus
 from charlm.pipeline import params, paths
+from charlm.pipeline.sections.prepare import PrepareParams
 
 RAW, OUT = paths.RAW, paths.PREPARED
 
 
-def prepare(p: params.PrepareParams, split: str, out: Path) -> str:
+def prepare(p: PrepareParams, split: str, out: Path) -> str:
     """Stream one raw split into `out`, an item at a time (memory stays small next to the corpus); a summary."""
     path = RAW / f"{split}.csv"
     if not path.is_file():
@@ -40,7 +41,7 @@ def prepare(p: params.PrepareParams, split: str, out: Path) -> str:
 
 
 def main() -> None:
-    p = params.load(params.PrepareParams)
+    p = params.load(PrepareParams)
     # Read and check both splits before either output is replaced: each is written to a temp file, and both are
     # renamed only once both are complete, so a bad test split leaves no new train output behind. Each split is
     # written inside its own atomic_path only, so a full disk names the file that did not fit.

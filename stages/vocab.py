@@ -13,6 +13,7 @@ from charlm.base.errors import CharlmError, run_main
 from charlm.base.io import read_text_chunks
 from charlm.core.vocab import Vocab, count_chars
 from charlm.pipeline import params, paths
+from charlm.pipeline.sections.vocab import VocabParams
 
 PREPARED, OUT = paths.PREPARED, paths.VOCAB
 CHUNK = 1 << 18  # characters counted at a time: count_chars' temporaries are ~10 bytes a character
@@ -27,7 +28,7 @@ def count_file(split: str, fix: str) -> dict[str, int]:
 
 
 def main() -> None:
-    p = params.load(params.VocabParams)
+    p = params.load(VocabParams)
     fix = "rerun `dvc repro prepare`"
     counts = count_file("train", fix)
     if p.from_model:

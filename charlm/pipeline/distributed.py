@@ -10,18 +10,17 @@ import sys
 import torch
 
 from charlm.base.errors import CharlmError
-from charlm.pipeline import artifact, params
+from charlm.pipeline import artifact
 
 
-def relaunch_under_torchrun(module: str) -> None:
-    """With train.processes > 1, replace this process by torchrun running `python -m module` N times."""
-    tp = params.load(params.TrainParams)
-    if tp.processes > 1 and "WORLD_SIZE" not in os.environ:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={tp.processes}"]
+def relaunch_under_torchrun(module: str, processes: int) -> None:
+    """With processes > 1, replace this process by torchrun running `python -m module` that many times."""
+    if processes > 1 and "WORLD_SIZE" not in os.environ:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
         os.execv(sys.executable, [*cmd, "-m", module])
 
 
-def setup_processes(tp: params.TrainParams) -> tuple[int, int, torch.device]:
+def setup_processes(tp) -> tuple[int, int, torch.device]:
     """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) join the process group first."""
     device = artifact.pick_device(tp.device, "train.device")
     world = int(os.environ.get("WORLD_SIZE", "1"))
