@@ -39,7 +39,7 @@ def model_path(tmp_path_factory) -> Path:
     model = CharRNN(len(vocab), cell="lstm", hidden=32, layers=1, embedding=8)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(200):
-        loss = model.loss(x, y)
+        loss = model(x, targets=y)[0]
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -39,7 +39,7 @@ def test_forward_backward_shapes_and_finite_gradients(cell, embedding, layers, d
     for s in states(state, cell):
         assert s.shape == (layers, 4, 7)
 
-    model.loss(x, ids(4, 9, seed=1)).backward()
+    model(x, targets=ids(4, 9, seed=1))[0].backward()
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     assert trainable
     for name, p in trainable:
@@ -95,7 +95,7 @@ def test_loss_is_mean_cross_entropy_in_nats():
     x, y = ids(3, 6), ids(3, 6, seed=2)
     logits, _ = model(x)
     manual = -torch.log_softmax(logits, -1).gather(-1, y[..., None]).mean()
-    torch.testing.assert_close(model.loss(x, y), manual)
+    torch.testing.assert_close(model(x, targets=y)[0], manual)
 
 
 PROMPTS = [[EOS_ID, 5, 3, 9], [EOS_ID], [EOS_ID, 4, 4, 4, 4, 2, 7, 8, 10, 3], [EOS_ID, 6, 6], [EOS_ID, 9, 3, 5]]
@@ -190,13 +190,13 @@ def test_memorises_a_short_repeated_string(cell):
     torch.manual_seed(0)
     model = CharRNN(3 + len(chars), cell=cell, hidden=32, layers=1, embedding=8)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    first = model.loss(x, y).item()
+    first = model(x, targets=y)[0].item()
     for _ in range(120):
-        loss = model.loss(x, y)
+        loss = model(x, targets=y)[0]
         opt.zero_grad()
         loss.backward()
         opt.step()
-    final = model.loss(x, y).item()
+    final = model(x, targets=y)[0].item()
     assert first > 2.0
     # Only the first 'h' after <eos> is a real guess: the rest is determined by context.
     assert final < 0.05, f"{cell} failed to memorise: loss {first:.3f} -> {final:.4f}"
@@ -226,3 +226,22 @@ def test_gradcheck_float64(cell, embedding):
 
     inputs = tuple(dict(model.named_parameters())[n].detach().clone().requires_grad_() for n in names)
     assert torch.autograd.gradcheck(loss, inputs, eps=1e-6, atol=1e-5)
+
+
+def test_the_model_cell_choices_of_params_are_the_models_cells():
+    """The cell contract: a cell is added to CELLS alone, and params.yaml's choices and comment follow it."""
+    import dataclasses
+    from pathlib import Path
+
+    from charlm.core.model import CELLS
+    from charlm.pipeline.sections.model import ModelParams
+
+    cell = next(f for f in dataclasses.fields(ModelParams) if f.name == "cell")
+    assert tuple(cell.metadata["choices"]) == tuple(CELLS)
+    shipped = (Path(__file__).resolve().parent.parent / "params.yaml").read_text(encoding="utf-8")
+    line = next(line for line in shipped.splitlines() if line.strip().startswith("cell:"))
+    assert line.split("#", 1)[1].split() == " | ".join(CELLS).split(), line
+    for name in CELLS:
+        model = CharRNN(5, cell=name, hidden=3, layers=2, embedding=2)
+        assert isinstance(model.rnn, torch.nn.RNNBase) and hasattr(model.rnn, "dropout")
+        assert all(hasattr(model.rnn, f"{w}_l1") for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))

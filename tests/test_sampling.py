@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from charlm.core.model import CharRNN
-from charlm.core.sampling import (encode_prompt, generate, generated_words, known_word_share, sample,
+from charlm.core.sampling import (encode_prompt, generate, generated_words, known_word_share, Sampler,
                              few_rows_backend, token_steps, words_in)
 from charlm.core.vocab import EOS_ID, PAD_ID, UNK_ID, Vocab
 
@@ -37,7 +37,7 @@ def draws(logits: torch.Tensor, n: int, temperature: float = 1.0, **kw) -> torch
     """n draws for every row: (n, rows)."""
     gen = torch.Generator().manual_seed(1)
     temps = torch.full((logits.size(0),), temperature)
-    return torch.stack([sample(logits, temps, generator=gen, **kw) for _ in range(n)])
+    return torch.stack([Sampler(temps, generator=gen, **kw)(logits) for _ in range(n)])
 
 
 def tokens(model, prompts, temperatures, length, **kw) -> list[list[int | None]]:
@@ -49,12 +49,12 @@ def valid(out: torch.Tensor) -> bool:
     return bool(((out >= 0) & (out < V) & (out != PAD_ID) & (out != UNK_ID)).all())
 
 
-# --------------------------------------------------------------------------- sample()
+# --------------------------------------------------------------------------- Sampler
 
 
 def test_tiny_temperature_equals_greedy():
     logits = random_logits(64, seed=0)
-    greedy = sample(logits, torch.zeros(64))
+    greedy = Sampler(torch.zeros(64))(logits)
     assert torch.equal(greedy, logits.index_fill(-1, torch.tensor([PAD_ID, UNK_ID]), -math.inf).argmax(-1))
     for t in (1e-4, 1e-6):
         assert torch.equal(draws(logits, 20, temperature=t), greedy.expand(20, -1))
@@ -73,8 +73,8 @@ def test_draws_follow_the_tempered_distribution(temperature, filters):
     top-k / top-p keep, within 4.5 standard errors (a fixed seed: the test cannot flake)."""
     logits = random_logits(1, seed=11, scale=1.5)
     n = 20_000
-    out = sample(logits.expand(n, -1), torch.full((n,), temperature), generator=torch.Generator().manual_seed(2),
-                 **filters)
+    out = Sampler(torch.full((n,), temperature), generator=torch.Generator().manual_seed(2),
+                  **filters)(logits.expand(n, -1))
     expected = torch.softmax(logits[0].double().index_fill(-1, torch.tensor([PAD_ID, UNK_ID]), -math.inf)
                              / temperature, -1)
     if "top_k" in filters:
@@ -175,7 +175,7 @@ def test_temperature_per_row():
     out = draws(logits, 300, temperature=1.0)
     temps = torch.tensor([0.0, 1.0])
     gen = torch.Generator().manual_seed(0)
-    mixed = torch.stack([sample(logits, temps, generator=gen) for _ in range(300)])
+    mixed = torch.stack([Sampler(temps, generator=gen)(logits) for _ in range(300)])
     assert len(set(mixed[:, 0].tolist())) == 1  # the greedy row
     assert len(set(mixed[:, 1].tolist())) > 3 and len(set(out[:, 1].tolist())) > 3
 

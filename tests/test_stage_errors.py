@@ -173,7 +173,7 @@ def test_pack_accepts_a_validation_split_shorter_than_a_window(project):
     project.stage("pack")
     packed = load_packed(project.path / "data" / "packed")
     assert packed.meta["splits"]["val"] == {**packed.meta["splits"]["val"], "items": 1, "windows": 0}
-    model = CharRNN(packed.meta["vocab_size"], hidden=8, layers=1, embedding=4)
+    model = CharRNN(packed.meta["vocab_size"], cell="lstm", hidden=8, layers=1, embedding=4)
     assert 0 < stream_bpc(model, packed.streams["val"], 4, "cpu") < 16
 
 

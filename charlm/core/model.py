@@ -9,20 +9,24 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_sequence
 
+# The cell contract. Every cell here is an nn.RNNBase, and CharRNN relies on all of it:
+# - constructed as Cell(input_width, hidden, layers, batch_first=True, dropout=p);
+# - it accepts a PackedSequence (`prime` runs prompts of different lengths in one batch);
+# - its weights are named weight_ih_l{i}, weight_hh_l{i}, bias_ih_l{i}, bias_hh_l{i} (`stepper`, and the
+#   playground's unit activations in core/inspection.py);
+# - it has a `dropout` attribute (scoring switches it off for dynamic evaluation);
+# - its state is one tensor (layers, batch, hidden), or for an LSTM a tuple (h, c) of two such tensors.
+# A cell that meets the contract is added here and nowhere else: the `model.cell` choices of params.yaml are
+# these keys (charlm/pipeline/sections/model.py), which tests/test_model.py checks.
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 IGNORE = -100  # a target that is not scored (padding after an item's end)
 
 
 class CharRNN(nn.Module):
-    def __init__(
-        self,
-        vocab_size: int,
-        cell: str = "lstm",
-        hidden: int = 256,
-        layers: int = 2,
-        dropout: float = 0.0,
-        embedding: int = 32,
-    ):
+    """Embedding (or one-hot) -> stacked recurrent cells -> linear head. The shape comes from the `model` params
+    section (no defaults here: params.yaml holds them); dropout 0 means off."""
+
+    def __init__(self, vocab_size: int, *, cell: str, hidden: int, layers: int, embedding: int, dropout: float = 0.0):
         super().__init__()
         self.config = dict(
             vocab_size=vocab_size, cell=cell, hidden=hidden, layers=layers, dropout=dropout, embedding=embedding
@@ -50,10 +54,6 @@ class CharRNN(nn.Module):
             return logits, state
         flat = logits.reshape(-1, logits.size(-1)).float()  # the softmax in fp32, also under autocast
         return F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE, reduction=reduction), state
-
-    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy in nats per character."""
-        return self(x, targets=y)[0]
 
     @torch.no_grad()
     def prime(self, prompts: list[list[int]]):

@@ -69,17 +69,6 @@ class Sampler:
         return torch.where(self.drawn_rows, drawn, logits.argmax(-1)) if self.any_greedy else drawn
 
 
-def sample(
-    logits: torch.Tensor,
-    temperature: torch.Tensor,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Draw one token per row. logits (batch, vocab), temperature (batch,): 0 means argmax."""
-    return Sampler(temperature, top_k, top_p, generator)(logits)
-
-
 def encode_prompt(vocab: Vocab, prompt: str) -> list[int]:
     """<eos> then the prompt: generation starts where an item starts. Unseen characters become <unk>."""
     unseen = vocab.unknown(prompt)
