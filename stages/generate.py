@@ -12,7 +12,7 @@ from __future__ import annotations
 import warnings
 
 from charlm.base.errors import run_main
-from charlm.base.io import all_or_none, read_text, write_json, write_text
+from charlm.base.io import all_or_none, markdown_cell, read_text, write_json, write_text
 from charlm.core.sampling import generate, known_word_share, words_in
 from charlm.pipeline import artifact, params, paths
 from charlm.pipeline.sections.generate import GenerateParams
@@ -76,13 +76,10 @@ def main() -> None:
 def to_markdown(records: list[dict]) -> str:
     """One table per prompt: a row per temperature."""
 
-    def cell(text: str) -> str:
-        return text.replace("|", "\\|").replace("\n", " ⏎ ")
-
     out = ["# Samples\n"]
     for prompt in dict.fromkeys(r["prompt"] for r in records):
         out += [f"\n## {prompt!r}\n", "| T | sample |", "|---|---|"]
-        out += [f"| {r['temperature']:g} | {cell(r['text'])} |" for r in records if r["prompt"] == prompt]
+        out += [f"| {r['temperature']:g} | {markdown_cell(r['text'])} |" for r in records if r["prompt"] == prompt]
     return "\n".join(out) + "\n"
 
 

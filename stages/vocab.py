@@ -27,46 +27,53 @@ def count_file(split: str, fix: str) -> dict[str, int]:
     return {c: total[c] for c in sorted(total, key=ord)}
 
 
+def outside(counts: dict[str, int], vocab: Vocab) -> dict[str, int]:
+    """The counts of the characters that `vocab` reads as <unk> (the item separator is not a character)."""
+    return {c: n for c, n in counts.items() if c != "\n" and c not in vocab.itos}
+
+
 def main() -> None:
-    p = params.load(VocabParams)
+    config = params.load(VocabParams)
     fix = "rerun `dvc repro prepare`"
     counts = count_file("train", fix)
-    if p.from_model:
+    if config.from_model:
         from charlm.pipeline import artifact  # imports torch: only when a model is asked for
 
-        _, vocab, _ = artifact.load_model(p.from_model, fix="copy a charlm model there or set vocab.from_model: null")
+        _, vocab, _ = artifact.load_model(
+            config.from_model, fix="copy a charlm model there or set vocab.from_model: null"
+        )
     else:
-        vocab = Vocab.build(counts, p.min_count)
+        vocab = Vocab.build(counts, config.min_count)
     if not vocab.chars:
         raise CharlmError(
-            f"no character occurs vocab.min_count={p.min_count} times in the train split; lower vocab.min_count"
+            f"no character occurs vocab.min_count={config.min_count} times in the train split; lower vocab.min_count"
         )
     test_counts = count_file("test", fix)
-    test_chars = sum(n for c, n in test_counts.items() if c != "\n")
-    test_unk = sum(n for c, n in test_counts.items() if c != "\n" and c not in vocab.itos)
-    train_chars = sum(n for c, n in counts.items() if c != "\n")
+    train_unseen, test_unseen = outside(counts, vocab), outside(test_counts, vocab)
+    test_chars = sum(test_counts.values()) - test_counts.get("\n", 0)
+    test_unk = sum(test_unseen.values())
     stats = {
-        "min_count": p.min_count,
+        "min_count": config.min_count,
         "train_items": counts.get("\n", 0),
-        "train_chars": train_chars,
-        "from_model": p.from_model,
-        "train_unk_chars": sum(n for c, n in counts.items() if c != "\n" and c not in vocab.itos),
+        "train_chars": sum(counts.values()) - counts.get("\n", 0),
+        "from_model": config.from_model,
+        "train_unk_chars": sum(train_unseen.values()),
         "test_chars": test_chars,
         "test_unk_chars": test_unk,
         "test_unk_rate": round(test_unk / max(test_chars, 1), 8),
-        "test_unseen": sorted({c for c in test_counts if c != "\n" and c not in vocab.itos}, key=ord),
+        "test_unseen": sorted(test_unseen, key=ord),
     }
     vocab.save(OUT, counts, stats)
-    source = f" from {p.from_model}" if p.from_model else ""
+    source = f" from {config.from_model}" if config.from_model else ""
     print(
         f"vocab: {len(vocab)} symbols ({len(vocab.chars)} characters + 3 specials){source}, "
         f"test <unk> rate {stats['test_unk_rate']:.5%}"
     )
-    if p.from_model and stats["train_unk_chars"]:
-        unseen = sorted({c for c in counts if c != "\n" and c not in vocab.itos}, key=ord)
+    if config.from_model and train_unseen:
+        listed = "".join(sorted(train_unseen, key=ord))[:40]
         print(
-            f"vocab: warning: {stats['train_unk_chars']:,} train characters ({''.join(unseen)[:40]!r}) are not in "
-            f"{p.from_model}'s vocabulary and are read as <unk>"
+            f"vocab: warning: {stats['train_unk_chars']:,} train characters ({listed!r}) are not in "
+            f"{config.from_model}'s vocabulary and are read as <unk>"
         )
 
 

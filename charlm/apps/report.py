@@ -16,7 +16,7 @@ import subprocess
 from pathlib import Path
 
 from charlm.base.errors import CharlmError
-from charlm.base.io import write_text
+from charlm.base.io import markdown_cell, write_text
 
 SAMPLES_JSON = "reports/samples.json"
 
@@ -85,9 +85,9 @@ def compare_samples(revisions: list[str]) -> str:
     columns = {rev: read_samples(None if rev == "workspace" else rev) for rev in revisions}
     keys = list(dict.fromkeys(k for samples in columns.values() for k in samples))
 
-    def cell(text: str | None) -> str:
-        return "" if text is None else text.replace("|", "\\|").replace("\n", " ⏎ ")
-
     lines = ["| sample | " + " | ".join(revisions) + " |", "|---" * (len(revisions) + 1) + "|"]
-    lines += [f"| {cell(k)} | " + " | ".join(cell(columns[r].get(k)) for r in revisions) + " |" for k in keys]
+    lines += [
+        f"| {markdown_cell(k)} | " + " | ".join(markdown_cell(columns[r].get(k)) for r in revisions) + " |"
+        for k in keys
+    ]
     return "\n".join(lines) + "\n"

@@ -138,6 +138,11 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def markdown_cell(text: str | None) -> str:
+    """Text as one cell of a Markdown table: pipes escaped, line breaks shown as ⏎ (a cell is one line)."""
+    return "" if text is None else text.replace("|", "\\|").replace("\n", " ⏎ ")
+
+
 def write_json(path: str | os.PathLike, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
