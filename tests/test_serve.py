@@ -517,3 +517,11 @@ def test_the_default_host_is_loopback_without_a_token(in_plain):
     args = build_parser().parse_args(["serve"])
     assert (args.host, args.port, args.model) == ("127.0.0.1", 8000, [])
     assert in_plain.server.server_address[0] == "127.0.0.1" and in_plain.app.token is None
+
+
+def test_requests_the_base_server_refuses_are_answered_in_json(in_plain):
+    s = in_plain
+    status, resp, out = s.request("PUT", "/api/models", {})
+    assert status == 501 and resp.getheader("Content-Type") == "application/json" and out["error"]
+    status, resp, out = s.request("DELETE", "/api/models")
+    assert status == 501 and resp.getheader("X-Content-Type-Options") == "nosniff" and "DELETE" in out["error"]

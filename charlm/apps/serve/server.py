@@ -56,6 +56,7 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -421,6 +422,10 @@ class Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(data)
 
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        # The base class answers a bad request line, an unknown method or oversized headers with an HTML page.
+        self._error(code, message or HTTPStatus(code).phrase)
+
     def _error(self, status: int, message: str) -> None:
         self.close_connection = True
         self._json(status, {"error": _one_line(message)})
@@ -587,6 +592,8 @@ class Server(ThreadingHTTPServer):
         else:
             shown = f"[{address[0]}]" if ":" in address[0] else address[0]
             app.allowed_hosts = {f"{shown.lower()}:{port}"}
+        if port == 80:  # a browser leaves the default port out of Host and Origin
+            app.allowed_hosts |= {h.rsplit(":", 1)[0] for h in app.allowed_hosts}
 
     def url(self) -> str:
         host, port = str(self.server_address[0]), self.server_address[1]
