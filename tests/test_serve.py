@@ -316,6 +316,8 @@ def test_score_limits_and_unknown_models(in_plain):
 
 def test_host_and_origin_headers_are_checked(in_plain):
     s = in_plain
+    status, _, out = s.post("/api/generate", {"models": ["file:0"]}, headers={"Content-Type": "text/plain"})
+    assert status == 415 and "application/json" in out["error"]
     status, _, out = s.get("/api/models", headers={"Host": f"evil.example:{s.port}"})
     assert status == 403 and "Host" in out["error"]
     status, _, out = s.get("/api/models", headers={"Host": f"localhost:{s.port}"})

@@ -3,7 +3,8 @@
 Python's ThreadingHTTPServer and Server-Sent Events; no other runtime dependency. The maths lives in
 `charlm.core.sampling` and `charlm.core.inspection`, the list of models in `charlm.pipeline.experiments`.
 
-HTTP API (all JSON; an error is 4xx with {"error": "<one line>"}, and the server keeps serving):
+HTTP API (all JSON; an error is 4xx with {"error": "<one line>"}, and the server keeps serving). A POST body is
+sent as Content-Type: application/json (else 415), at most 1 MB (else 413).
 
 When the server has a token (a non-loopback --host), every request carries `?token=<t>`, `/` and `/page/*` too.
 
@@ -453,6 +454,9 @@ class Handler(BaseHTTPRequestHandler):
         return url.path, query
 
     def _body(self) -> dict:
+        # A cross-site page can send text/plain or a form without asking first; application/json it cannot.
+        if self.headers.get_content_type() != "application/json":
+            raise HTTPError(415, "a request body must be sent as Content-Type: application/json")
         length_text = self.headers.get("Content-Length")
         if self.headers.get("Transfer-Encoding") is not None or length_text is None:
             raise HTTPError(411, "a request body needs a Content-Length (chunked bodies are not read)")
@@ -577,6 +581,7 @@ def _bad_constant(name: str) -> Any:
 
 class Server(ThreadingHTTPServer):
     daemon_threads = True  # a stream still open at Ctrl-C must not keep the process alive
+    request_queue_size = 64  # the default backlog of 5 would refuse a burst of page loads and streams
     allow_reuse_address = False  # a port in use is an error to report, never shared
 
     def __init__(self, address: tuple[str, int], app: App):
