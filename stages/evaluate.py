@@ -26,8 +26,8 @@ OUT = paths.EVAL_METRICS
 
 
 def main() -> None:
-    p = params.load(EvaluateParams)
-    device = artifact.pick_device(p.device, "evaluate.device")
+    config = params.load(EvaluateParams)
+    device = artifact.pick_device(config.device, "evaluate.device")
     model, vocab, info = artifact.load_model(paths.MODEL, device)
     packed = load_packed(paths.PACKED)
     if packed.meta["vocab_size"] != len(vocab):
@@ -40,7 +40,7 @@ def main() -> None:
     if len(starts) == 0:
         raise CharlmError("the test split has no items; check download.test.url")
     t0 = time.perf_counter()
-    nats, chars, unk = score_items(model, np.asarray(stream), starts, lengths, p.batch_size, device)
+    nats, chars, unk = score_items(model, np.asarray(stream), starts, lengths, config.batch_size, device)
     seconds = time.perf_counter() - t0
     metrics = {
         "test_bpc": round(nats / chars / math.log(2), 6),
@@ -50,8 +50,8 @@ def main() -> None:
         "unk_rate": round(unk / chars, 8),
         "eval_chars_per_s": round(chars / seconds, 1),
     }
-    if p.dynamic_lr > 0:
-        nats, _ = score_items_dynamic(model, np.asarray(stream), starts, lengths, p.dynamic_lr, device)
+    if config.dynamic_lr > 0:
+        nats, _ = score_items_dynamic(model, np.asarray(stream), starts, lengths, config.dynamic_lr, device)
         metrics["test_bpc_dynamic"] = round(nats / chars / math.log(2), 6)
     write_json(OUT, metrics)
     dynamic = f" ({metrics['test_bpc_dynamic']:.4f} dynamic)" if "test_bpc_dynamic" in metrics else ""

@@ -23,27 +23,27 @@ TRAIN_TEXT = paths.PREPARED / "train.txt"
 
 
 def main() -> None:
-    p = params.load(GenerateParams)
-    device = artifact.pick_device(p.device, "generate.device")
+    config = params.load(GenerateParams)
+    device = artifact.pick_device(config.device, "generate.device")
     model, vocab, _ = artifact.load_model(paths.MODEL, device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         records = generate(
             model,
             vocab,
-            p.prompts,
-            p.temperatures,
-            p.length,
-            top_k=p.top_k,
-            top_p=p.top_p,
-            seed=p.seed,
-            stop_at_eos=p.stop_at_eos,
+            config.prompts,
+            config.temperatures,
+            config.length,
+            top_k=config.top_k,
+            top_p=config.top_p,
+            seed=config.seed,
+            stop_at_eos=config.stop_at_eos,
         )
     for w in caught:
         print(f"generate: warning: {w.message}")
     known = words_in(read_text(TRAIN_TEXT, "prepared train split", "rerun `dvc repro prepare`").splitlines())
     metrics: dict[str, dict] = {"known_words": {}, "generated_words": {}}
-    for t in p.temperatures:
+    for t in config.temperatures:
         share, n = known_word_share([r for r in records if r["temperature"] == t], known)
         metrics["known_words"][f"T={t:g}"] = None if share is None else round(share, 4)
         metrics["generated_words"][f"T={t:g}"] = n
@@ -52,11 +52,11 @@ def main() -> None:
             OUT_JSON,
             {
                 "settings": {
-                    "length": p.length,
-                    "top_k": p.top_k,
-                    "top_p": p.top_p,
-                    "seed": p.seed,
-                    "stop_at_eos": p.stop_at_eos,
+                    "length": config.length,
+                    "top_k": config.top_k,
+                    "top_p": config.top_p,
+                    "seed": config.seed,
+                    "stop_at_eos": config.stop_at_eos,
                 },
                 "samples": {f"{r['prompt']!r} @ T={r['temperature']:g}": r["text"] for r in records},
             },

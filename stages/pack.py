@@ -19,12 +19,12 @@ PREPARED, OUT = paths.PREPARED, paths.PACKED
 
 
 def main() -> None:
-    p = params.load(PackParams)
+    config = params.load(PackParams)
     vocab = Vocab.load(paths.VOCAB)
     fix = "rerun `dvc repro prepare`"
     # The prepared text is read a chunk at a time and never held whole: memory is the encoded streams (a byte a
     # character for up to 256 symbols), plus temporaries of a chunk or O(items) (see charlm/core/data.py).
-    train, val = pack_file(vocab, PREPARED / "train.txt", "prepared train split", fix, p.val_fraction, p.seed)
+    train, val = pack_file(vocab, PREPARED / "train.txt", "prepared train split", fix, config.val_fraction, config.seed)
     test, _ = pack_file(vocab, PREPARED / "test.txt", "prepared test split", fix)
     streams, splits = {}, {}
     for split, (stream, items) in {"train": train, "val": val, "test": test}.items():
@@ -32,26 +32,26 @@ def main() -> None:
         splits[split] = {
             "items": items,
             "tokens": int(len(stream)),
-            "windows": count_windows(stream, p.seq_len, p.align),
+            "windows": count_windows(stream, config.seq_len, config.align),
             "sha256": sha256(stream),
         }
     # Check everything before writing anything, so a failed pack leaves no partial output.
     if splits["train"]["windows"] == 0:
         raise CharlmError(
             f"the train split has {splits['train']['tokens']} tokens, too few for one window of "
-            f"pack.seq_len={p.seq_len}; lower pack.seq_len or use a larger corpus"
+            f"pack.seq_len={config.seq_len}; lower pack.seq_len or use a larger corpus"
         )
-    if p.val_fraction > 0 and splits["val"]["items"] == 0:
+    if config.val_fraction > 0 and splits["val"]["items"] == 0:
         raise CharlmError(
-            f"pack.val_fraction={p.val_fraction} of {splits['train']['items']} train item(s) holds "
+            f"pack.val_fraction={config.val_fraction} of {splits['train']['items']} train item(s) holds "
             f"out no item; use a corpus of more items, or set pack.val_fraction: 0"
         )
     meta = {
         "format": FORMAT,
-        "seq_len": p.seq_len,
-        "align": p.align,
-        "seed": p.seed,
-        "val_fraction": p.val_fraction,
+        "seq_len": config.seq_len,
+        "align": config.align,
+        "seed": config.seed,
+        "val_fraction": config.val_fraction,
         "vocab_size": len(vocab),
         "dtype": vocab.dtype.name,
         "splits": splits,

@@ -17,15 +17,15 @@ from charlm.pipeline.sections.prepare import PrepareParams
 RAW, OUT = paths.RAW, paths.PREPARED
 
 
-def prepare(p: PrepareParams, split: str, out: Path) -> str:
+def prepare(config: PrepareParams, split: str, out: Path) -> str:
     """Stream one raw split into `out`, an item at a time (memory stays small next to the corpus); a summary."""
     path = RAW / f"{split}.csv"
     if not path.is_file():
         raise CharlmError(f"{path}: not found; run the download stage (`dvc repro download`) first")
-    if p.format == "ag_news":
-        items = corpus.ag_news_items(path, p.fields, p.clean, p.separator)
+    if config.format == "ag_news":
+        items = corpus.ag_news_items(path, config.fields, config.clean, config.separator)
     else:
-        items = corpus.line_items(path, p.clean)
+        items = corpus.line_items(path, config.clean)
     kept = dropped = chars = 0
     with open(out, "w", encoding="utf-8") as f:
         for item in items:
@@ -41,15 +41,15 @@ def prepare(p: PrepareParams, split: str, out: Path) -> str:
 
 
 def main() -> None:
-    p = params.load(PrepareParams)
+    config = params.load(PrepareParams)
     # Read and check both splits before either output is replaced: each is written to a temp file, and both are
     # renamed only once both are complete, so a bad test split leaves no new train output behind. Each split is
     # written inside its own atomic_path only, so a full disk names the file that did not fit.
     with all_or_none() as written:
         with atomic_path(OUT / "train.txt") as train:
-            done = [prepare(p, "train", train)]
+            done = [prepare(config, "train", train)]
             with atomic_path(OUT / "test.txt") as test:
-                done.append(prepare(p, "test", test))
+                done.append(prepare(config, "test", test))
             written.append(OUT / "test.txt")  # renamed: removed again if renaming train fails
         written.append(OUT / "train.txt")
     print("\n".join(done))

@@ -152,7 +152,7 @@ def line_items(path: Path, clean_text: bool) -> Iterator[str]:
 
 def normalise_space(line: str) -> str:
     """`_SPACE.sub(" ", line).strip()`, a megabyte at a time (cut at whitespace): one regex pass over a 50 MB
-    line holds millions of temporary strings at once, 17x the line in memory and 16 s."""
+    line holds millions of temporary strings at once, many times the line in memory."""
     if len(line) <= _CHUNK:
         return " ".join(line.split())
     pieces, start = [], 0

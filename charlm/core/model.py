@@ -79,9 +79,9 @@ class CharRNN(nn.Module):
         """`step` for generating with the weights as they are now: a function (token, state) -> (logits, state).
 
         An LSTM in eval mode on a CPU gets its cell written out, which is faster per character at few streams
-        (BENCHMARKS.md, section 4c): layer 0's input projection is folded into the embedding table, so it is a
+        (BENCHMARKS.md, generation section): layer 0's input projection is folded into the embedding table, so it is a
         row lookup, and nn.LSTM's per-call set-up goes. Elsewhere (GRU, RNN, training mode with dropout, and
-        CUDA, where cuDNN's step was faster at 5 of 6 sizes measured on an H100) this is `step` itself. The
+        CUDA, where cuDNN's fused step is the faster one, BENCHMARKS.md) this is `step` itself. The
         weights are read once: call it again after they change.
         """
         if self.config["cell"] != "lstm" or self.training or self.head.weight.device.type != "cpu":

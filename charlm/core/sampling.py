@@ -81,11 +81,11 @@ def encode_prompt(vocab: Vocab, prompt: str) -> list[int]:
     return [EOS_ID] + vocab.ids(prompt)
 
 
-# Up to this many CPU streams, one-character steps of a few rows are dominated by per-call overhead: an LSTM steps
-# through its written-out cell (CharRNN.stepper), and nn's other cells and priming run with oneDNN off. Above it, an
-# LSTM steps through nn.LSTM with oneDNN on, as before. BENCHMARKS.md 4c: at one stream the written-out step is
-# 1.6-3.3x nn.LSTM's best; at 64 neither is consistently faster (0.83-1.33x over two runs). 4b: for a GRU, oneDNN
-# on and off are within 0.93-1.28x of each other at every size, so the switch hardly matters there.
+# Up to this many CPU rows (samples generated at once), one-character steps are dominated by per-call
+# overhead: an LSTM steps through its written-out cell (CharRNN.stepper), and nn's other cells and priming run
+# with oneDNN off. Above it, an LSTM steps through nn.LSTM with oneDNN on. The crossover was measured
+# (BENCHMARKS.md, generation section): the written-out step wins at few rows and neither wins clearly at many;
+# for a GRU the switch hardly matters.
 FEW_ROWS = 32
 
 

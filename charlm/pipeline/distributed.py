@@ -20,17 +20,17 @@ def relaunch_under_torchrun(module: str, processes: int) -> None:
         os.execv(sys.executable, [*cmd, "-m", module])
 
 
-def setup_processes(tp) -> tuple[int, int, torch.device]:
+def setup_processes(train_params) -> tuple[int, int, torch.device]:
     """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) join the process group first."""
-    device = artifact.pick_device(tp.device, "train.device")
+    device = artifact.pick_device(train_params.device, "train.device")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, device
     rank = int(os.environ["RANK"])
     die_with_parent()
-    if tp.batch_size % world:
+    if train_params.batch_size % world:
         raise CharlmError(
-            f"train.batch_size={tp.batch_size} is the global batch and must divide evenly over "
+            f"train.batch_size={train_params.batch_size} is the global batch and must divide evenly over "
             f"{world} processes; pick a multiple of {world}"
         )
     if device.type == "cuda":

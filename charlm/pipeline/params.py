@@ -120,32 +120,32 @@ def parse(prefix: str, data, cls):
     return obj
 
 
-def _convert(key: str, value, tp, rules):
-    if dataclasses.is_dataclass(tp):
-        return parse(key, value, tp)
-    origin = typing.get_origin(tp)
+def _convert(key: str, value, declared, rules):
+    if dataclasses.is_dataclass(declared):
+        return parse(key, value, declared)
+    origin = typing.get_origin(declared)
     if origin in (types.UnionType, typing.Union):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        args = [a for a in typing.get_args(declared) if a is not type(None)]
         return None if value is None else _convert(key, value, args[0], rules)
     if origin is list:
-        (item_tp,) = typing.get_args(tp)
+        (item_type,) = typing.get_args(declared)
         if not isinstance(value, list):
-            fail(key, value, f"a list of {_type_word(item_tp)}s")
+            fail(key, value, f"a list of {_type_word(item_type)}s")
         item_rules = rules.get("items") or {}
-        return [_convert(f"{key}[{i}]", v, item_tp, item_rules) for i, v in enumerate(value)]
-    return _check_range(key, _scalar(key, value, tp), rules)
+        return [_convert(f"{key}[{i}]", v, item_type, item_rules) for i, v in enumerate(value)]
+    return _check_range(key, _scalar(key, value, declared), rules)
 
 
-def _scalar(key, value, tp):
-    if tp is bool:
+def _scalar(key, value, declared):
+    if declared is bool:
         if not isinstance(value, bool):
             fail(key, value, "true or false")
         return value
-    if tp is int:
+    if declared is int:
         if isinstance(value, bool) or not isinstance(value, int):
             fail(key, value, "an integer")
         return value
-    if tp is float:
+    if declared is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             fail(key, value, "a number")
         try:
@@ -155,11 +155,11 @@ def _scalar(key, value, tp):
         if not finite:
             fail(key, value, "a finite number")
         return float(value)
-    if tp is str:
+    if declared is str:
         if not isinstance(value, str):
             fail(key, value, "a string (quote it)")
         return value
-    raise TypeError(f"unsupported param type {tp}")
+    raise TypeError(f"unsupported param type {declared}")
 
 
 def _check_range(key, value, rules):
@@ -201,5 +201,5 @@ def _type_name(value) -> str:
     }.get(type(value), type(value).__name__)
 
 
-def _type_word(tp) -> str:
-    return {bool: "boolean", int: "integer", float: "number", str: "string"}.get(tp, str(tp))
+def _type_word(declared) -> str:
+    return {bool: "boolean", int: "integer", float: "number", str: "string"}.get(declared, str(declared))
