@@ -94,12 +94,13 @@ function fmt(x, digits = 4) {
 }
 
 function differingParams(models) {
+  // Params come as the ones that differ from the workspace's; show the keys on which the models that have any
+  // disagree (all of them when only one model has params).
+  const withParams = models.filter((m) => m.params && Object.keys(m.params).length);
   const keys = new Set();
-  for (const m of models) for (const k of Object.keys(m.params || {})) keys.add(k);
-  return [...keys].sort().filter((k) => {
-    const values = new Set(models.map((m) => JSON.stringify((m.params || {})[k])));
-    return values.size > 1;
-  });
+  for (const m of withParams) for (const k of Object.keys(m.params)) keys.add(k);
+  return [...keys].sort().filter((k) => withParams.length < 2
+    || new Set(withParams.map((m) => JSON.stringify(m.params[k]))).size > 1);
 }
 
 async function loadModels(refresh) {
@@ -572,10 +573,13 @@ function drawCurves(curves) {
   if (vals.length) y1 = Math.min(y1, Math.max(...vals) + 0.6 * (Math.max(...vals) - Math.min(...vals) + 0.5));
   if (x1 === x0) x1 = x0 + 1;
   if (y1 === y0) { y0 -= 0.5; y1 += 0.5; }
-  const yt = niceTicks(y0, y1, 6);
-  y0 = Math.min(y0, yt[0]);
+  let yt = niceTicks(y0, y1, 6);
+  const ystep = yt.length > 1 ? yt[1] - yt[0] : (y1 - y0);
+  y0 = Math.floor(y0 / ystep + 1e-9) * ystep;  // the axis starts and ends on a tick
+  y1 = Math.ceil(y1 / ystep - 1e-9) * ystep;
+  yt = niceTicks(y0, y1, 6);
   const sx = (s) => L + (s - x0) / (x1 - x0) * (W - L - R);
-  const sy = (v) => T + (1 - (Math.min(v, y1) - y0) / (y1 - y0)) * (H - T - B);
+  const sy = (v) => T + (1 - (v - y0) / (y1 - y0)) * (H - T - B);  // above y1: cut off by the clip path
   const root = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": "bits per character against training step" });
   root.append(svg("title", {}, "Learning curves: train (dashed) and validation (solid) bits per character"));
   const axis = svg("g", { class: "axis" });
@@ -606,7 +610,7 @@ function drawCurves(curves) {
       if (!points.length) continue;
       const d = points.map(([s, v], j) => `${j ? "L" : "M"}${sx(s).toFixed(1)},${sy(v).toFixed(1)}`).join("");
       root.append(svg("path", { class: "series " + kind, d, stroke: colour, "clip-path": "url(#plot-area)" }));
-      if (kind === "val") for (const [s, v] of points) root.append(svg("circle", { cx: sx(s), cy: sy(v), r: 2.5, fill: colour }));
+      if (kind === "val") for (const [s, v] of points) if (v <= y1) root.append(svg("circle", { cx: sx(s), cy: sy(v), r: 2.5, fill: colour }));
       legend.append(svg("line", { class: "series " + kind, x1: W - R + 14, x2: W - R + 38, y1: ly, y2: ly, stroke: colour }));
       const last = points[points.length - 1][1];
       legend.append(svg("text", { x: W - R + 44, y: ly + 4 }, `${c.label || c.id} ${kind} ${last.toFixed(3)}`));
