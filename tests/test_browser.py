@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -244,7 +245,20 @@ def test_an_unknown_revision_shows_its_error(page, models):
     assert "\n" not in alert.text_content().strip()
 
 
-def test_a_fifth_model_is_refused(page, models):
+def test_a_missing_test_item_shows_the_servers_error(page, server):
+    page.click("#test-item")
+    alert = page.get_by_role("alert")
+    alert.wait_for()
+    with pytest.raises(urllib.error.HTTPError) as err:
+        api(server, "/api/test-item")
+    assert alert.text_content() == json.load(err.value)["error"]
+
+
+def test_models_table_shows_the_hint_and_refuses_a_fifth_model(page, server, models):
+    hint = api(server, "/api/models")["hint"]
+    if hint:
+        assert page.text_content("#models-hint") == hint and page.is_visible("#models-hint")
+    assert page.locator("#models-table tbody tr").count() == len(MODELS)
     choose(page, models, "small", "gru", "m3", "m4")
     box = page.get_by_label("use " + models["big"]["label"], exact=True)
     box.click()
