@@ -226,6 +226,12 @@ def test_read_bits_per_character_equal_the_api_and_the_protocol(page, server, mo
     tip = page.text_content("#read-tip")
     assert "position 2" in tip and "rank" in tip and "%" in tip
     assert page.evaluate("document.activeElement.dataset.index") == "1"
+    page.keyboard.press("ArrowDown")  # the same position in the next item
+    assert "item 2, position 2" in page.text_content("#read-tip")
+    page.keyboard.press("ArrowUp")
+    assert "item 1, position 2" in page.text_content("#read-tip")
+    page.locator("#read-out .ch").nth(5).hover()
+    assert "position 6" in page.text_content("#read-tip")
     # Two models: colour by difference.
     page.select_option("#read-colour", "diff")
     assert page.locator("#read-out .ch.d0, #read-out .ch.d1, #read-out .ch.d2, #read-out .ch.d3, "

@@ -400,11 +400,18 @@ function focusChar(index) {
 }
 
 function readKeys(e) {
+  // Left/Right: previous/next character; Up/Down: the same position in the previous/next item; Home/End.
   const span = e.target.closest(".ch");
   if (!span) return;
-  const i = +span.dataset.index;
-  const moves = { ArrowRight: 1, ArrowLeft: -1, ArrowDown: 40, ArrowUp: -40 };
-  if (e.key in moves) focusChar(i + moves[e.key]);
+  const i = +span.dataset.index, item = +span.dataset.item, pos = +span.dataset.pos;
+  const items = state.read ? state.read.items : [];
+  const lineStart = (k) => i - pos - (k < item ? items.slice(k, item).reduce((n, t) => n + t.length, 0) : 0)
+    + (k > item ? items.slice(item, k).reduce((n, t) => n + t.length, 0) : 0);
+  const inItem = (k) => lineStart(k) + Math.min(pos, items[k].length - 1);
+  if (e.key === "ArrowRight") focusChar(i + 1);
+  else if (e.key === "ArrowLeft") focusChar(i - 1);
+  else if (e.key === "ArrowDown") { if (item + 1 < items.length) focusChar(inItem(item + 1)); }
+  else if (e.key === "ArrowUp") { if (item > 0) focusChar(inItem(item - 1)); }
   else if (e.key === "Home") focusChar(0);
   else if (e.key === "End") focusChar(state.readChars.length - 1);
   else return;
