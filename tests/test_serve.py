@@ -290,6 +290,8 @@ def test_bad_generate_fields_are_400_naming_the_field(in_plain, body, field):
     (b"[1, 2]", 400, "JSON object"),
     (b'{"models": ["file:0"], "temperature": NaN}', 400, "not valid JSON"),
     (b"{" + b" " * (1 << 20) + b"}", 413, "over 1,048,576 bytes"),
+    (b"[" * 100_000, 400, "not valid JSON"),
+    (b'{"models": ["file:0"], "temperature": 1' + b"0" * 400 + b"}", 400, "temperature must be a number >= 0"),
 ])  # fmt: skip
 def test_malformed_bodies_are_refused_and_the_server_keeps_serving(in_plain, raw, status, words):
     got, _, out = in_plain.post("/api/generate", raw=raw)

@@ -128,7 +128,12 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_number(v: Any) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an integer too large for a float
+        return False
 
 
 def _only(body: dict, allowed: set[str]) -> None:
@@ -483,6 +488,8 @@ class Handler(BaseHTTPRequestHandler):
             body = json.loads(text, parse_constant=lambda c: _bad_constant(c))
         except ValueError as e:
             raise HTTPError(400, f"request body is not valid JSON ({_one_line(str(e), 120)})") from None
+        except RecursionError:
+            raise HTTPError(400, "request body is not valid JSON here (nested too deeply)") from None
         if not isinstance(body, dict):
             raise HTTPError(400, "request body must be a JSON object")
         return body
