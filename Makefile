@@ -19,17 +19,17 @@ $(STAMP): requirements.lock requirements-test.lock pyproject.toml
 run: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
-# Lint, format check and types for the library and the stages (configured in pyproject.toml). `make test` runs
-# it first, so CI fails on a lint error before it spends minutes on tests.
+# Lint, format check and types for the library, the stages and the benchmarks (configured in pyproject.toml).
+# `make test` runs it first, so CI fails on a lint error before it spends minutes on tests.
 lint: setup
-	$(BIN)/ruff check charlm stages
-	$(BIN)/ruff format --check charlm stages
+	$(BIN)/ruff check charlm stages bench
+	$(BIN)/ruff format --check charlm stages bench
 	$(BIN)/mypy
 
 # Apply ruff's safe fixes and its formatting.
 format: setup
-	$(BIN)/ruff check --fix charlm stages
-	$(BIN)/ruff format charlm stages
+	$(BIN)/ruff check --fix charlm stages bench
+	$(BIN)/ruff format charlm stages bench
 
 test: lint
 	$(BIN)/python -m pytest -q
@@ -37,12 +37,13 @@ test: lint
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# Both read a local copy of the AG News test split: `make bench AG_NEWS=path/to/test.csv`.
 bench: setup
-	$(BIN)/python bench/run.py
+	$(BIN)/python -m bench.run $(if $(AG_NEWS),--ag-news $(AG_NEWS))
 
 # About an hour: the recipes against the plain loop, the lesson's recipe and the compressors (BENCHMARKS.md, Quality).
 bench-quality: setup
-	$(BIN)/python bench/quality.py
+	$(BIN)/python -m bench.quality $(if $(AG_NEWS),--ag-news $(AG_NEWS))
 
 clean:
 	rm -rf $(VENV) .pytest_cache

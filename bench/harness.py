@@ -1,13 +1,16 @@
 """Shared pieces of the benchmarks: interleaved time-bounded measurement, statistics, Markdown tables,
-machine facts, and the real data stages run in a throw-away folder.
+machine facts, params, and the real data stages run in a throw-away folder.
 
 Every throughput figure is the median of several repeats with its min-max range. Cases that are compared
 with each other are measured in the same run, interleaved round by round (the order rotates every round),
 so slow drift of a busy machine hits all of them alike; a ratio is the median of the per-round ratios.
 """
+
 from __future__ import annotations
 
+import argparse
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -26,17 +29,46 @@ import numpy as np
 import torch
 import yaml
 
+from charlm.core.data import Packed, load_packed, split_items
+from charlm.core.vocab import Vocab
+from charlm.pipeline import paths
+from charlm.pipeline.params import load
+
+# The one import of params.yaml's section classes in bench/: everything else goes through params_of.
+from charlm.pipeline.sections.model import ModelParams
+from charlm.pipeline.sections.pack import PackParams
+from charlm.pipeline.sections.train import TrainParams
+
 ROOT = Path(__file__).resolve().parent.parent
-AG_NEWS_CSV = ROOT.parent / "shared" / "data" / "ag_news" / "test.csv"
-TRAIN_ROWS = 6600
+TRAIN_ROWS, TEST_ROWS = 6600, 1000  # the bench split of the AG News test file
 CUDA = "cuda"  # the device of the CUDA columns and tables, which appear only when torch.cuda.is_available()
+
+
+# ----------------------------------------------------------------------------------- params
+
+
+def params_of(cls, path: Path = ROOT / "params.yaml", **overrides):
+    """A section of `path` (the repository's params.yaml by default), as the stages load it, with overrides."""
+    return dataclasses.replace(load(cls, path), **overrides)
+
+
+def model_params(**overrides) -> ModelParams:
+    return params_of(ModelParams, **overrides)
+
+
+def train_params(**overrides) -> TrainParams:
+    return params_of(TrainParams, **overrides)
+
+
+def pack_params(path: Path) -> PackParams:
+    return params_of(PackParams, path)
 
 
 def shape_name(layers: int, hidden: int, embedding: int) -> str:
     return f"{layers}×{hidden} " + ("one-hot" if embedding == 0 else f"emb {embedding}")
 
 
-# ----------------------------------------------------------------------------------- statistics
+# ----------------------------------------------------------------------------------- statistics and timing
 
 
 @dataclass
@@ -47,21 +79,13 @@ class Stat:
     def median(self) -> float:
         return statistics.median(self.values)
 
-    @property
-    def lo(self) -> float:
-        return min(self.values)
-
-    @property
-    def hi(self) -> float:
-        return max(self.values)
-
     def fmt(self, unit: str = "", digits: int = 0, scale: float = 1.0) -> str:
         def f(v: float) -> str:
             return f"{v * scale:,.{digits}f}"
 
         if len(self.values) == 1:
             return f"{f(self.median)}{unit}"
-        return f"{f(self.median)}{unit} ({f(self.lo)}–{f(self.hi)})"
+        return f"{f(self.median)}{unit} ({f(min(self.values))}–{f(max(self.values))})"
 
     def pct(self) -> str:
         return self.fmt("%", 1, 100.0)
@@ -82,7 +106,7 @@ def onednn(enabled: bool | None):
     """Set torch.backends.mkldnn.enabled for the block (None: leave the default alone)."""
     previous = torch.backends.mkldnn.enabled
     if enabled is not None:
-        torch.backends.mkldnn.enabled = enabled
+        torch.backends.mkldnn.enabled = enabled  # type: ignore[assignment]  # torch's stub types the descriptor
     try:
         yield
     finally:
@@ -93,12 +117,13 @@ def onednn(enabled: bool | None):
 class Case:
     """One thing to time. `unit()` does one indivisible piece of work and returns how many items it did
     (characters); the case's rate is items / seconds over as many units as fit in the budget."""
+
     name: str
     unit: Callable[[], float]
     device: str = "cpu"
     mkldnn: bool | None = None
     warmup_units: int = 1
-    warm: Callable[[], object] | None = None   # extra warm-up, run before the first round
+    warm: Callable[[], object] | None = None  # extra warm-up, run before the first round
     rates: list[float] = field(default_factory=list)
     amounts: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
@@ -107,54 +132,55 @@ class Case:
     def stat(self) -> Stat:
         return Stat(self.rates)
 
+    def warm_up(self) -> None:
+        with onednn(self.mkldnn):
+            if self.warm is not None:
+                self.warm()
+            for _ in range(self.warmup_units):
+                self.unit()
+            sync(self.device)
+
+    def run(self, budget_s: float) -> None:
+        """Whole units until `budget_s` has passed (at least one)."""
+        with onednn(self.mkldnn):
+            sync(self.device)
+            done, t0 = 0.0, time.perf_counter()
+            while True:
+                done += self.unit()
+                if time.perf_counter() - t0 >= budget_s:
+                    break
+            sync(self.device)
+            elapsed = time.perf_counter() - t0
+        self.rates.append(done / elapsed)
+        self.amounts.append(done)
+        self.seconds.append(elapsed)
+
 
 def measure(cases: list[Case], repeats: int, budget_s: float, log=None, cap_s: float | None = None) -> dict[str, Stat]:
     """Time every case `repeats` times, round-robin with a rotating order; `budget_s` per case per round.
-
-    A measurement runs whole units until `budget_s` has passed (at least one unit). With `cap_s`,
-    no new round starts once the rounds so far took that long (at least one round runs)."""
+    With `cap_s`, no new round starts once the rounds so far took that long (at least one round runs)."""
     t_start = time.perf_counter()
     for case in cases:
-        with onednn(case.mkldnn):
-            if case.warm is not None:
-                case.warm()
-            for _ in range(case.warmup_units):
-                case.unit()
-            sync(case.device)
+        case.warm_up()
     for r in range(repeats):
         if r and cap_s is not None and time.perf_counter() - t_start >= cap_s:
             break
-        order = cases[r % len(cases):] + cases[:r % len(cases)]
-        for case in order:
-            with onednn(case.mkldnn):
-                sync(case.device)
-                done = 0.0
-                t0 = time.perf_counter()
-                while True:
-                    done += case.unit()
-                    if time.perf_counter() - t0 >= budget_s:
-                        break
-                sync(case.device)
-                elapsed = time.perf_counter() - t0
-            case.rates.append(done / elapsed)
-            case.amounts.append(done)
-            case.seconds.append(elapsed)
+        for case in cases[r % len(cases) :] + cases[: r % len(cases)]:
+            case.run(budget_s)
         if log:
             log(f"    round {r + 1}/{repeats}: " + ", ".join(f"{c.name} {c.rates[-1]:,.0f}" for c in cases))
     return {c.name: c.stat for c in cases}
 
 
-def time_calls(fn: Callable[[], object], budget_s: float, repeats: int = 5, device: str = "cpu",
-               min_calls: int = 2) -> Stat:
+def time_calls(fn: Callable[[], object], budget_s: float, repeats: int = 5, device: str = "cpu") -> Stat:
     """Seconds per call of a function: `repeats` means, each over as many calls as fit in budget_s / repeats
-    (at least `min_calls`), after one warm-up call."""
+    (at least 2), after one warm-up call."""
     fn()
     sync(device)
     out = []
     for _ in range(repeats):
-        n = 0
-        t0 = time.perf_counter()
-        while n < min_calls or time.perf_counter() - t0 < budget_s / repeats:
+        n, t0 = 0, time.perf_counter()
+        while n < 2 or time.perf_counter() - t0 < budget_s / repeats:
             fn()
             n += 1
         sync(device)
@@ -165,23 +191,21 @@ def time_calls(fn: Callable[[], object], budget_s: float, repeats: int = 5, devi
 # ----------------------------------------------------------------------------------- tables
 
 
-@dataclass
 class Table:
-    title: str
-    header: list[str]
-    rows: list[list[str]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
+    """A Markdown table; `header` is its column names joined by " | "."""
+
+    def __init__(self, title: str, header: str):
+        self.title, self.header = title, header.split(" | ")
+        self.rows: list[list[str]] = []
+        self.notes: list[str] = []
 
     def add(self, *cells) -> None:
         self.rows.append([str(c) for c in cells])
 
     def markdown(self) -> str:
-        def esc(cell: str) -> str:
-            return cell.replace("|", "\\|")
-
-        out = [f"#### {self.title}", "", "| " + " | ".join(self.header) + " |",
-               "|" + "|".join("---" if i == 0 else "---:" for i in range(len(self.header))) + "|"]
-        out += ["| " + " | ".join(esc(c) for c in row) + " |" for row in self.rows]
+        rule = "|" + "|".join("---" if i == 0 else "---:" for i in range(len(self.header))) + "|"
+        out = [f"#### {self.title}", "", "| " + " | ".join(self.header) + " |", rule]
+        out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in self.rows]
         if self.notes:
             out += [""] + [f"- {n}" for n in self.notes]
         return "\n".join(out) + "\n"
@@ -192,46 +216,44 @@ def best_of(cells: dict[str, Stat]) -> str:
     return max(cells, key=lambda k: cells[k].median)
 
 
+def load_line() -> str:
+    return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 # ----------------------------------------------------------------------------------- machine facts
 
 
-def cpu_model() -> str:
-    try:
+def cpu_info(key: str) -> str | None:
+    """The first /proc/cpuinfo line that starts with `key`, after its colon."""
+    with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(key):
                 return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    return None
 
 
 def cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                keep = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
-                        if f in flags]
-                return " ".join(keep) or "none of avx2/avx512/amx"
-    except OSError:
-        pass
-    return "unknown"
+    flags = cpu_info("flags")
+    if flags is None:
+        return "unknown"
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
+    return " ".join(f for f in wanted if f in flags.split()) or "none of avx2/avx512/amx"
 
 
 def git_revision() -> str:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return (rev or "unknown") + (" (with uncommitted changes)" if dirty else "")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+        return (git("rev-parse", "--short", "HEAD") or "unknown") + (" (with uncommitted changes)" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
 
 def machine_facts() -> dict[str, str]:
     facts = {
-        "CPU": cpu_model(),
+        "CPU": cpu_info("model name") or platform.processor() or "unknown",
         "CPU flags (relevant)": cpu_flags(),
         "cores (os.cpu_count / usable)": f"{os.cpu_count()} / {len(os.sched_getaffinity(0))}",
         "torch threads (intra-op)": str(torch.get_num_threads()),
@@ -242,7 +264,7 @@ def machine_facts() -> dict[str, str]:
         "platform": platform.platform(),
         "git revision": git_revision(),
         "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-        "load average at start (1/5/15 min)": " / ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "load average at start (1/5/15 min)": load_line(),
     }
     if torch.cuda.is_available():
         facts["CUDA device"] = torch.cuda.get_device_name(0)
@@ -250,14 +272,7 @@ def machine_facts() -> dict[str, str]:
     return facts
 
 
-# ----------------------------------------------------------------------------------- data and stages
-
-
-def stage_env() -> dict[str, str]:
-    """Stages import `charlm` from the repository, whatever the current folder."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
+# ----------------------------------------------------------------------------------- stages and data
 
 
 @dataclass
@@ -285,9 +300,10 @@ def run_stage(name: str, cwd: Path, args: list[str] | None = None) -> StageRun:
     """Run `python stages/<name>.py` (or `python *args`) as a fresh child in `cwd`: its own wall time and peak
     RSS, via a minimal launcher process (see _LAUNCHER)."""
     cmd = [sys.executable, str(ROOT / "stages" / f"{name}.py")] if args is None else [sys.executable, *args]
+    env = dict(os.environ)  # stages import `charlm` from the repository, whatever the current folder
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as report:
-        subprocess.run([sys.executable, "-S", "-c", _LAUNCHER, *cmd], cwd=cwd, stdout=out, stderr=report,
-                       env=stage_env(), check=False)
+        subprocess.run([sys.executable, "-S", "-c", _LAUNCHER, *cmd], cwd=cwd, stdout=out, stderr=report, env=env)
         out.seek(0)
         report.seek(0)
         text = out.read().decode("utf-8", "replace")
@@ -301,21 +317,38 @@ def run_stage(name: str, cwd: Path, args: list[str] | None = None) -> StageRun:
     return StageRun(seconds, maxrss_kib * 1024, text + "\n".join(lines[:-1]))  # ru_maxrss is in KiB on Linux
 
 
-def write_params(folder: Path, **overrides) -> None:
+def write_params(folder: Path, overrides: dict[str, object] | None = None) -> None:
     """The repository's params.yaml, with `section.key` overrides, as ./params.yaml of `folder`."""
     if not overrides:
         shutil.copyfile(ROOT / "params.yaml", folder / "params.yaml")
         return
     data = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
     for key, value in overrides.items():
-        section, name = key.split("__")
+        section, name = key.split(".")
         data[section][name] = value
     (folder / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+
+
+def add_ag_news_argument(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    def csv_file(value: str) -> Path:
+        if not Path(value).is_file():
+            raise argparse.ArgumentTypeError(f"{value} is not a file; give a local copy of the AG News test split")
+        return Path(value)
+
+    help = "a local copy of the AG News test split (test.csv: label,title,description)"
+    parser.add_argument("--ag-news", type=csv_file, required=required, metavar="PATH", help=help)
+
+
+def split_rows(csv: Path, train_rows: int = TRAIN_ROWS, test_rows: int | None = None) -> tuple[bytes, bytes]:
+    """The first `train_rows` rows of an AG News CSV as train, and the last `test_rows` (default: the rest) as test."""
+    lines = csv.read_bytes().splitlines(keepends=True)
+    return b"".join(lines[:train_rows]), b"".join(lines[-test_rows:] if test_rows else lines[train_rows:])
 
 
 @dataclass
 class Prepared:
     """The AG News benchmark data after the real prepare, vocab and pack stages."""
+
     folder: Path
     seconds: dict[str, float]
 
@@ -323,34 +356,29 @@ class Prepared:
     def data(self) -> Path:
         return self.folder / "data"
 
-    def vocab(self):
-        from charlm.core.vocab import Vocab
-        return Vocab.load(self.data / "vocab.json")
+    def vocab(self) -> Vocab:
+        return Vocab.load(self.folder / paths.VOCAB)
 
-    def packed(self):
-        from charlm.core.data import load_packed
-        return load_packed(self.data / "packed")
+    def packed(self) -> Packed:
+        return load_packed(self.folder / paths.PACKED)
+
+    def items(self, split: str) -> list[str]:
+        return (self.folder / paths.PREPARED / f"{split}.txt").read_text(encoding="utf-8").splitlines()
 
     def train_items(self) -> list[str]:
         """The train items that pack kept for training (validation items carved out exactly as pack does)."""
-        from charlm.pipeline import params
-        from charlm.core.data import split_items
-        p = params.load(params.PackParams, self.folder / "params.yaml")
-        items = (self.data / "prepared" / "train.txt").read_text(encoding="utf-8").splitlines()
-        return split_items(items, p.val_fraction, p.seed)[0]
+        p = pack_params(self.folder / "params.yaml")
+        return split_items(self.items("train"), p.val_fraction, p.seed)[0]
 
 
-def prepare_ag_news(root: Path, csv: Path = AG_NEWS_CSV, train_rows: int = TRAIN_ROWS,
-                    test_rows: int = 1000) -> Prepared:
-    """First `train_rows` rows of the AG News CSV as data/raw/train.csv, the last `test_rows` as test.csv,
-    the repository's params.yaml, then the real stages with cwd = `root`. The text stays in `root`."""
-    if not csv.is_file():
-        raise SystemExit(f"bench: {csv} not found; the benchmark needs the local AG News CSV")
-    lines = csv.read_bytes().splitlines(keepends=True)
-    raw = root / "data" / "raw"
+def prepare_ag_news(root: Path, csv: Path) -> Prepared:
+    """The bench split of the AG News CSV (split_rows) as data/raw/, the repository's params.yaml, then the
+    real stages with cwd = `root`. The text stays in `root`."""
+    raw = root / paths.RAW
     raw.mkdir(parents=True, exist_ok=True)
-    (raw / "train.csv").write_bytes(b"".join(lines[:train_rows]))
-    (raw / "test.csv").write_bytes(b"".join(lines[-test_rows:]))
+    train, test = split_rows(csv, TRAIN_ROWS, TEST_ROWS)
+    (raw / "train.csv").write_bytes(train)
+    (raw / "test.csv").write_bytes(test)
     write_params(root)
     seconds = {s: run_stage(s, root).seconds for s in ("prepare", "vocab", "pack")}
     return Prepared(root, seconds)

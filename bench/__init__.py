@@ -1,0 +1,1 @@
+"""charlm benchmarks: `make bench` (bench.run) and `make bench-quality` (bench.quality)."""
