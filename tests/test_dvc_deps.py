@@ -83,3 +83,15 @@ def test_a_generate_change_does_not_rerun_train():
 def test_lazy_imports_are_followed():
     """charlm.apps.cli imports charlm.apps.report inside a function; the walk must see it."""
     assert "charlm.apps.report" in imported_modules(ROOT / "charlm" / "apps" / "cli.py")
+
+
+def test_a_stage_depends_on_exactly_the_declarations_of_the_sections_it_reads():
+    """A section's declaration is a dep of the stages that read it and of no other, so that adding a key reruns
+    only those (tests/test_experiments.py shows it with real DVC). Moving the declarations back into one shared
+    module makes this fail."""
+    for name, stage in stages().items():
+        declared = {d.removeprefix("charlm/pipeline/sections/").removesuffix(".py") for d in stage["deps"]
+                    if d.startswith("charlm/pipeline/sections/") and not d.endswith("__init__.py")}
+        assert declared == set(stage["params"]), (name, declared, stage["params"])
+        for section in stage["params"]:
+            assert (ROOT / "charlm" / "pipeline" / "sections" / f"{section}.py").exists(), section

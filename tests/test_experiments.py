@@ -113,6 +113,29 @@ def test_param_granularity(baseline):
     assert ran(p.dvc("repro"))[:2] == ["vocab", "pack"]
 
 
+def declare_key(p, section: str, key: str, value) -> None:
+    """Add a key to a params section's declaration (charlm/pipeline/sections/<section>.py) and to params.yaml,
+    as a developer adding a feature would."""
+    module = p.path / "charlm" / "pipeline" / "sections" / f"{section}.py"
+    line = f'    section: ClassVar[str] = "{section}"\n'
+    text = module.read_text(encoding="utf-8")
+    assert line in text
+    module.write_text(text.replace(line, line + f"    {key}: {type(value).__name__} = spec()\n"), encoding="utf-8")
+    p.set_params(**{section: {key: value}})
+
+
+def test_a_declaration_change_reruns_only_the_stages_that_read_the_section(baseline):
+    """Adding a key to the generate section's declaration reruns generate alone; to the train section's, train
+    (and evaluate and generate only because the model file, which records the train params, changed). A
+    declaration kept in a module every stage imports would rerun the whole pipeline here."""
+    p = baseline
+    declare_key(p, "generate", "note", "x")
+    assert ran(p.dvc("repro")) == ["generate"]
+    declare_key(p, "train", "note", "x")
+    stages = ran(p.dvc("repro"))
+    assert stages[0] == "train" and set(stages) <= {"train", "evaluate", "generate"}, stages
+
+
 # Long enough to be caught part-way (a few seconds of training; 200 steps take 2 s), checkpointing every 20 steps.
 GRID = ["-S", "train.max_steps=1500", "-S", "train.epochs=100", "-S", "train.checkpoint_every=20",
         "-S", "train.log_every=20", "-S", "train.eval_every=500", "-S", "train.sample_every=0"]
