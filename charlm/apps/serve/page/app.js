@@ -56,15 +56,13 @@ async function api(path, body) {
 }
 
 function showError(message) {
-  const box = $("message");
-  box.textContent = message;
-  box.hidden = false;
+  $("message").textContent = message;
+  $("message-bar").hidden = false;
 }
 
 function clearError() {
-  const box = $("message");
-  box.textContent = "";
-  box.hidden = true;
+  $("message").textContent = "";
+  $("message-bar").hidden = true;
 }
 
 async function guard(fn) {
@@ -190,7 +188,7 @@ function endJob(status) {
   }
   $("write-go").disabled = false;
   $("write-stop").disabled = true;
-  if (status) $("write-status").textContent = status;
+  if (status !== undefined) $("write-status").textContent = status;
 }
 
 async function write(event) {
@@ -635,6 +633,7 @@ function ids() {
 // ---------- wiring ----------
 
 function init() {
+  $("message-close").addEventListener("click", clearError);
   $("refresh").addEventListener("click", () => guard(() => loadModels(true)));
   $("rev-form").addEventListener("submit", addRevision);
   $("write-form").addEventListener("submit", (e) => guard(() => write(e)));
