@@ -17,6 +17,7 @@ import numpy as np
 from charlm.base.errors import CharlmError, run_main
 from charlm.base.io import write_json
 from charlm.core.data import item_bounds, load_packed
+from charlm.core.device import pick_device
 from charlm.core.scoring import score_items, score_items_dynamic
 from charlm.core.vocab import EOS_ID
 from charlm.pipeline import artifact, params, paths
@@ -27,7 +28,7 @@ OUT = paths.EVAL_METRICS
 
 def main() -> None:
     config = params.load(EvaluateParams)
-    device = artifact.pick_device(config.device, "evaluate.device")
+    device = pick_device(config.device, "evaluate.device")
     model, vocab, info = artifact.load_model(paths.MODEL, device)
     packed = load_packed(paths.PACKED)
     if packed.meta["vocab_size"] != len(vocab):

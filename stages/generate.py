@@ -13,6 +13,7 @@ import warnings
 
 from charlm.base.errors import run_main
 from charlm.base.io import all_or_none, markdown_cell, read_text, write_json, write_text
+from charlm.core.device import pick_device
 from charlm.core.sampling import generate, known_word_share, words_in
 from charlm.pipeline import artifact, params, paths
 from charlm.pipeline.sections.generate import GenerateParams
@@ -24,7 +25,7 @@ TRAIN_TEXT = paths.PREPARED / "train.txt"
 
 def main() -> None:
     config = params.load(GenerateParams)
-    device = artifact.pick_device(config.device, "generate.device")
+    device = pick_device(config.device, "generate.device")
     model, vocab, _ = artifact.load_model(paths.MODEL, device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

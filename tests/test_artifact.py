@@ -13,6 +13,7 @@ from charlm.pipeline import artifact
 from charlm.base.errors import CharlmError
 from charlm.core.model import CharRNN
 from charlm.core.vocab import EOS_ID, Vocab
+from charlm.core.device import pick_device
 
 VOCAB = Vocab(list("abcdefgh ."))
 
@@ -206,12 +207,12 @@ def test_pick_device_cuda_without_cuda_names_the_key():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     with pytest.raises(CharlmError, match=r"^train\.device is 'cuda' but") as err:
-        artifact.pick_device("cuda", "train.device")
+        pick_device("cuda", "train.device")
     assert "\n" not in str(err.value) and "set train.device: auto or cpu" in str(err.value)
     with pytest.raises(CharlmError, match="--device"):
-        artifact.pick_device("cuda", "--device")
-    assert artifact.pick_device("auto", "x") == torch.device("cpu")
-    assert artifact.pick_device("cpu", "x") == torch.device("cpu")
+        pick_device("cuda", "--device")
+    assert pick_device("auto", "x") == torch.device("cpu")
+    assert pick_device("cpu", "x") == torch.device("cpu")
 
 
 def test_load_model_to_the_requested_device(model_file):

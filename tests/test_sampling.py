@@ -311,6 +311,23 @@ def test_onednn_is_off_only_while_generating_few_cpu_streams(device, batch, insi
         torch.backends.mkldnn.enabled = before
 
 
+def test_overlapping_generations_keep_onednn_off_until_the_last_one_ends(model):
+    """Two generations stepped in turn (the playground steps a job's models so): the first to end must not switch
+    oneDNN back on under the second, whose written-out steps and priming assume it off."""
+    before = torch.backends.mkldnn.enabled
+    try:
+        torch.backends.mkldnn.enabled = True
+        short = token_steps(model, VOCAB, ["ab"], [0.0], 2, stop_at_eos=False)
+        long = token_steps(model, VOCAB, ["ab"], [0.0], 5, stop_at_eos=False)
+        next(short), next(long)
+        assert list(short) and torch.backends.mkldnn.enabled is False  # short has ended; long still steps
+        next(long)
+        assert torch.backends.mkldnn.enabled is False
+        list(long)
+        assert torch.backends.mkldnn.enabled is True
+    finally:
+        torch.backends.mkldnn.enabled = before
+
 
 # --------------------------------------------------------------------------- known-word share (generate's metric)
 

@@ -147,10 +147,11 @@ def compare_command(args) -> None:
 def generate_command(args) -> None:
     import random
 
+    from charlm.core.device import pick_device
     from charlm.core.sampling import text_pieces, token_steps
     from charlm.pipeline import artifact, paths
 
-    device = artifact.pick_device(args.device, "--device")
+    device = pick_device(args.device, "--device")
     if args.checkpoint:
         path = paths.CHECKPOINT if args.checkpoint is True else args.checkpoint
     else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import re
+import threading
 import warnings
 from collections.abc import Iterable, Iterator
 
@@ -93,16 +94,33 @@ def few_cpu_rows(device: torch.device, batch: int) -> bool:
     return device.type == "cpu" and batch <= FEW_ROWS
 
 
+# oneDNN's switch is process-wide, and generations can overlap (the playground's jobs, a job's several models
+# stepped in turn): they share one hold on it, and the last to finish puts it back, so none restores it under
+# another one that is still stepping.
+_backend_lock = threading.Lock()
+_holders = 0
+_saved_onednn = True
+
+
 @contextlib.contextmanager
 def few_rows_backend(device: torch.device, batch: int):
-    """Turn oneDNN off for generating a few streams at a time on CPU, and restore the setting afterwards."""
-    previous = torch.backends.mkldnn.enabled
-    if few_cpu_rows(device, batch):
-        torch.backends.mkldnn.enabled = False  # type: ignore[assignment]  # torch's switch; its stub types the descriptor
+    """Turn oneDNN off while generating a few rows on CPU, and restore the setting afterwards."""
+    global _holders, _saved_onednn
+    if not few_cpu_rows(device, batch):
+        yield
+        return
+    with _backend_lock:
+        if _holders == 0:
+            _saved_onednn = bool(torch.backends.mkldnn.enabled)
+            torch.backends.mkldnn.enabled = False  # type: ignore[assignment]  # torch's switch; its stub types the descriptor
+        _holders += 1
     try:
         yield
     finally:
-        torch.backends.mkldnn.enabled = previous
+        with _backend_lock:
+            _holders -= 1
+            if _holders == 0:
+                torch.backends.mkldnn.enabled = _saved_onednn  # type: ignore[assignment]
 
 
 @torch.no_grad()

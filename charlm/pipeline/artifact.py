@@ -127,9 +127,3 @@ def load_model(
         raise CharlmError(f"{path}: model file does not match its own config or vocabulary ({reason}); {fix}") from None
     info = obj.get("info", {}) if obj["format"] == MODEL_FORMAT else {"steps": obj.get("step"), "checkpoint": True}
     return model.to(device).eval(), vocab, info
-
-
-def pick_device(choice: str, key: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise CharlmError(f"{key} is 'cuda' but this machine has no usable CUDA device; set {key}: auto or cpu")
-    return torch.device("cuda" if choice in ("auto", "cuda") and torch.cuda.is_available() else "cpu")

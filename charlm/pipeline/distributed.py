@@ -10,7 +10,7 @@ import sys
 import torch
 
 from charlm.base.errors import CharlmError
-from charlm.pipeline import artifact
+from charlm.core.device import pick_device
 
 
 def relaunch_under_torchrun(module: str, processes: int) -> None:
@@ -22,7 +22,7 @@ def relaunch_under_torchrun(module: str, processes: int) -> None:
 
 def setup_processes(train_params) -> tuple[int, int, torch.device]:
     """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) join the process group first."""
-    device = artifact.pick_device(train_params.device, "train.device")
+    device = pick_device(train_params.device, "train.device")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, device

@@ -13,10 +13,8 @@ import itertools
 import secrets
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
-
-import torch
 
 from charlm.core.sampling import text_pieces, token_steps
 
@@ -58,37 +56,8 @@ class Job:
             for model, vocab, _ in self.loaded
         ]
         none: list[str | None] = [None]
-        with _generating(self.loaded[0][0].head.weight.device):
-            for step in itertools.zip_longest(*streams, fillvalue=none):
-                yield [row[0] for row in step]
-
-
-# `token_steps` turns oneDNN off while it generates a few CPU streams and then restores the process-wide switch.
-# Interleaved generators (a job's models) and concurrent jobs would restore it under one another, so a model could
-# step with oneDNN on while `charlm generate` steps with it off. Here it stays off while any job generates.
-_switch = threading.Lock()
-_generators = 0
-_saved = True
-
-
-@contextlib.contextmanager
-def _generating(device: torch.device) -> Iterator[None]:
-    global _generators, _saved
-    if device.type != "cpu":
-        yield
-        return
-    with _switch:
-        if _generators == 0:
-            _saved = bool(torch.backends.mkldnn.enabled)
-            torch.backends.mkldnn.enabled = False  # type: ignore[assignment]  # torch's switch, a descriptor
-        _generators += 1
-    try:
-        yield
-    finally:
-        with _switch:
-            _generators -= 1
-            if _generators == 0:
-                torch.backends.mkldnn.enabled = _saved  # type: ignore[assignment]
+        for step in itertools.zip_longest(*streams, fillvalue=none):
+            yield [row[0] for row in step]
 
 
 class TooMany(Exception):

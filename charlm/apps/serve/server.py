@@ -65,6 +65,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from charlm.apps.serve.jobs import Jobs, Request, TooMany, run
 from charlm.base.errors import CharlmError
+from charlm.core.device import pick_device
 from charlm.pipeline import experiments, paths
 
 PAGE = Path(__file__).resolve().parent / "page"
@@ -624,10 +625,8 @@ def make_server(
     """Bind the server (not yet serving); a port in use is a CharlmError."""
     import errno
 
-    from charlm.pipeline import artifact
-
     token = None if is_loopback(host) else secrets.token_urlsafe(24)
-    app = App(files, artifact.pick_device(device, "--device"), limits, token)
+    app = App(files, pick_device(device, "--device"), limits, token)
     try:
         return Server((host, port), app)
     except OSError as e:
