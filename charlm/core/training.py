@@ -5,8 +5,10 @@ where its checkpoints go is pipeline plumbing (charlm/pipeline/run.py, checkpoin
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,28 +21,26 @@ from charlm.core.scoring import stream_bpc
 VALIDATION_BATCH = 64
 
 
-class Settings(Protocol):
-    """What the Trainer reads of the `train` params section (charlm/pipeline/sections/train.py), read-only."""
+@dataclass(frozen=True)
+class Optimisation:
+    """What the Trainer reads of the `train` params section (charlm/pipeline/sections/train.py)."""
 
-    @property
-    def lr(self) -> float: ...
-    @property
-    def beta2(self) -> float: ...
-    @property
-    def weight_decay(self) -> float: ...
-    @property
-    def warmup_steps(self) -> int: ...
-    @property
-    def schedule(self) -> str: ...
-    @property
-    def min_lr_ratio(self) -> float: ...
-    @property
-    def grad_clip(self) -> float: ...
-    @property
-    def amp(self) -> str: ...
+    lr: float
+    beta2: float
+    weight_decay: float
+    warmup_steps: int
+    schedule: str  # cosine | linear | constant
+    min_lr_ratio: float
+    grad_clip: float
+    amp: str  # none | bf16 | fp16
+
+    @classmethod
+    def of(cls, train_params) -> Optimisation:
+        """The Trainer's part of a `train` section (any object with these attributes)."""
+        return cls(**{f.name: getattr(train_params, f.name) for f in dataclasses.fields(cls)})
 
 
-def lr_factor(step: int, total: int, settings: Settings) -> float:
+def lr_factor(step: int, total: int, settings: Optimisation) -> float:
     """Linear warm-up to 1, then cosine or linear decay to min_lr_ratio at the last step."""
     if step < settings.warmup_steps:
         return (step + 1) / settings.warmup_steps
@@ -55,7 +55,7 @@ class Trainer:
     """Steps `model` with AdamW (no decay on biases), the warm-up/decay schedule over `total` steps and, on CUDA,
     mixed precision. With world > 1 the step goes through DistributedDataParallel."""
 
-    def __init__(self, model: CharRNN, settings: Settings, total: int, device: torch.device, world: int = 1):
+    def __init__(self, model: CharRNN, settings: Optimisation, total: int, device: torch.device, world: int = 1):
         self.model, self.settings, self.total, self.device = model, settings, total, device
         self.net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
         decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]

@@ -15,7 +15,7 @@ import torch
 from charlm.base.errors import CharlmError
 from charlm.core.data import Batches, Packed, load_packed
 from charlm.core.model import CharRNN, n_params
-from charlm.core.training import Trainer
+from charlm.core.training import Optimisation, Trainer
 from charlm.core.vocab import Vocab
 from charlm.pipeline import artifact
 from charlm.pipeline.sections.model import ModelParams
@@ -108,7 +108,7 @@ def build_run(
         dataclasses.asdict(model_params), dataclasses.asdict(settings) | {"processes": None}, meta, vocab.itos,
         init_sha, device.type, torch.__version__,
     )  # fmt: skip
-    trainer = Trainer(model, settings, total, device, world)
+    trainer = Trainer(model, Optimisation.of(settings), total, device, world)
     return Run(model_params, settings, vocab, packed, batches, total, model, trainer, run_id)
 
 
