@@ -109,7 +109,10 @@ async function loadModels(refresh) {
   hint.hidden = !data.hint;
   const known = new Set(allModels().map((m) => m.id));
   state.chosen = state.chosen.filter((id) => known.has(id));
-  if (!state.chosen.length && state.models.length) state.chosen = [state.models[0].id];
+  if (!state.chosen.length && state.models.length) {
+    const first = state.models.find((m) => m.kind === "workspace") || state.models[0];
+    state.chosen = [first.id];
+  }
   renderModels();
   chosenChanged();
 }
