@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -180,43 +178,3 @@ def test_evaluate_stage_writes_the_metrics(evaluated):
             nats += torch.nn.functional.cross_entropy(logits[0].double(), torch.from_numpy(item),
                                                       reduction="sum").item()
     assert metrics["test_loss"] == pytest.approx(nats / metrics["test_chars"], rel=1e-5)
-
-
-# --------------------------------------------------------------------------- dynamic evaluation
-
-
-def test_dynamic_evaluation_without_learning_is_the_static_score(model, monkeypatch):
-    stream, items = random_stream()
-    starts, lengths = item_bounds_of(stream)
-    static, chars, _ = scoring.score_items(model, stream, starts, lengths, 4, "cpu")
-    monkeypatch.setattr(scoring, "CHUNK", 3)  # items longer than a chunk carry their state across chunks
-    dynamic, dynamic_chars = scoring.score_items_dynamic(model, stream, starts, lengths, 0.0, "cpu")
-    assert dynamic_chars == chars and dynamic == pytest.approx(static, rel=1e-5)
-
-
-def test_dynamic_evaluation_scores_before_it_learns_and_leaves_the_model_alone(model):
-    item = [3, 4, 5, 6, 7, 3, 4, 5]
-    stream = np.array([EOS_ID] + item + [EOS_ID] + item + [EOS_ID], dtype=np.uint8)
-    starts, lengths = item_bounds_of(stream)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    once, _, _ = scoring.score_items(model, stream, starts[:1], lengths[:1], 1, "cpu")
-    first, _ = scoring.score_items_dynamic(model, stream, starts[:1], lengths[:1], 0.5, "cpu")
-    both, chars = scoring.score_items_dynamic(model, stream, starts, lengths, 0.5, "cpu")
-    assert first == pytest.approx(once, rel=1e-5)  # nothing was learnt before the first item was scored
-    assert chars == 2 * len(item) and both - first < first  # the repeat is scored after learning the item
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-
-
-def test_evaluate_stage_reports_dynamic_bpc_beside_the_unchanged_static_one(evaluated, tmp_path):
-    p = Project(Path(shutil.copytree(evaluated.path, tmp_path / "repo")))
-    p.set_params(evaluate={"dynamic_lr": 0.05})
-    p.stage("evaluate", env=ENV)
-    static = json.loads((evaluated.path / "metrics/eval.json").read_text())
-    metrics = json.loads((p.path / "metrics/eval.json").read_text())
-    assert metrics["test_bpc"] == static["test_bpc"] and "test_bpc_dynamic" not in static
-    model, _, _ = artifact.load_model(p.path / "models/model.pt")
-    test = np.load(p.path / "data/packed/test.npy")
-    starts, lengths = item_bounds_of(test)
-    nats, chars = scoring.score_items_dynamic(model, test, starts, lengths, 0.05, "cpu")
-    assert chars == metrics["test_chars"]
-    assert metrics["test_bpc_dynamic"] == pytest.approx(nats / chars / math.log(2), rel=1e-5)

@@ -6,12 +6,10 @@ of the item is scored, the closing <eos> is not. bpc = total -log2 p over scored
 
 from __future__ import annotations
 
-import copy
 import math
 
 import numpy as np
 import torch
-from torch import nn
 
 from charlm.core.data import item_bounds
 from charlm.core.model import IGNORE
@@ -62,33 +60,3 @@ def stream_bpc(model, stream: np.ndarray, batch_size: int, device) -> float:
     finally:
         model.train(was_training)
     return nats / max(chars, 1) / math.log(2)
-
-
-def score_items_dynamic(
-    model, stream: np.ndarray, starts: np.ndarray, lengths: np.ndarray, lr: float, device
-) -> tuple[float, int]:
-    """Dynamic evaluation (Krause et al., 2018): total nats and scored characters when the model keeps learning
-    from the test text as it reads it. Items go in their order, each from a zero state as above; every chunk of
-    CHUNK characters is scored first and then learnt from by one SGD step on its mean loss, so no character is
-    ever scored by weights that have seen it. The caller's model is left unchanged.
-    """
-    model = copy.deepcopy(model)
-    model.train()  # cuDNN runs an RNN backward only in training mode; dropout is switched off instead
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.eval()
-    model.rnn.dropout = 0.0
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
-    total, chars = 0.0, 0
-    for start, n in zip(starts.tolist(), lengths.tolist(), strict=True):
-        state = None
-        for t in range(0, n, CHUNK):
-            w = torch.from_numpy(stream[start - 1 + t : start + min(t + CHUNK, n)].astype(np.int64))[None].to(device)
-            loss, state = model(w[:, :-1], state, targets=w[:, 1:], reduction="sum")
-            total += loss.item()
-            chars += w.size(1) - 1
-            optimizer.zero_grad(set_to_none=True)
-            (loss / (w.size(1) - 1)).backward()
-            optimizer.step()
-            state = tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
-    return total, chars

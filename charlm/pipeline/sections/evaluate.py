@@ -1,4 +1,4 @@
-"""The `evaluate` section: how the test split is scored (stages/evaluate.py)."""
+"""The `evaluate` section: how the test split is scored, statically and adaptively (stages/evaluate.py)."""
 
 from dataclasses import dataclass
 from typing import ClassVar
@@ -11,4 +11,8 @@ class EvaluateParams:
     section: ClassVar[str] = "evaluate"
     batch_size: int = spec(ge=1)
     device: str = spec(choices=("auto", "cpu", "cuda"))
-    dynamic_lr: float = spec(ge=0.0, le=10.0)
+    cache_order: int = spec(ge=0, le=16)
+    cache_lambda: float = spec(gt=0.0, le=1.0)
+    dynamic_eta: float = spec(ge=0.0, le=1.0)
+    dynamic_lambda: float = spec(gt=0.0, le=1.0)
+    dynamic_segment: int = spec(ge=1, le=10_000)
