@@ -39,6 +39,13 @@ def _number(kind, lo=None, hi=None, lo_open=False, what=""):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="charlm", description="Character-level RNN language models.")
     sub = parser.add_subparsers(dest="command", required=True)
+    add_generate(sub)
+    add_plots_and_compare(sub)
+    add_serve(sub)
+    return parser
+
+
+def add_generate(sub) -> None:
     g = sub.add_parser(
         "generate",
         help="generate text from a trained model, streaming it to stdout",
@@ -90,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="where to run the model (default: auto, CUDA when present)",
     )
+
+
+def add_plots_and_compare(sub) -> None:
     pl = sub.add_parser(
         "plots",
         help="render the learning curves to image files (offline, no browser)",
@@ -107,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
         "experiment, one row per prompt and temperature.",
     )
     cmp.add_argument("revisions", nargs="+", help="revisions or experiment names; 'workspace' for the workspace")
+
+
+def add_serve(sub) -> None:
     sv = sub.add_parser(
         "serve",
         help="a local web page to generate from, read with and look inside the models of this repository",
@@ -126,7 +139,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sv.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="where to run the models (default: auto, CUDA when present)")  # fmt: skip
-    return parser
 
 
 def plots_command(args) -> None:

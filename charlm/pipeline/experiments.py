@@ -107,11 +107,11 @@ def _column(columns, name: str, file: str) -> str | None:
     return None
 
 
-def _experiment_sources() -> list[Source]:
-    """Experiments, branches and tags with a model, from `dvc.api.exp_show()` as a pandas table."""
+def _exp_table():
+    """(`dvc.api.exp_show()` of HEAD and every branch and tag tip as a pandas table, HEAD's sha, {(kind, name): sha}
+    of the branches and tags, {rev in the table: sha}); None in a repository without commits."""
     import dvc.api
     import pandas as pd
-    import yaml
     from dvc.repo import Repo
 
     with _DVC_LOCK, Repo(".") as repo:
@@ -119,47 +119,46 @@ def _experiment_sources() -> list[Source]:
         try:
             head = scm.get_rev()
         except Exception:  # a repository without commits has no revisions to list
-            return []
+            return None
         named = [("branch", b) for b in sorted(scm.list_branches())] + [("tag", t) for t in sorted(scm.list_tags())]
         names_sha = {}
         for kind, name in named:
-            try:
+            with contextlib.suppress(Exception):
                 names_sha[(kind, name)] = scm.resolve_rev(name)
-            except Exception:
-                continue
         table = pd.DataFrame(dvc.api.exp_show(revs=["HEAD"] + [n for _, n in names_sha], force=False))
         row_sha = {}
         for rev in table["rev"].dropna().unique() if "rev" in table else []:
             if rev != "workspace":
-                try:
+                with contextlib.suppress(Exception):
                     row_sha[rev] = scm.resolve_rev(rev)
-                except Exception:
-                    continue
-    if table.empty:
-        return []
-    try:
-        params_tree = yaml.safe_load(Path("params.yaml").read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError):
-        params_tree = {}
-    columns = list(table.columns)
-    param_cols = {k: c for k in sorted(_flat_keys(params_tree)) if (c := _column(columns, k, "params.yaml"))}
-    val_col = _column(columns, "val.bpc", str(VAL_METRICS))
-    test_col = _column(columns, "test_bpc", str(paths.EVAL_METRICS))
-    model_col = _column(columns, str(paths.MODEL), "")
-    workspace = table[table["rev"] == "workspace"]
-    reference = {k: _plain(workspace.iloc[0][c]) for k, c in param_cols.items()} if len(workspace) else {}
+    return table, head, names_sha, row_sha
 
-    def described(record, **kw) -> Source | None:
-        if model_col is None or _plain(record.get(model_col)) is None:
+
+class _Rows:
+    """Turns rows of the experiments table into Sources: metrics, and the params that differ from the workspace."""
+
+    def __init__(self, table):
+        import yaml
+
+        try:
+            params_tree = yaml.safe_load(Path("params.yaml").read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError):
+            params_tree = {}
+        columns = list(table.columns)
+        self.param_cols = {k: c for k in sorted(_flat_keys(params_tree)) if (c := _column(columns, k, "params.yaml"))}
+        self.val_col = _column(columns, "val.bpc", str(VAL_METRICS))
+        self.test_col = _column(columns, "test_bpc", str(paths.EVAL_METRICS))
+        self.model_col = _column(columns, str(paths.MODEL), "")
+        workspace = table[table["rev"] == "workspace"]
+        self.reference = {k: _plain(workspace.iloc[0][c]) for k, c in self.param_cols.items()} if len(workspace) else {}
+
+    def source(self, record, **kw) -> Source | None:
+        if self.model_col is None or _plain(record.get(self.model_col)) is None:
             return None  # dvc.lock names no model at this revision
         if record.get("State") in ("Queued", "Running", "Failed"):
             return None
-        params = {k: v for k, c in param_cols.items() if (v := _plain(record.get(c))) != reference.get(k)}
-
-        def number(c):
-            return _plain(record.get(c)) if c else None
-
-        val, test = number(val_col), number(test_col)
+        params = {k: v for k, c in self.param_cols.items() if (v := _plain(record.get(c))) != self.reference.get(k)}
+        val, test = (_plain(record.get(c)) if c else None for c in (self.val_col, self.test_col))
         return Source(
             path=paths.MODEL,
             val_bpc=float(val) if isinstance(val, (int, float)) else None,
@@ -168,6 +167,14 @@ def _experiment_sources() -> list[Source]:
             **kw,
         )
 
+
+def _experiment_sources() -> list[Source]:
+    """Experiments, branches and tags with a model, from `dvc.api.exp_show()` as a pandas table."""
+    found = _exp_table()
+    if found is None or found[0].empty:
+        return []
+    table, head, names_sha, row_sha = found
+    rows = _Rows(table)
     sources: list[Source] = []
     baselines: dict[str, dict] = {}
     for record in table.to_dict("records"):
@@ -175,21 +182,20 @@ def _experiment_sources() -> list[Source]:
         if rev == "workspace" or not isinstance(rev, str):
             continue
         if isinstance(name, str) and name:
-            source = described(record, id=f"rev:{name}", label=name, kind="experiment", rev=name)
-            if source:
+            if source := rows.source(record, id=f"rev:{name}", label=name, kind="experiment", rev=name):
                 sources.append(source)
         elif rev in row_sha:
             baselines[row_sha[rev]] = record
     covered = set()
     for (kind, name), sha in names_sha.items():
         if sha in baselines and (
-            source := described(baselines[sha], id=f"rev:{name}", label=name, kind=kind, rev=name)
+            source := rows.source(baselines[sha], id=f"rev:{name}", label=name, kind=kind, rev=name)
         ):
             sources.append(source)
             covered.add(sha)
     if head in baselines and head not in covered:  # a detached HEAD that no branch or tag names
         short = head[:7]
-        if source := described(baselines[head], id=f"rev:{short}", label=short, kind="commit", rev=head):
+        if source := rows.source(baselines[head], id=f"rev:{short}", label=short, kind="commit", rev=head):
             sources.append(source)
     return sources
 
