@@ -361,6 +361,11 @@ def test_a_non_loopback_host_needs_the_token(tmp_path, monkeypatch):
         assert s.get("/api/models")[0] == 403
         assert s.get("/api/models?token=wrong")[0] == 403
         assert s.get("/")[0] == 403
+        assert s.get("/page/app.js")[0] == 403
+        # The page asks for its own script and style with the token, or it would load neither.
+        page = s.get(f"/?token={token}")[2]
+        assert f'"/page/app.js?token={token}"' in page and f'"/page/style.css?token={token}"' in page
+        assert s.get(f"/page/app.js?token={token}")[0] == 200
         status, _, out = s.get(f"/api/models?token={token}")
         assert status == 200 and out["models"][0]["id"] == "file:0"
         assert s.post(f"/api/generate?token={token}", {"models": ["file:0"], "length": 1})[0] == 200

@@ -555,6 +555,12 @@ class Handler(BaseHTTPRequestHandler):
             data = (PAGE / name).read_bytes()
         except OSError:
             raise HTTPError(404, f"the page is not installed here (charlm/apps/serve/page/{name} is missing)") from None
+        token = self.server.app.token
+        if name == "index.html" and token:
+            # The page's own script and style are requests too, and CSP allows no inline script that could add the
+            # token to them: it goes into their URLs here (a URL-safe string, so safe in an attribute).
+            for asset in ("/page/app.js", "/page/style.css"):
+                data = data.replace(f'"{asset}"'.encode(), f'"{asset}?token={token}"'.encode())
         self._headers(200, content_type, len(data))
         self.wfile.write(data)
 
