@@ -1,6 +1,6 @@
 """Stateful, batched text generation: feed each prompt once, then one step per character.
 
-Every stream in the batch has its own temperature (0 = greedy). Logits are shifted by their max before
+Every row of the batch (one sample) has its own temperature (0 = greedy). Logits are shifted by their max before
 scaling, so any temperature is numerically safe. <pad> and <unk> are never emitted.
 """
 
@@ -40,7 +40,7 @@ def _never(device: torch.device) -> torch.Tensor:
 
 
 class Sampler:
-    """Draws one token per stream from next-token logits. Built once per generation, called once per character:
+    """Draws one token per row from next-token logits. Built once per generation, called once per character:
     what depends only on the temperatures is worked out here, so a call launches as few kernels as it can.
 
     temperature (batch,): 0 means argmax. Logits are shifted by their max before scaling, so any temperature is
@@ -62,7 +62,7 @@ class Sampler:
         z = (logits - logits.max(-1, keepdim=True).values).mul_(self.inverse_t)  # max is 0: exp() cannot overflow
         z = filter_top(z, self.top_k, self.top_p)
         # Inverse-CDF draw, one uniform per row: torch.multinomial draws one exponential per vocabulary entry and
-        # checks its input, which was most of the sampling time at 64 streams. The CDF is in float64 so that the
+        # checks its input, which was most of the sampling time at 64 rows. The CDF is in float64 so that the
         # uniform, scaled by the row's total, lands past its last entry only with odds of about 1e-16 (clamped).
         cdf = torch.softmax(z, dim=-1, dtype=torch.float64).cumsum_(-1)
         u = torch.rand(cdf.size(0), 1, dtype=torch.float64, device=cdf.device, generator=self.generator)
@@ -135,9 +135,9 @@ def token_steps(
     seed: int = 0,
     stop_at_eos: bool = True,
 ) -> Iterator[list[int | None]]:
-    """Yield, for each generated position, one token id per stream (None once a stream has stopped).
+    """Yield, for each generated position, one token id per row (None once a row has stopped).
 
-    Streams are the pairs prompt x temperature, in that order. Memory is O(batch), whatever the length.
+    Rows are the pairs prompt x temperature, in that order. Memory is O(batch), whatever the length.
     """
     device = model.head.weight.device
     pairs = [(p, t) for p in prompts for t in temperatures]
@@ -152,7 +152,7 @@ def token_steps(
         step = model.stepper() if few_cpu_rows(device, len(pairs)) else model.step
         for _ in range(length):
             token = draw(logits)
-            # The stopped streams are tracked on the host, from the one copy of the tokens that is made anyway:
+            # The stopped rows are tracked on the host, from the one copy of the tokens that is made anyway:
             # on CUDA each device-side check would be one more sync per character.
             drawn = token.tolist()
             yield [t if on else None for t, on in zip(drawn, alive, strict=True)]

@@ -45,7 +45,7 @@ class Job:
         """Per position, the text each model adds (None once it has stopped): the decoding `charlm generate`
         prints, one model at a time with the same seed, so a model's text matches the CLI's byte for byte."""
         r = self.request
-        streams = [
+        generators = [
             text_pieces(
                 token_steps(
                     model, vocab, [r.prompt], [r.temperature], r.length, r.top_k, r.top_p, r.seed, r.stop_at_eos
@@ -56,7 +56,7 @@ class Job:
             for model, vocab, _ in self.loaded
         ]
         none: list[str | None] = [None]
-        for step in itertools.zip_longest(*streams, fillvalue=none):
+        for step in itertools.zip_longest(*generators, fillvalue=none):
             yield [row[0] for row in step]
 
 
