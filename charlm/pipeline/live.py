@@ -145,7 +145,7 @@ class TrainLog:
             self.logs.start(saved)  # the logs as they were at the checkpoint, if any
             self.live = stage_live(paths.LIVE, resume=saved is not None)
 
-    def say(self, text: str, end: str = "\n") -> None:
+    def message(self, text: str, end: str = "\n") -> None:
         if self.lead:
             tqdm.write(text, end=end)
 
@@ -165,17 +165,17 @@ class TrainLog:
         self.bar.set_postfix(loss=f"{train_loss:.3f}", chars_s=f"{chars_per_s:,.0f}")
         if self.bar.disable:  # no terminal (CI, nohup, a queued experiment): plain progress lines instead
             eta = (self.total - done) * self.chars_per_step / max(chars_per_s, 1e-9)
-            self.say(f"step {done:,}/{self.total:,}: loss {train_loss:.4f}, {chars_per_s:,.0f} chars/s, "
+            self.message(f"step {done:,}/{self.total:,}: loss {train_loss:.4f}, {chars_per_s:,.0f} chars/s, "
                      f"ETA {eta / 60:.1f} min")  # fmt: skip
 
     def val(self, step: int, val_bpc: float, note: str = "") -> None:
         if self.lead:
             self._log(step, {"val/loss": val_bpc * LN2, "val/bpc": val_bpc})
-            self.say(f"step {step:,}: val {val_bpc:.4f} bpc{note}")
+            self.message(f"step {step:,}: val {val_bpc:.4f} bpc{note}")
 
     def samples(self, step: int, text: str) -> None:
         if self.lead:
-            self.say(f"step {step:,} samples:\n{text}", end="")
+            self.message(f"step {step:,} samples:\n{text}", end="")
             self.logs.add_samples(step, text)
 
     def commit(self) -> None:
