@@ -62,7 +62,7 @@ def adaptive_metrics(config: EvaluateParams, model, streams: dict[str, np.ndarra
             metrics["val_bpc"] = bpc(network)
         if counts is not None:
             t0 = time.perf_counter()
-            cache = adaptive.cache_probs(counts, stream)
+            cache = adaptive.cache_probs(counts, stream, discount=config.cache_discount)
             metrics[f"{split}_bpc_cache"] = bpc(adaptive.mix_log_probs(network, cache, config.cache_lambda))
             seconds["cache"] += time.perf_counter() - t0
         if ms is not None:

@@ -37,9 +37,10 @@ def random_items(seed: int, n: int = 14, vocab: int = V) -> list[list[int]]:
     return items
 
 
-def naive_cache(train: np.ndarray, stream: np.ndarray, order: int, vocab: int, full: bool) -> np.ndarray:
-    """The cache's definition in plain Python, one character at a time: Witten-Bell over the contexts within the
-    item, counts of the training stream plus every item of `stream` once it has ended. The probability of each
+def naive_cache(train: np.ndarray, stream: np.ndarray, order: int, vocab: int, full: bool,
+                discount: float = 0.0) -> np.ndarray:
+    """The cache's definition in plain Python, one character at a time: Witten-Bell (or absolute discounting)
+    over the contexts within the item, counts of the training stream plus every item of `stream` once it has ended. The probability of each
     scored character, or with `full` the distribution over the vocabulary there."""
     pair, ctx, follow = defaultdict(int), defaultdict(int), defaultdict(set)
 
@@ -67,7 +68,9 @@ def naive_cache(train: np.ndarray, stream: np.ndarray, order: int, vocab: int, f
                 p = 1.0 / vocab
                 for k in range(min(order, len(history)) + 1):
                     c = tuple(history[len(history) - k :])
-                    if ctx[c]:
+                    if ctx[c] and discount:
+                        p = (max(pair[c, y] - discount, 0) + discount * len(follow[c]) * p) / ctx[c]
+                    elif ctx[c]:
                         p = (pair[c, y] + len(follow[c]) * p) / (ctx[c] + len(follow[c]))
                 dist.append(p)
             out.append(dist)
@@ -94,19 +97,20 @@ TRAIN = stream_of(random_items(1, n=40))
 # --------------------------------------------------------------------------- the n-gram cache
 
 
+@pytest.mark.parametrize("discount", [0.0, 0.7])  # Witten-Bell, absolute discounting
 @pytest.mark.parametrize("order", [0, 1, 3, 6])
 @pytest.mark.parametrize("vocab", [V, 3000])  # 3000: keys too long for exact numbers are hashed
-def test_cache_is_witten_bell_over_counts_updated_after_each_item(order, vocab):
+def test_cache_is_the_interpolated_estimate_over_counts_updated_after_each_item(order, vocab, discount):
     rng = np.random.default_rng(order)
     train = stream_of(random_items(1, n=40, vocab=vocab)).astype(np.int32)
     stream = stream_of(random_items(2, vocab=vocab) + [[5, 6, 7, 5, 6, 7]] * 2).astype(np.int32)
     stream[rng.integers(1, len(stream) - 1, size=3)] = 4  # some items merged, some context changed
     counts = adaptive.train_counts(train, order=order, vocab_size=vocab)
-    probs = adaptive.cache_probs(counts, stream)
-    assert probs == pytest.approx(naive_cache(train, stream, order, vocab, full=False)[:, 0], rel=1e-12)
+    probs = adaptive.cache_probs(counts, stream, discount=discount)
+    assert probs == pytest.approx(naive_cache(train, stream, order, vocab, False, discount)[:, 0], rel=1e-12)
     if vocab == V:
-        dist = adaptive.cache_probs(counts, stream, distribution=True)
-        assert dist == pytest.approx(naive_cache(train, stream, order, vocab, full=True), rel=1e-12)
+        dist = adaptive.cache_probs(counts, stream, discount=discount, distribution=True)
+        assert dist == pytest.approx(naive_cache(train, stream, order, vocab, True, discount), rel=1e-12)
         assert dist.sum(axis=1) == pytest.approx(1.0, abs=1e-12)
         assert (dist > 0).all()
 
@@ -189,7 +193,7 @@ def test_gradient_rms_is_the_rms_of_minibatch_gradients(model):
 def scores(method: str, model, stream: np.ndarray) -> np.ndarray:
     """log p of every scored character of `stream` under one adaptive method."""
     starts, lengths = item_bounds(stream, EOS_ID)
-    cache = adaptive.cache_probs(adaptive.train_counts(TRAIN, order=4, vocab_size=V), stream)
+    cache = adaptive.cache_probs(adaptive.train_counts(TRAIN, order=4, vocab_size=V), stream, discount=0.5)
     if method == "cache":
         # One item per batch: other batch sizes group items differently when the text changes, which moves
         # the static scores by rounding only.
@@ -243,7 +247,8 @@ def evaluate(trained: Project, path: Path, **settings) -> dict:
 def test_evaluate_stage_reports_adaptive_metrics_beside_the_static_ones(trained, tmp_path):
     static = evaluate(trained, tmp_path / "static", cache_lambda=1.0, dynamic_eta=0.0)
     assert not [k for k in static if "cache" in k or "dynamic" in k or "adaptive" in k or k.startswith("val")]
-    settings = dict(cache_lambda=0.6, cache_order=4, dynamic_eta=0.002, dynamic_lambda=0.2, dynamic_segment=16)
+    settings = dict(cache_lambda=0.6, cache_order=4, cache_discount=0.5, dynamic_eta=0.002, dynamic_lambda=0.2,
+                    dynamic_segment=16)
     metrics = evaluate(trained, tmp_path / "adaptive", **settings)
     for key in ("test_bpc", "test_loss", "test_chars", "test_items", "unk_rate"):
         assert metrics[key] == static[key], key  # the static protocol is untouched
@@ -259,7 +264,7 @@ def test_evaluate_stage_reports_adaptive_metrics_beside_the_static_ones(trained,
         stream = streams[split]
         starts, lengths = item_bounds(stream, EOS_ID)
         network = adaptive.item_log_probs(model, stream, starts, lengths, 16, "cpu")
-        cache = adaptive.cache_probs(counts, stream)
+        cache = adaptive.cache_probs(counts, stream, discount=0.5)
         learnt = adaptive.dynamic_log_probs(model, stream, starts, lengths, stats, lr=0.002, decay=0.2, segment=16,
                                             device="cpu")
         expected = {"cache": adaptive.mix_log_probs(network, cache, 0.6), "dynamic": learnt,

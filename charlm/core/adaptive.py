@@ -2,8 +2,8 @@
 
 Two methods, each scored beside (never instead of) the static protocol of charlm/core/scoring.py:
 
-- an n-gram cache: Witten-Bell interpolated character n-gram counts from the training text, to which each
-  evaluated item is added once it has been scored, mixed linearly with the network's distribution;
+- an n-gram cache: interpolated character n-gram counts (Witten-Bell or absolute discounting) of the training
+  text, to which each evaluated item is added once it has been scored, mixed linearly with the network;
 - dynamic evaluation (Krause et al., 2018, "Dynamic Evaluation of Neural Sequence Models"): the network keeps
   learning from the text it has scored, by an RMS-normalised gradient step after each segment, decayed back
   towards the trained weights.
@@ -193,20 +193,29 @@ def _check_tokens(stream: np.ndarray, vocab_size: int, name: str) -> None:
         raise CharlmError(f"the {name} stream holds token {int(stream.max())}, outside a vocabulary of {vocab_size}")
 
 
-def cache_probs(counts: NGramCounts, stream: np.ndarray, *, distribution: bool = False) -> np.ndarray:
+def cache_probs(
+    counts: NGramCounts, stream: np.ndarray, *, discount: float = 0.0, distribution: bool = False
+) -> np.ndarray:
     """The adaptive n-gram cache's probability of every scored character of `stream`, in stream order.
 
     The scored characters are those of item_bounds: every token after the first that is not <eos>. Counts start
     from the training counts, and each item of `stream` is added to them once all of it has been scored (its
-    closing <eos> with it), with contexts as in `train_counts`. The estimate is Witten-Bell interpolation from
-    the uniform distribution over context lengths 0..order:
+    closing <eos> with it), with contexts as in `train_counts`. The estimate interpolates from the uniform
+    distribution up through context lengths 0..order; with `discount` 0 by Witten-Bell,
 
-        p_k(x | c) = (n(c, x) + t(c) p_{k-1}(x | c')) / (n(c) + t(c)),   p_k = p_{k-1} where n(c) = 0,
+        p_k(x | c) = (n(c, x) + t(c) p_{k-1}(x | c')) / (n(c) + t(c)),
 
-    where n counts, t(c) is the number of distinct tokens seen after c and c' is c without its oldest token.
-    With `distribution`, returns instead the whole distribution over the vocabulary at each scored character,
-    shape (characters, vocab_size), which sums to 1.
+    and with 0 < `discount` = D < 1 by absolute discounting, which trusts a context seen once less than
+    Witten-Bell does (with long contexts, most are):
+
+        p_k(x | c) = (max(n(c, x) - D, 0) + D t(c) p_{k-1}(x | c')) / n(c),
+
+    and p_k = p_{k-1} where n(c) = 0; n counts, t(c) is the number of distinct tokens seen after c and c' is c
+    without its oldest token. With `distribution`, returns instead the whole distribution over the vocabulary at
+    each scored character, shape (characters, vocab_size), which sums to 1.
     """
+    if not 0 <= discount < 1:
+        raise CharlmError(f"the cache discount must be in [0, 1), not {discount}")
     stream = np.asarray(stream)
     _check_tokens(stream, counts.vocab_size, "evaluated")
     radix = np.uint64(counts.radix)
@@ -242,7 +251,12 @@ def cache_probs(counts: NGramCounts, stream: np.ndarray, *, distribution: bool =
             q_pairs, np.repeat(q_seg, targets.shape[1])
         )
         use = ((q_avail >= k) & (n_ctx > 0))[:, None]
-        p = np.where(use, (n_pair.reshape(p.shape) + t[:, None] * p) / np.maximum(n_ctx + t, 1)[:, None], p)
+        n_pair = n_pair.reshape(p.shape)
+        if discount > 0:
+            level_p = (np.maximum(n_pair - discount, 0) + discount * t[:, None] * p) / np.maximum(n_ctx, 1)[:, None]
+        else:
+            level_p = (n_pair + t[:, None] * p) / np.maximum(n_ctx + t, 1)[:, None]
+        p = np.where(use, level_p, p)
     return p if distribution else p[:, 0]
 
 
