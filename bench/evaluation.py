@@ -51,7 +51,7 @@ def scoring_case(name: str, model, test, starts, lengths, cells, device: str, mk
         idx = np.argsort(lengths, kind="stable")[:8]
         score_items(model, test, starts[idx], lengths[idx], 8, torch.device(device))
 
-    return Case(name, unit, device, mkldnn, warmup_units=0, warm=warm)
+    return Case(name, unit, device, mkldnn, warm=warm)
 
 
 def rate(c: Case, n_cells: int) -> str:

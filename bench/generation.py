@@ -12,7 +12,7 @@ import torch
 
 import charlm.core.sampling as sampling
 from bench import lesson
-from bench.harness import CUDA, Case, Table, best_of, measure, onednn, ratio_stat, shape_name
+from bench.harness import CUDA, Case, Table, best_of, measure, ratio_stat, shape_name
 from charlm.core.model import CharRNN
 
 SHAPES = [(1, 256, 32), (2, 256, 32), (2, 512, 32)]  # layers, hidden, embedding
@@ -28,16 +28,6 @@ LABEL = {"charlm": "charlm", "lesson-stateful": "lesson stateful", "lesson-prefi
 def forced_backend():
     """Make token_steps use whatever torch.backends.mkldnn.enabled is set to (no automatic choice)."""
     return mock.patch.object(sampling, "few_rows_backend", lambda device, batch: contextlib.nullcontext())
-
-
-def shipped_threshold() -> int:
-    """The batch size up to which charlm.core.sampling.few_rows_backend turns oneDNN off (probed, not assumed)."""
-    last_off = 0
-    for batch in range(1, 129):
-        with onednn(True), sampling.few_rows_backend(torch.device("cpu"), batch):
-            if not torch.backends.mkldnn.enabled:
-                last_off = batch
-    return last_off
 
 
 def charlm_unit(model, vocab, batch: int, length: int):
@@ -88,22 +78,19 @@ def comparison_rows(ctx, table: Table, vocab, shape: tuple[int, int, int]) -> No
     for batch in STREAMS:
         ctx.log(f"  generation {name}, {batch} stream(s)")
         plen = bud.prefix_single if batch == 1 else bud.prefix_batch
-        prefix_warm = lesson_unit(lesson.generate_prefix, model, vocab, batch, 5)
+        prefix = lesson_unit(lesson.generate_prefix, model, vocab, batch, plen)
+        warm = lesson_unit(lesson.generate_prefix, model, vocab, batch, 5)  # a full-length call would take long
         cases = [
             Case("charlm", charlm_unit(model, vocab, batch, n), mkldnn=True),
             Case("lesson-stateful", lesson_unit(lesson.generate_stateful, model, vocab, batch, n), mkldnn=True),
-            Case(
-                "lesson-prefix",
-                lesson_unit(lesson.generate_prefix, model, vocab, batch, plen),
-                mkldnn=True,
-                warmup_units=0,
-                warm=prefix_warm,
-            ),
+            Case("lesson-prefix", prefix, mkldnn=True, warm=warm),
         ]
         r = measure(cases, bud.gen_rounds, bud.gen_seconds, log=ctx.log)
-        prefix = f"{r['lesson-prefix'].fmt()} (n = {plen})"
+        prefix_rate = f"{r['lesson-prefix'].fmt()} (n = {plen})"
         ratio = ratio_stat(r["charlm"], r["lesson-stateful"]).fmt("×", 2)
-        table.add(name, batch, "cpu", r["charlm"].fmt(), r["lesson-stateful"].fmt(), prefix, LABEL[best_of(r)], ratio)
+        table.add(
+            name, batch, "cpu", r["charlm"].fmt(), r["lesson-stateful"].fmt(), prefix_rate, LABEL[best_of(r)], ratio
+        )
     if not ctx.cuda:
         return
     model = model_of(vocab, "lstm", *shape, device=CUDA)
@@ -115,7 +102,7 @@ def comparison_rows(ctx, table: Table, vocab, shape: tuple[int, int, int]) -> No
         table.add(name, batch, CUDA, r["charlm"].fmt(), r["lesson-stateful"].fmt(), "—", LABEL[best_of(r)], ratio)
 
 
-def crossover_rows(ctx, table: Table, vocab, shape: tuple[int, int, int], threshold: int) -> str:
+def crossover_rows(ctx, table: Table, vocab, shape: tuple[int, int, int]) -> str:
     """4b: one shape; returns the summary of where each backend won."""
     name = f"{shape_name(*shape)} {CROSSOVER_CELL}"
     model, n = model_of(vocab, CROSSOVER_CELL, *shape), ctx.budget.gen_length
@@ -126,7 +113,8 @@ def crossover_rows(ctx, table: Table, vocab, shape: tuple[int, int, int], thresh
             cases = [Case(dnn, charlm_unit(model, vocab, batch, n), mkldnn=dnn == "on") for dnn in ("on", "off")]
             r = measure(cases, ctx.budget.gen_rounds, ctx.budget.gen_seconds, log=ctx.log)
             ratio = ratio_stat(r["on"], r["off"])
-            faster, picks = "on" if ratio.median >= 1 else "off", "off" if batch <= threshold else "on"
+            faster = "on" if ratio.median >= 1 else "off"
+            picks = "off" if sampling.few_cpu_rows(torch.device("cpu"), batch) else "on"
             verdict = [f"oneDNN {faster}", f"oneDNN {picks}", "yes" if picks == faster else "**no**"]
             table.add(name, batch, r["on"].fmt(), r["off"].fmt(), ratio.fmt("×", 2), *verdict)
             wins[faster].append(batch)
@@ -150,7 +138,7 @@ def stepper_rows(ctx, table: Table, vocab, shape: tuple[int, int, int]) -> None:
 
 
 def section(ctx) -> list[Table]:
-    bud, vocab, threshold = ctx.budget, ctx.data().vocab(), shipped_threshold()
+    bud, vocab = ctx.budget, ctx.data().vocab()
     t_cmp = Table(
         "4a. Generation, chars/s (all streams together)",
         "model | streams | device | charlm `token_steps` (as shipped) | lesson: stateful steps (oneDNN on) | "
@@ -166,7 +154,7 @@ def section(ctx) -> list[Table]:
     )
     for shape in SHAPES:
         comparison_rows(ctx, t_cmp, vocab, shape)
-    summary = [crossover_rows(ctx, t_x, vocab, shape, threshold) for shape in SHAPES]
+    summary = [crossover_rows(ctx, t_x, vocab, shape) for shape in SHAPES]
     for shape in SHAPES:
         stepper_rows(ctx, t_step, vocab, shape)
     t_step.notes.append(
@@ -189,7 +177,7 @@ def section(ctx) -> list[Table]:
         f"A {CROSSOVER_CELL.upper()} (GRU and RNN cells step through nn; an LSTM through 4c's written-out step, "
         "which oneDNN does not touch). `charlm.core.sampling.token_steps` with its automatic choice disabled, so the "
         "flag set here is what runs.",
-        f"`few_rows_backend` as shipped turns oneDNN off for batch ≤ {threshold} on CPU.",
+        f"`few_rows_backend` as shipped turns oneDNN off for batch ≤ {sampling.FEW_ROWS} on CPU.",
         "Observed: " + "; ".join(summary) + ".",
     ]
     return [t_cmp, t_x, t_step]

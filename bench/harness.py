@@ -19,7 +19,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,9 +43,6 @@ TRAIN_ROWS, TEST_ROWS = 6600, 1000  # the bench split of the AG News test file
 CUDA = "cuda"  # the device of the CUDA columns and tables, which appear only when torch.cuda.is_available()
 
 
-# ----------------------------------------------------------------------------------- params
-
-
 def params_of(cls, path: Path = ROOT / "params.yaml", **overrides):
     """A section of `path` (the repository's params.yaml by default), as the stages load it, with overrides."""
     return dataclasses.replace(load(cls, path), **overrides)
@@ -60,15 +56,8 @@ def train_params(**overrides) -> TrainParams:
     return params_of(TrainParams, **overrides)
 
 
-def pack_params(path: Path) -> PackParams:
-    return params_of(PackParams, path)
-
-
 def shape_name(layers: int, hidden: int, embedding: int) -> str:
     return f"{layers}×{hidden} " + ("one-hot" if embedding == 0 else f"emb {embedding}")
-
-
-# ----------------------------------------------------------------------------------- statistics and timing
 
 
 @dataclass
@@ -122,8 +111,7 @@ class Case:
     unit: Callable[[], float]
     device: str = "cpu"
     mkldnn: bool | None = None
-    warmup_units: int = 1
-    warm: Callable[[], object] | None = None  # extra warm-up, run before the first round
+    warm: Callable[[], object] | None = None  # the warm-up before the first round (default: one unit)
     rates: list[float] = field(default_factory=list)
     amounts: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
@@ -134,10 +122,7 @@ class Case:
 
     def warm_up(self) -> None:
         with onednn(self.mkldnn):
-            if self.warm is not None:
-                self.warm()
-            for _ in range(self.warmup_units):
-                self.unit()
+            (self.warm or self.unit)()
             sync(self.device)
 
     def run(self, budget_s: float) -> None:
@@ -188,9 +173,6 @@ def time_calls(fn: Callable[[], object], budget_s: float, repeats: int = 5, devi
     return Stat(out)
 
 
-# ----------------------------------------------------------------------------------- tables
-
-
 class Table:
     """A Markdown table; `header` is its column names joined by " | "."""
 
@@ -220,9 +202,6 @@ def load_line() -> str:
     return " / ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-# ----------------------------------------------------------------------------------- machine facts
-
-
 def cpu_info(key: str) -> str | None:
     """The first /proc/cpuinfo line that starts with `key`, after its colon."""
     with contextlib.suppress(OSError):
@@ -230,14 +209,6 @@ def cpu_info(key: str) -> str | None:
             if line.startswith(key):
                 return line.split(":", 1)[1].strip()
     return None
-
-
-def cpu_flags() -> str:
-    flags = cpu_info("flags")
-    if flags is None:
-        return "unknown"
-    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
-    return " ".join(f for f in wanted if f in flags.split()) or "none of avx2/avx512/amx"
 
 
 def git_revision() -> str:
@@ -252,9 +223,12 @@ def git_revision() -> str:
 
 
 def machine_facts() -> dict[str, str]:
+    flags = (cpu_info("flags") or "").split()
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
     facts = {
         "CPU": cpu_info("model name") or platform.processor() or "unknown",
-        "CPU flags (relevant)": cpu_flags(),
+        "CPU flags (relevant)": " ".join(f for f in wanted if f in flags)
+        or ("none of avx2/avx512/amx" if flags else "unknown"),
         "cores (os.cpu_count / usable)": f"{os.cpu_count()} / {len(os.sched_getaffinity(0))}",
         "torch threads (intra-op)": str(torch.get_num_threads()),
         "torch": torch.__version__,
@@ -272,14 +246,10 @@ def machine_facts() -> dict[str, str]:
     return facts
 
 
-# ----------------------------------------------------------------------------------- stages and data
-
-
 @dataclass
 class StageRun:
     seconds: float
     maxrss_bytes: int
-    output: str
 
 
 # A child's ru_maxrss starts from the RSS of the process it was forked from (Linux keeps the pre-exec
@@ -302,19 +272,16 @@ def run_stage(name: str, cwd: Path, args: list[str] | None = None) -> StageRun:
     cmd = [sys.executable, str(ROOT / "stages" / f"{name}.py")] if args is None else [sys.executable, *args]
     env = dict(os.environ)  # stages import `charlm` from the repository, whatever the current folder
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as report:
-        subprocess.run([sys.executable, "-S", "-c", _LAUNCHER, *cmd], cwd=cwd, stdout=out, stderr=report, env=env)
-        out.seek(0)
-        report.seek(0)
-        text = out.read().decode("utf-8", "replace")
-        lines = report.read().decode("utf-8", "replace").strip().splitlines()
+    launch = [sys.executable, "-S", "-c", _LAUNCHER, *cmd]
+    proc = subprocess.run(launch, cwd=cwd, capture_output=True, text=True, errors="replace", env=env)
+    lines = proc.stderr.strip().splitlines()
     try:
         seconds, maxrss_kib, code = json.loads(lines[-1])
     except (IndexError, ValueError):
         raise RuntimeError(f"{' '.join(cmd)}: the launcher failed in {cwd}:\n" + "\n".join(lines)) from None
     if code != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed in {cwd} (exit {code}):\n{text}\n" + "\n".join(lines[:-1]))
-    return StageRun(seconds, maxrss_kib * 1024, text + "\n".join(lines[:-1]))  # ru_maxrss is in KiB on Linux
+        raise RuntimeError(f"{' '.join(cmd)} failed in {cwd} (exit {code}):\n{proc.stdout}\n" + "\n".join(lines[:-1]))
+    return StageRun(seconds, maxrss_kib * 1024)  # ru_maxrss is in KiB on Linux
 
 
 def write_params(folder: Path, overrides: dict[str, object] | None = None) -> None:
@@ -352,10 +319,6 @@ class Prepared:
     folder: Path
     seconds: dict[str, float]
 
-    @property
-    def data(self) -> Path:
-        return self.folder / "data"
-
     def vocab(self) -> Vocab:
         return Vocab.load(self.folder / paths.VOCAB)
 
@@ -367,7 +330,7 @@ class Prepared:
 
     def train_items(self) -> list[str]:
         """The train items that pack kept for training (validation items carved out exactly as pack does)."""
-        p = pack_params(self.folder / "params.yaml")
+        p: PackParams = params_of(PackParams, self.folder / "params.yaml")
         return split_items(self.items("train"), p.val_fraction, p.seed)[0]
 
 

@@ -144,7 +144,14 @@ def cpu_rows(ctx, tables: list[Table], mp, tp) -> None:
     r = measure(cases, ctx.budget.train_rounds, ctx.budget.train_seconds, log=ctx.log)
     on, bare_on, off, bare_off = r["charlm/on"], r["bare/on"], r["charlm/off"], r["bare/off"]
     ratio, dnn = ratio_stat(on, bare_on), ratio_stat(on, off)
-    t_main.add(name, f"{n_params(loop.run.model):,}", on.fmt(), bare_on.fmt(), ratio.pct(), yes(ratio.median >= 0.95))
+    t_main.add(
+        name,
+        f"{n_params(loop.run.model):,}",
+        on.fmt(),
+        bare_on.fmt(),
+        ratio.pct(),
+        "yes" if ratio.median >= 0.95 else "**no**",
+    )
     faster = "oneDNN on" if dnn.median >= 1 else "**oneDNN off**"
     bare_ratio = ratio_stat(off, bare_off).pct()
     t_dnn.add(name, on.fmt(), off.fmt(), dnn.fmt("×", 2), bare_on.fmt(), bare_off.fmt(), bare_ratio, faster)
@@ -159,10 +166,6 @@ def cpu_rows(ctx, tables: list[Table], mp, tp) -> None:
     gap = f"{(step_c - step_b) * 1e3:,.2f} ms ({(step_c - step_b) / step_c:.1%})"
     sum_cell = f"{total * 1e6:,.0f} µs ({total / step_c:.2%})"
     t_gap.add(name, f"{step_c * 1e3:,.2f} ms", f"{step_b * 1e3:,.2f} ms", gap, *share, sum_cell)
-
-
-def yes(ok: bool) -> str:
-    return "yes" if ok else "**no**"
 
 
 def section(ctx) -> list[Table]:
