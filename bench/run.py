@@ -184,7 +184,8 @@ def main(argv: list[str] | None = None) -> None:
     args, only = parse_args(argv)
     output = args.output if args.output is not None else (None if args.only else ROOT / "BENCHMARKS.md")
     plain = not (args.quick or args.only or args.output) and os.environ.get("MAKELEVEL")
-    command = "make bench" if plain else " ".join([".venv/bin/python -m bench.run", *(argv or sys.argv[1:])])
+    given = sys.argv[1:] if argv is None else argv
+    command = "make bench" if plain else " ".join([".venv/bin/python -m bench.run", *given])
     facts = harness.machine_facts()
     print("\n".join(f"{k}: {v}" for k, v in facts.items()))
     workdir = Path(tempfile.mkdtemp(prefix="charlm-bench-"))
