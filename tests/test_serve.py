@@ -5,6 +5,7 @@ one in a throw-away git + DVC repository with a trained workspace model and a `d
 """
 from __future__ import annotations
 
+import io
 import http.client
 import json
 import os
@@ -534,3 +535,25 @@ def test_requests_the_base_server_refuses_are_answered_in_json(in_plain):
     assert status == 501 and resp.getheader("Content-Type") == "application/json" and out["error"]
     status, resp, out = s.request("DELETE", "/api/models")
     assert status == 501 and resp.getheader("X-Content-Type-Options") == "nosniff" and "DELETE" in out["error"]
+
+
+def test_pieces_that_come_fast_are_written_together_but_the_first_and_the_end_at_once():
+    class Counting(io.BytesIO):
+        writes = 0
+
+        def write(self, data):
+            Counting.writes += 1
+            return super().write(data)
+
+    out = Counting()
+    send = srv.EventWriter(out).send
+    send("start", {"seed": 1, "models": ["a"]})
+    send("piece", {"pieces": ["x"]})
+    assert Counting.writes == 2, "the first character is not held back"
+    for _ in range(50):
+        send("piece", {"pieces": ["y"]})
+    assert Counting.writes < 10, "fast pieces share writes"
+    send("done", {"reason": "finished"})
+    events = parse_events(out.getvalue().decode())
+    assert [e for e, _ in events] == ["start"] + ["piece"] * 51 + ["done"]
+    assert "".join(d["pieces"][0] for e, d in events if e == "piece") == "x" + "y" * 50

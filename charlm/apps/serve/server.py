@@ -55,6 +55,7 @@ import secrets
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -573,11 +574,7 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self._headers(200, "text/event-stream; charset=utf-8", None)
 
-            def send(event: str, data: dict) -> None:
-                payload = json.dumps(data, ensure_ascii=False, allow_nan=False)
-                self.wfile.write(f"event: {event}\ndata: {payload}\n\n".encode())
-                self.wfile.flush()
-
+            send = EventWriter(self.wfile).send
             try:
                 run(job, send)
             except OSError:
@@ -587,6 +584,28 @@ class Handler(BaseHTTPRequestHandler):
                     send("error", {"error": _one_line(f"generation failed: {type(e).__name__}: {e}")})
         finally:
             app.jobs.finish(job)
+
+
+class EventWriter:
+    """Server-Sent Events onto a connection. A write per generated position would cost a system call and a wake-up
+    of the reader per character: pieces are written together when they come faster than FLUSH_S apart, while the
+    first piece and every other event go out at once, so the first character is not held back."""
+
+    FLUSH_S = 0.02
+
+    def __init__(self, out):
+        self.out, self.pending, self.last, self.pieces = out, [], 0.0, 0
+
+    def send(self, event: str, data: dict) -> None:
+        payload = json.dumps(data, ensure_ascii=False, allow_nan=False)
+        self.pending.append(f"event: {event}\ndata: {payload}\n\n".encode())
+        now = time.monotonic()
+        if event != "piece" or self.pieces == 0 or now - self.last >= self.FLUSH_S:
+            self.out.write(b"".join(self.pending))
+            self.out.flush()
+            self.pending.clear()
+            self.last = now
+        self.pieces += event == "piece"
 
 
 def _bad_constant(name: str) -> Any:
