@@ -5,8 +5,8 @@ one in a throw-away git + DVC repository with a trained workspace model and a `d
 """
 from __future__ import annotations
 
-import io
 import http.client
+import io
 import json
 import os
 import signal
@@ -19,14 +19,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ag_news_rows, csv_bytes, git_project, md5
 
 from charlm.apps.cli import main
 from charlm.apps.serve import server as srv
 from charlm.core.model import CharRNN
 from charlm.core.vocab import Vocab
 from charlm.pipeline import artifact
-
-from conftest import ag_news_rows, csv_bytes, git_project, md5
 
 VOCAB = Vocab(list("abcdefghijklmnopqrstuvwxyz .,!T"))
 SCRIPT = Path(sys.executable).parent / "charlm"
