@@ -36,6 +36,39 @@ def _number(kind, lo=None, hi=None, lo_open=False, what=""):
     return parse
 
 
+# Each command's one-line help (for `charlm --help`) and its description (for `charlm COMMAND --help`).
+COMMANDS = {
+    "generate": (
+        "generate text from a trained model, streaming it to stdout",
+        "Generate text from a trained charlm model. With -n 1 the characters stream "
+        "to stdout as they are produced; with -n > 1 the samples are drawn as one batch "
+        "and printed one after another.",
+    ),
+    "plots": (
+        "render the learning curves to image files (offline, no browser)",
+        "Render DVC's plots to PNG or SVG files plus a self-contained index.html, "
+        "offline. With revisions (commits, branches or experiment names) the curves "
+        "of each are overlaid, as in `dvc plots diff`; without, the workspace.",
+    ),
+    "compare": (
+        "print the generated samples of several experiments side by side",
+        "Print a Markdown table of reports/samples.json for each revision or "
+        "experiment, one row per prompt and temperature.",
+    ),
+    "serve": (
+        "a local web page to generate from, read with and look inside the models of this repository",
+        "Serve a web page over HTTP: generate from several models side by side, see how each reads "
+        "a text character by character, inspect hidden units, and compare learning curves. It lists the "
+        "workspace model, training checkpoints, and every DVC experiment, branch and tag with a model.",
+    ),
+}
+
+
+def command(sub, name: str) -> argparse.ArgumentParser:
+    summary, description = COMMANDS[name]
+    return sub.add_parser(name, help=summary, description=description)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="charlm", description="Character-level RNN language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -46,13 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_generate(sub) -> None:
-    g = sub.add_parser(
-        "generate",
-        help="generate text from a trained model, streaming it to stdout",
-        description="Generate text from a trained charlm model. With -n 1 the characters stream "
-        "to stdout as they are produced; with -n > 1 the samples are drawn as one batch "
-        "and printed one after another.",
-    )
+    g = command(sub, "generate")
     g.add_argument(
         "--prompt",
         default="",
@@ -100,33 +127,16 @@ def add_generate(sub) -> None:
 
 
 def add_plots_and_compare(sub) -> None:
-    pl = sub.add_parser(
-        "plots",
-        help="render the learning curves to image files (offline, no browser)",
-        description="Render DVC's plots to PNG or SVG files plus a self-contained index.html, "
-        "offline. With revisions (commits, branches or experiment names) the curves "
-        "of each are overlaid, as in `dvc plots diff`; without, the workspace.",
-    )
+    pl = command(sub, "plots")
     pl.add_argument("revisions", nargs="*", help="revisions or experiments to compare (default: the workspace)")
     pl.add_argument("--out", default="dvc_plots/static", help="output folder (default: dvc_plots/static)")
     pl.add_argument("--format", choices=("png", "svg"), default="png", help="image format (default: png)")
-    cmp = sub.add_parser(
-        "compare",
-        help="print the generated samples of several experiments side by side",
-        description="Print a Markdown table of reports/samples.json for each revision or "
-        "experiment, one row per prompt and temperature.",
-    )
+    cmp = command(sub, "compare")
     cmp.add_argument("revisions", nargs="+", help="revisions or experiment names; 'workspace' for the workspace")
 
 
 def add_serve(sub) -> None:
-    sv = sub.add_parser(
-        "serve",
-        help="a local web page to generate from, read with and look inside the models of this repository",
-        description="Serve a web page over HTTP: generate from several models side by side, see how each reads "
-        "a text character by character, inspect hidden units, and compare learning curves. It lists the "
-        "workspace model, training checkpoints, and every DVC experiment, branch and tag with a model.",
-    )
+    sv = command(sub, "serve")
     sv.add_argument("--model", action="append", default=[], metavar="PATH",
                     help="also serve this model file (repeatable); outside a repository, the only models")  # fmt: skip
     sv.add_argument("--port", type=_number(int, 0, 65535, what="0..65535"), default=8000,
