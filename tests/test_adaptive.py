@@ -140,7 +140,10 @@ def test_per_character_static_scores_are_the_protocol(model, batch_size, monkeyp
     starts, lengths = item_bounds(stream, EOS_ID)
     nats, chars, _ = scoring.score_items(model, stream, starts, lengths, 4, "cpu")
     monkeypatch.setattr(adaptive, "CHUNK", 7)  # long items in several chunks, the state carried
+    model.train()  # dropout on: scoring must switch it off, then give the model back as it came
     log_probs = adaptive.item_log_probs(model, stream, starts, lengths, batch_size, "cpu")
+    assert model.training
+    model.eval()
     assert len(log_probs) == chars and -log_probs.sum() == pytest.approx(nats, rel=1e-5)
     first = lengths[0]  # in stream order: the first item's characters come first
     alone = adaptive.item_log_probs(model, stream, starts[:1], lengths[:1], 1, "cpu")
@@ -160,6 +163,8 @@ def test_dynamic_evaluation_without_steps_is_the_static_score(model):
     starts, lengths = item_bounds(stream, EOS_ID)
     static = adaptive.item_log_probs(model, stream, starts, lengths, 8, "cpu")
     assert dynamic(model, stream, lr=0.0) == pytest.approx(static, rel=1e-5, abs=1e-6)
+    with torch.no_grad():  # a caller's no_grad does not stop it learning
+        assert not np.allclose(dynamic(model, stream, lr=0.05), static)
 
 
 def test_dynamic_evaluation_learns_and_leaves_the_model_alone(model):

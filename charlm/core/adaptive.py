@@ -38,8 +38,17 @@ def item_log_probs(
 
     The same batching as scoring.score_items (items sorted by length, padding after each item's end, long items
     in chunks with the state carried); its sum is score_items' total, and no result depends on the batching.
+    Dropout is off while scoring; the model is given back in the mode it came in.
     """
+    was_training = model.training
     model.eval()
+    try:
+        return _item_log_probs(model, stream, starts, lengths, batch_size, device)
+    finally:
+        model.train(was_training)
+
+
+def _item_log_probs(model, stream, starts, lengths, batch_size, device) -> np.ndarray:
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     out = np.zeros(int(offsets[-1]), dtype=np.float64)
     order = np.argsort(lengths, kind="stable")
@@ -281,6 +290,7 @@ def _learning_copy(model):
     return model
 
 
+@torch.enable_grad()  # also when called under no_grad
 def gradient_rms(
     model, train: np.ndarray, device, *, batches: int = 200, batch_size: int = 16, seq_len: int = 20, seed: int = 0
 ) -> list[torch.Tensor]:
@@ -306,6 +316,7 @@ def gradient_rms(
     return [(sq / batches).sqrt() for sq in squares]
 
 
+@torch.enable_grad()
 def dynamic_log_probs(
     model,
     stream: np.ndarray,
