@@ -112,7 +112,7 @@ def _keys(stream: np.ndarray, order: int, radix: int) -> Iterator[tuple[np.ndarr
 
 
 def _search(table: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    """np.searchsorted(table, keys), with the keys visited in sorted order: far faster on large tables."""
+    """np.searchsorted(table, keys), with the keys visited in sorted order, which is faster on large tables."""
     order = np.argsort(keys, kind="stable")
     at = np.empty(len(keys), dtype=np.int64)
     at[order] = np.searchsorted(table, keys[order])
