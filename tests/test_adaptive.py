@@ -139,7 +139,7 @@ def test_per_character_static_scores_are_the_protocol(model, batch_size, monkeyp
     stream = stream_of(random_items(3))
     starts, lengths = item_bounds(stream, EOS_ID)
     nats, chars, _ = scoring.score_items(model, stream, starts, lengths, 4, "cpu")
-    monkeypatch.setattr(adaptive, "CHUNK", 7)  # long items in several chunks, the state carried
+    monkeypatch.setattr(scoring, "CHUNK", 7)  # long items in several chunks, the state carried
     model.train()  # dropout on: scoring must switch it off, then give the model back as it came
     log_probs = adaptive.item_log_probs(model, stream, starts, lengths, batch_size, "cpu")
     assert model.training

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from charlm.base.errors import CharlmError
-from charlm.core.scoring import CHUNK
-from charlm.core.vocab import EOS_ID, PAD_ID
+from charlm.core.scoring import protocol_windows
+from charlm.core.vocab import EOS_ID
 
 # --------------------------------------------------------------------------- the network's per-character scores
 
@@ -51,20 +51,13 @@ def item_log_probs(
 def _item_log_probs(model, stream, starts, lengths, batch_size, device) -> np.ndarray:
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     out = np.zeros(int(offsets[-1]), dtype=np.float64)
-    order = np.argsort(lengths, kind="stable")
-    for i in range(0, len(order), batch_size):
-        idx = order[i : i + batch_size]
-        first, n = starts[idx][:, None] - 1, lengths[idx][:, None]
-        state = None
-        for t in range(0, int(n.max()), CHUNK):
-            steps = np.arange(t, min(t + CHUNK, int(n.max())))
-            valid = steps < n
-            window = stream[np.minimum(first + steps, len(stream) - 2)[..., None] + (0, 1)].astype(np.int64)
-            x = np.where(valid, window[..., 0], PAD_ID)
-            logits, state = model(torch.from_numpy(x).to(device), state)
-            logp = torch.log_softmax(logits.double(), -1).gather(-1, torch.from_numpy(window[..., 1:]).to(device))
-            rows, cols = np.nonzero(valid)
-            out[offsets[idx][rows] + steps[cols]] = logp[..., 0].cpu().numpy()[rows, cols]
+    state = None
+    for idx, steps, valid, x, targets, new_batch in protocol_windows(stream, starts, lengths, batch_size):
+        state = None if new_batch else state
+        logits, state = model(torch.from_numpy(x).to(device), state)
+        logp = torch.log_softmax(logits.double(), -1).gather(-1, torch.from_numpy(targets[..., None]).to(device))
+        rows, cols = np.nonzero(valid)
+        out[offsets[idx][rows] + steps[cols]] = logp[..., 0].cpu().numpy()[rows, cols]
     return out
 
 

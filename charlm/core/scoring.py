@@ -18,34 +18,39 @@ from charlm.core.vocab import EOS_ID, PAD_ID, UNK_ID
 CHUNK = 512  # time steps per forward call; the state is carried, so items of any length fit in memory
 
 
-@torch.no_grad()
-def score_items(
-    model, stream: np.ndarray, starts: np.ndarray, lengths: np.ndarray, batch_size: int, device
-) -> tuple[float, int, int]:
-    """Total nats, scored characters and <unk> targets over items given by (start, length) in `token_steps`.
-
-    Items are sorted by length so a batch pads little; padding sits after every item's last character,
-    where a forward-only RNN cannot let it change any scored position.
-    """
+def protocol_windows(stream: np.ndarray, starts: np.ndarray, lengths: np.ndarray, batch_size: int):
+    """The protocol's batching of items given by (start, length) in `stream`: sorted by length so a batch pads
+    little, `batch_size` items at a time, CHUNK steps at a time (the state carries between a batch's chunks).
+    Yields (item indices, steps, valid mask, inputs, targets, whether a new batch starts). Padding sits after every
+    item's last character, where a forward-only RNN cannot let it change any scored position."""
     order = np.argsort(lengths, kind="stable")
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    chars = unk = 0
     for i in range(0, len(order), batch_size):
         idx = order[i : i + batch_size]
         first, n = starts[idx][:, None] - 1, lengths[idx][:, None]  # first: the <eos> before each item
-        state = None
         for t in range(0, int(n.max()), CHUNK):
             steps = np.arange(t, min(t + CHUNK, int(n.max())))
             valid = steps < n
             window = stream[np.minimum(first + steps, len(stream) - 2)[..., None] + (0, 1)].astype(np.int64)
-            x = np.where(valid, window[..., 0], PAD_ID)
-            y = np.where(valid, window[..., 1], IGNORE)
-            nats, state = model(
-                torch.from_numpy(x).to(device), state, targets=torch.from_numpy(y).to(device), reduction="sum"
-            )
-            total += nats
-            chars += int(valid.sum())
-            unk += int((y == UNK_ID).sum())
+            yield idx, steps, valid, np.where(valid, window[..., 0], PAD_ID), window[..., 1], t == 0
+
+
+@torch.no_grad()
+def score_items(
+    model, stream: np.ndarray, starts: np.ndarray, lengths: np.ndarray, batch_size: int, device
+) -> tuple[float, int, int]:
+    """Total nats, scored characters and <unk> targets over items given by (start, length) in `stream`."""
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    chars = unk = 0
+    state = None
+    for _, _, valid, x, targets, new_batch in protocol_windows(stream, starts, lengths, batch_size):
+        state = None if new_batch else state
+        y = np.where(valid, targets, IGNORE)
+        nats, state = model(
+            torch.from_numpy(x).to(device), state, targets=torch.from_numpy(y).to(device), reduction="sum"
+        )
+        total += nats
+        chars += int(valid.sum())
+        unk += int((y == UNK_ID).sum())
     return total.item(), chars, unk
 
 
