@@ -238,7 +238,8 @@ def markdown(
 def write_section(text: str, path: Path = ROOT / "BENCHMARKS.md") -> None:
     old = path.read_text(encoding="utf-8") if path.exists() else ""
     head = old.split(MARKER)[0].rstrip("\n")
-    path.write_text((head + "\n\n" if head else "") + text, encoding="utf-8")
+    tail = old[old.index(harness.PLAYGROUND_MARKER) :] if harness.PLAYGROUND_MARKER in old else ""
+    path.write_text((head + "\n\n" if head else "") + text + ("\n" + tail if tail else ""), encoding="utf-8")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

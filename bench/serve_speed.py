@@ -36,7 +36,17 @@ from typing import Any
 
 import torch
 
-from bench.harness import ROOT, Case, Stat, load_line, machine_facts, measure, model_params, ratio_stat
+from bench.harness import (
+    PLAYGROUND_MARKER,
+    ROOT,
+    Case,
+    Stat,
+    load_line,
+    machine_facts,
+    measure,
+    model_params,
+    ratio_stat,
+)
 from charlm.core import inspection
 from charlm.core.model import CharRNN
 from charlm.core.sampling import text_pieces, token_steps
@@ -552,7 +562,8 @@ def report(ctx: dict) -> str:
         "interleaved, and a ratio is the median of the per-round ratios. On a busy shared machine the absolute "
         "figures move from run to run; the ratios less so."
     )
-    body = ["## Playground (charlm serve)", "", head, "", *targets(ctx), "", *stream_notes(ctx), ""]
+    body = [PLAYGROUND_MARKER, "", "## Playground (charlm serve)", "", head, "", *targets(ctx), ""]
+    body += [*stream_notes(ctx), ""]
     return "\n".join(body + load_notes(ctx)) + "\n"
 
 
