@@ -250,6 +250,19 @@ def project(tmp_path) -> Project:
     return git_project(tmp_path / "repo")
 
 
+def peaked_model(cell: str, vocab_size: int):
+    """A small random two-layer model with a sharpened head, so that a wrong context shows in its score."""
+    import torch
+
+    from charlm.core.model import CharRNN
+
+    torch.manual_seed(3)
+    model = CharRNN(vocab_size, cell=cell, hidden=10, layers=2, dropout=0.5, embedding=4).eval()
+    with torch.no_grad():
+        model.head.weight.mul_(4)
+    return model
+
+
 @pytest.fixture
 def one_thread():
     """In-process torch work on one thread: two OpenMP threads on a 2-core machine shared with other jobs make

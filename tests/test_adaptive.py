@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import Project, raw_project
+from conftest import Project, peaked_model, raw_project
 
 from charlm.core import adaptive, scoring
 from charlm.core.data import item_bounds
@@ -84,11 +84,7 @@ def naive_cache(train: np.ndarray, stream: np.ndarray, order: int, vocab: int, f
 
 @pytest.fixture(params=["lstm", "gru"])
 def model(request) -> CharRNN:
-    torch.manual_seed(3)
-    m = CharRNN(V, cell=request.param, hidden=10, layers=2, dropout=0.5, embedding=4).eval()
-    with torch.no_grad():
-        m.head.weight.mul_(4)  # a peaked model, so a wrong context shows in the score
-    return m
+    return peaked_model(request.param, V)
 
 
 TRAIN = stream_of(random_items(1, n=40))

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import Project, raw_project
+from conftest import Project, peaked_model, raw_project
 
 from charlm.pipeline import artifact
 from charlm.core import scoring
@@ -64,11 +64,7 @@ def naive_nats(model: CharRNN, items: list[list[int]]) -> float:
 
 @pytest.fixture(params=["lstm", "gru"])
 def model(request) -> CharRNN:
-    torch.manual_seed(3)
-    m = CharRNN(V, cell=request.param, hidden=10, layers=2, dropout=0.5, embedding=4).eval()
-    with torch.no_grad():
-        m.head.weight.mul_(4)  # a peaked model, so a wrong context shows in the score
-    return m
+    return peaked_model(request.param, V)
 
 
 def test_stream_bpc_is_the_naive_score_in_bits_and_leaves_the_mode_alone(model):
