@@ -9,11 +9,11 @@ import zipfile
 import pytest
 import torch
 
-from charlm.pipeline import artifact
 from charlm.base.errors import CharlmError
+from charlm.core.device import pick_device
 from charlm.core.model import CharRNN
 from charlm.core.vocab import EOS_ID, Vocab
-from charlm.core.device import pick_device
+from charlm.pipeline import artifact
 
 VOCAB = Vocab(list("abcdefgh ."))
 

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from charlm.pipeline import artifact
 from charlm.apps.cli import main
 from charlm.core.model import CharRNN
 from charlm.core.vocab import Vocab
+from charlm.pipeline import artifact
 
 ITEM = "hello world! hello world!"
 SCRIPT = Path(sys.executable).parent / "charlm"

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from charlm.core import corpus
 from charlm.base.errors import CharlmError
+from charlm.core import corpus
 
 HREF = ('&lt;A HREF="http://www.investor.reuters.com/FullQuote.aspx?ticker=TXN.N target=/stocks/quickinfo/'
         'fullquote"&gt;TXN.N&lt;/A&gt;')

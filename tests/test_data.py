@@ -7,15 +7,14 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import WORDS, raw_project
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import WORDS, raw_project
-
-from charlm.core import data
-from charlm.core.data import Batches, encode_items, item_bounds, load_packed, n_windows, split_items, window_starts
 from charlm.base.errors import CharlmError
 from charlm.base.io import write_json, write_npy
+from charlm.core import data
+from charlm.core.data import Batches, encode_items, item_bounds, load_packed, n_windows, split_items, window_starts
 from charlm.core.vocab import EOS_ID, Vocab
 
 VOCAB = Vocab(list("abcdefgh \u00e9\u6771"))

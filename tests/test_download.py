@@ -4,7 +4,6 @@ from __future__ import annotations
 import socket
 
 import pytest
-
 from conftest import ag_news_rows, csv_bytes, md5
 
 TRAIN = csv_bytes(ag_news_rows(150, seed=11))

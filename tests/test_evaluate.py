@@ -10,10 +10,10 @@ import pytest
 import torch
 from conftest import Project, peaked_model, raw_project
 
-from charlm.pipeline import artifact
 from charlm.core import scoring
 from charlm.core.model import CharRNN
 from charlm.core.vocab import EOS_ID, UNK_ID
+from charlm.pipeline import artifact
 
 ENV = {"OMP_NUM_THREADS": "1"}  # 2 OpenMP threads on a busy 2-core machine slow tiny models down many times
 

@@ -36,7 +36,6 @@ import psutil
 import pytest
 import torch
 import yaml
-
 from conftest import Project, ag_news_rows, assert_same_weights, copy_of, csv_bytes, git_project, md5, weights
 
 pytestmark = pytest.mark.slow

@@ -30,10 +30,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY, WORDS, Project, ag_news_rows, assert_same_weights, copy_of, copy_pipeline, csv_bytes, weights
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from conftest import TINY, WORDS, Project, ag_news_rows, assert_same_weights, copy_of, copy_pipeline, csv_bytes, weights
 
 ENV = {"OMP_NUM_THREADS": "1"}
 CHARLM = Path(sys.executable).parent / "charlm"

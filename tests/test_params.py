@@ -14,7 +14,6 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from ruamel.yaml import YAML
 
 from charlm.base.errors import CharlmError

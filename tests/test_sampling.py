@@ -9,8 +9,16 @@ import pytest
 import torch
 
 from charlm.core.model import CharRNN
-from charlm.core.sampling import (encode_prompt, generate, generated_words, known_word_share, Sampler,
-                             few_rows_backend, token_steps, words_in)
+from charlm.core.sampling import (
+    Sampler,
+    encode_prompt,
+    few_rows_backend,
+    generate,
+    generated_words,
+    known_word_share,
+    token_steps,
+    words_in,
+)
 from charlm.core.vocab import EOS_ID, PAD_ID, UNK_ID, Vocab
 
 VOCAB = Vocab(list("abcdefghijklmnopqrstuvwxyz .,"))

@@ -7,7 +7,6 @@ import shutil
 
 import numpy as np
 import pytest
-
 from conftest import Project, ag_news_rows, csv_bytes
 
 from charlm.core.data import load_packed

@@ -16,9 +16,9 @@ import pytest
 import torch
 from conftest import Project, assert_same_weights, copy_of, raw_project, weights
 
-from charlm.pipeline import artifact
 from charlm.core.data import load_packed
 from charlm.core.scoring import stream_bpc
+from charlm.pipeline import artifact
 
 pytestmark = pytest.mark.slow
 

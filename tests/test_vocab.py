@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from charlm.core import vocab as V
 from charlm.base.errors import CharlmError
 from charlm.base.io import read_text, read_text_chunks
+from charlm.core import vocab as V
 from charlm.core.vocab import EOS_ID, PAD_ID, UNK_ID, Vocab
 
 TEXT = "the cat sat on the mat\nthe dog ate\n"
