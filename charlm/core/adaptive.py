@@ -280,6 +280,7 @@ def _learning_copy(model):
         if isinstance(module, torch.nn.Dropout):
             module.eval()
     model.rnn.dropout = 0.0
+    model.weight_drop = 0.0
     return model
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -26,11 +27,24 @@ class CharRNN(nn.Module):
     """Embedding (or one-hot) -> stacked recurrent cells -> linear head. The shape comes from the `model` params
     section (no defaults here: params.yaml holds them); dropout 0 means off."""
 
-    def __init__(self, vocab_size: int, *, cell: str, hidden: int, layers: int, embedding: int, dropout: float = 0.0):
+    def __init__(
+        self,
+        vocab_size: int,
+        *,
+        cell: str,
+        hidden: int,
+        layers: int,
+        embedding: int,
+        dropout: float = 0.0,
+        weight_drop: float = 0.0,
+    ):
         super().__init__()
         self.config = dict(
             vocab_size=vocab_size, cell=cell, hidden=hidden, layers=layers, dropout=dropout, embedding=embedding
         )
+        if weight_drop:  # absent from files written before it existed, and from models without it: 0 = off
+            self.config["weight_drop"] = weight_drop
+        self.weight_drop = weight_drop
         if embedding > 0:
             self.embed = nn.Embedding(vocab_size, embedding)
         else:
@@ -48,12 +62,28 @@ class CharRNN(nn.Module):
         character, or with reduction="sum" the total; a target of IGNORE is not scored. This is the one loss of
         charlm, used by training (through DDP, which only sees forward), validation and evaluation.
         """
-        out, state = self.rnn(self.embed(x), state)
+        out, state = self.recur(self.embed(x), state)
         logits = self.head(self.drop(out))
         if targets is None:
             return logits, state
         flat = logits.reshape(-1, logits.size(-1)).float()  # the softmax in fp32, also under autocast
         return F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE, reduction=reduction), state
+
+    def recur(self, inputs: torch.Tensor, state=None):
+        """The recurrent cells over `inputs`. In training mode with weight_drop > 0, each hidden-to-hidden matrix is
+        replaced, for this call, by a copy with that share of its entries zeroed (DropConnect, as AWD-LSTM does):
+        one mask per minibatch, the same at every time step, and nn.LSTM's fused kernel still does the work."""
+        if not (self.training and self.weight_drop > 0):
+            return self.rnn(inputs, state)
+        dropped = {}
+        for i in range(self.rnn.num_layers):
+            weight = getattr(self.rnn, f"weight_hh_l{i}")
+            # F.dropout's own mask is twice as slow on a CPU as uniform noise compared in place
+            keep = torch.rand_like(weight).ge_(self.weight_drop).div_(1 - self.weight_drop)
+            dropped[f"weight_hh_l{i}"] = weight * keep
+        with warnings.catch_warnings():  # cuDNN notes that the swapped weights are not one flat buffer: expected
+            warnings.filterwarnings("ignore", message="RNN module weights are not part")
+            return torch.func.functional_call(self.rnn, dropped, (inputs, state))
 
     @torch.no_grad()
     def prime(self, prompts: list[list[int]]):

@@ -114,14 +114,14 @@ def build_run(
 
 def load_initial_weights(model: CharRNN, path: str, vocab: Vocab) -> str:
     """Load the weights of a trained model into `model` (fine-tuning); return the file's sha256. The model must
-    share the data's vocabulary and the model.* shape (dropout may differ)."""
+    share the data's vocabulary and the model.* shape (dropout and weight_drop may differ)."""
     init, init_vocab, _ = artifact.load_model(path, fix="copy a charlm model there, or set train.init_from: null")
     if init_vocab.chars != vocab.chars:
         raise CharlmError(
             f"{path} has a different vocabulary ({len(init_vocab)} symbols) from data/vocab.json ({len(vocab)}); "
             f"set vocab.from_model: {path} so the data is encoded with the model's characters"
         )
-    shape = {k: v for k, v in model.config.items() if k not in ("dropout", "vocab_size")}
+    shape = {k: v for k, v in model.config.items() if k not in ("dropout", "weight_drop", "vocab_size")}
     theirs = {k: init.config[k] for k in shape}
     if theirs != shape:
         wanted = ", ".join(f"model.{k}: {v}" for k, v in theirs.items())

@@ -16,3 +16,4 @@ class ModelParams:
     layers: int = spec(ge=1, le=64)
     dropout: float = spec(ge=0.0, lt=1.0)
     embedding: int = spec(ge=0, le=65536)
+    weight_drop: float = spec(ge=0.0, lt=1.0)
