@@ -47,6 +47,8 @@ def main() -> None:
         if at_log:
             log.train(done, trainer.lr())
         with log.paused():
+            if done == total and lead:
+                finish_weights(run, log, done)
             if at_val and lead:
                 log.val(done, trainer.validate(val))
             if config.sample_every and (done % config.sample_every == 0 or done == total) and lead:
@@ -66,6 +68,22 @@ def main() -> None:
         print(f"train: done, {total:,} steps in {train_s:,.0f}s{shown} -> {paths.MODEL}")
         if checkpoint != paths.CHECKPOINT:  # a finished temporary experiment needs no checkpoint
             checkpoint.unlink(missing_ok=True)
+
+
+def finish_weights(run: Run, log: TrainLog, step: int) -> None:
+    """The model file's weights: the average (train.ema_decay) and a fitted temperature (train.fit_temperature).
+    Logs what each changed: val of the weights as trained, and the temperature."""
+    trainer, val = run.trainer, run.packed.streams["val"]
+    figures = {}
+    if run.has_val and trainer.average is not None:
+        figures["val_bpc_trained_weights"] = trainer.validate(val, averaged=False)
+    if run.has_val and trainer.settings.fit_temperature:
+        figures["val_bpc_before_temperature"] = trainer.validate(val)
+    temperature = trainer.finish(val if run.has_val else None)
+    if temperature is not None:
+        figures["temperature"] = temperature
+    if figures:
+        log.final(step, figures)
 
 
 def samples(run: Run, step: int) -> str:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from charlm.core.model import CharRNN
-from charlm.core.scoring import stream_bpc
+from charlm.core.scoring import best_temperature, stream_bpc
 
 # Validation items per forward pass. It only sets speed and memory: padding comes after an item's end, where a
 # forward RNN cannot see it, so the figure does not depend on it (evaluate's own batch is `evaluate.batch_size`).
@@ -33,6 +33,8 @@ class Optimisation:
     min_lr_ratio: float
     grad_clip: float
     amp: str  # none | bf16 | fp16
+    ema_decay: float = 0.0  # 0 = off
+    fit_temperature: bool = False
 
     @classmethod
     def of(cls, train_params) -> Optimisation:
@@ -72,6 +74,9 @@ class Trainer:
         self.use_amp = device.type == "cuda" and settings.amp != "none"
         self.amp_dtype = torch.bfloat16 if settings.amp == "bf16" else torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and settings.amp == "fp16")
+        self.params = decay + no_decay
+        # The exponential moving average of the weights (train.ema_decay), kept in fp32 beside them
+        self.average = [p.detach().clone() for p in self.params] if settings.ema_decay > 0 else None
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.use_amp else contextlib.nullcontext()
@@ -90,15 +95,52 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        if self.average is not None:
+            # TensorFlow's ExponentialMovingAverage warm-up: early on the average follows the weights closely
+            done = self.scheduler.last_epoch
+            decay = min(self.settings.ema_decay, (1 + done) / (10 + done))
+            torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1 - decay)
         return loss.detach()
 
     def lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
 
-    def validate(self, stream: np.ndarray) -> float:
-        """Bits per character of a packed split, scored exactly as evaluate scores the test split."""
-        with self.autocast():
+    def validate(self, stream: np.ndarray, averaged: bool = True) -> float:
+        """Bits per character of a packed split, scored exactly as evaluate scores the test split; with
+        train.ema_decay, of the averaged weights (the ones the model file gets) unless `averaged` is False."""
+        with self.autocast(), self.averaged() if averaged else contextlib.nullcontext():
             return float(stream_bpc(self.model, stream, VALIDATION_BATCH, self.device))
+
+    @contextlib.contextmanager
+    def averaged(self):
+        """The model holds the averaged weights for the duration (no-op without train.ema_decay)."""
+        if self.average is None:
+            yield
+            return
+        with torch.no_grad():
+            trained = [p.detach().clone() for p in self.params]
+            torch._foreach_copy_(self.params, self.average)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, trained)
+
+    @torch.no_grad()
+    def finish(self, stream: np.ndarray | None) -> float | None:
+        """After the last step: put the averaged weights (train.ema_decay) into the model for good, and with
+        train.fit_temperature fold the softmax temperature that scores `stream` (val) best into the head, so the
+        model file, generate, fine-tuning and the playground all see one model. Returns that temperature."""
+        if self.average is not None:
+            torch._foreach_copy_(self.params, self.average)
+            self.average = None
+        if not (self.settings.fit_temperature and stream is not None):
+            return None
+        with self.autocast():
+            temperature = best_temperature(self.model, stream, VALIDATION_BATCH, self.device)
+        self.model.head.weight.div_(temperature)
+        self.model.head.bias.div_(temperature)
+        return temperature
 
     def state_dict(self) -> dict:
         """Everything a resumed run needs to continue bit for bit: weights, optimiser, schedule, scaler, RNGs."""
@@ -111,13 +153,15 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": rng,
-        }
+        } | ({"average": self.average} if self.average is not None else {})
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+        # absent from checkpoints without train.ema_decay, and from the one saved after `finish`
+        self.average = [a.to(self.device) for a in state["average"]] if "average" in state else None
         torch.set_rng_state(state["rng"]["cpu"].cpu())
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])

@@ -173,6 +173,12 @@ class TrainLog:
             self._log(step, {"val/loss": val_bpc * LN2, "val/bpc": val_bpc})
             self.message(f"step {step:,}: val {val_bpc:.4f} bpc{note}")
 
+    def final(self, step: int, metrics: dict[str, float]) -> None:
+        """Figures logged once, at the end (not plotted)."""
+        if self.lead:
+            self._log(step, metrics, plot=False)
+            self.message(f"step {step:,}: " + ", ".join(f"{name} {value:.4f}" for name, value in metrics.items()))
+
     def samples(self, step: int, text: str) -> None:
         if self.lead:
             self.message(f"step {step:,} samples:\n{text}", end="")
@@ -199,8 +205,8 @@ class TrainLog:
         self.live.end()  # the summary keeps the last logged step
         return train_s, self.live.summary.get("val", {}).get("bpc")
 
-    def _log(self, step: int, metrics: dict[str, float]) -> None:
+    def _log(self, step: int, metrics: dict[str, float], plot: bool = True) -> None:
         assert self.live is not None
         self.live.step = step
         for name, value in metrics.items():
-            self.live.log_metric(name, value)
+            self.live.log_metric(name, value, plot=plot)

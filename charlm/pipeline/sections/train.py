@@ -22,6 +22,8 @@ class TrainParams:
     weight_decay: float = spec(ge=0.0)
     grad_clip: float = spec(ge=0.0)
     amp: str = spec(choices=("none", "bf16", "fp16"))
+    ema_decay: float = spec(ge=0.0, lt=1.0)
+    fit_temperature: bool = spec()
     deterministic: bool = spec()
     processes: int = spec(ge=1, le=1024)
     eval_every: int = spec(ge=1)
