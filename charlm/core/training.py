@@ -74,7 +74,7 @@ class Trainer:
         self.use_amp = device.type == "cuda" and settings.amp != "none"
         self.amp_dtype = torch.bfloat16 if settings.amp == "bf16" else torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and settings.amp == "fp16")
-        self.params: list[torch.Tensor] = decay + no_decay
+        self.params: list[torch.Tensor] = [*decay, *no_decay]
         # The exponential moving average of the weights (train.ema_decay), kept in fp32 beside them
         self.average = [p.detach().clone() for p in self.params] if settings.ema_decay > 0 else None
 
