@@ -28,20 +28,25 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--words", type=int, default=5000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling (default: generate.top_p)")
+    parser.add_argument("--top-k", type=int, default=None, help="top-k sampling (default: generate.top_k)")
     args = parser.parse_args()
     model, vocab, _ = artifact.load_model(args.model)
     known = words_in(args.train_text.read_text(encoding="utf-8").splitlines())
-    prompts = params.load(GenerateParams).prompts
+    settings = params.load(GenerateParams)
+    top_p = settings.top_p if args.top_p is None else args.top_p
+    top_k = settings.top_k if args.top_k is None else args.top_k
     records: list[dict] = []
     round_ = 0
     while known_word_share(records, known)[1] < args.words:
-        batch = [prompts[i % len(prompts)] for i in range(ROWS)]
-        records += generate(model, vocab, batch, [args.temperature], 200, seed=args.seed * 1000 + round_)
+        batch = [settings.prompts[i % len(settings.prompts)] for i in range(ROWS)]
+        seed = args.seed * 1000 + round_
+        records += generate(model, vocab, batch, [args.temperature], 200, seed=seed, top_p=top_p, top_k=top_k)
         round_ += 1
     share, n = known_word_share(records, known)
     assert share is not None
     half = 1.96 * math.sqrt(share * (1 - share) / n)
-    print(f"{args.model}: known words at T={args.temperature:g}: {share:.2%} ± {half:.2%} of {n:,} words "
+    print(f"{args.model}: known words at T={args.temperature:g}, top_p {top_p:g}, top_k {top_k}: {share:.2%} ± {half:.2%} of {n:,} words "
           f"({len(records)} samples)")  # fmt: skip
 
 

@@ -57,15 +57,17 @@ class BareLoop:
     """Embedding (or pre-made one-hot input) -> nn.LSTM -> nn.Linear, F.cross_entropy, backward, Adam; on
     pre-made, contiguous tensors that are already on the device."""
 
-    def __init__(self, stream: np.ndarray, seq_len: int, vocab_size: int, mp, lr: float, device: str):
+    def __init__(
+        self, stream: np.ndarray, seq_len: int, vocab_size: int, mp, lr: float, device: str, batch: int = BATCH
+    ):
         torch.manual_seed(0)
-        self.vocab_size, self.chars, self.i = vocab_size, BATCH * seq_len, 0
+        self.vocab_size, self.chars, self.i = vocab_size, batch * seq_len, 0
         self.embed = nn.Embedding(vocab_size, mp.embedding).to(device) if mp.embedding else None
         self.rnn = nn.LSTM(mp.embedding or vocab_size, mp.hidden, mp.layers, batch_first=True).to(device)
         self.head = nn.Linear(mp.hidden, vocab_size).to(device)
         modules = [m for m in (self.embed, self.rnn, self.head) if m is not None]
         self.optimizer = torch.optim.Adam([p for m in modules for p in m.parameters()], lr=lr)
-        starts = np.random.default_rng(0).integers(0, len(stream) - seq_len - 1, size=(8, BATCH))
+        starts = np.random.default_rng(0).integers(0, len(stream) - seq_len - 1, size=(8, batch))
         windows = torch.from_numpy(np.asarray(stream)[starts[..., None] + np.arange(seq_len + 1)].astype(np.int64))
         self.ys = [w[:, 1:].contiguous().to(device) for w in windows]
         if self.embed is None:  # one-hot input, made once
