@@ -46,7 +46,8 @@ def main() -> None:
     share, n = known_word_share(records, known)
     assert share is not None
     half = 1.96 * math.sqrt(share * (1 - share) / n)
-    print(f"{args.model}: known words at T={args.temperature:g}, top_p {top_p:g}, top_k {top_k}: {share:.2%} ± {half:.2%} of {n:,} words "
+    sampling = f"T={args.temperature:g}, top_p {top_p:g}, top_k {top_k}"
+    print(f"{args.model}: known words at {sampling}: {share:.2%} ± {half:.2%} of {n:,} words "
           f"({len(records)} samples)")  # fmt: skip
 
 

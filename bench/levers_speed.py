@@ -30,7 +30,8 @@ def main() -> None:
     args = parser.parse_args()
     data = harness.Prepared(args.data, {})
     mp, tp = harness.model_params(), harness.train_params(max_steps=0)
-    mp_off, tp_off = harness.model_params(**LEVERS_OFF["model"]), harness.train_params(max_steps=0, **LEVERS_OFF["train"])
+    mp_off = harness.model_params(**LEVERS_OFF["model"])
+    tp_off = harness.train_params(max_steps=0, **LEVERS_OFF["train"])
     packed = data.packed()
     stream, seq_len, vocab_size = packed.streams["train"], packed.meta["seq_len"], packed.meta["vocab_size"]
     cases = [
