@@ -17,7 +17,7 @@ import torch
 from conftest import Project, assert_same_weights, copy_of, raw_project, weights
 
 from charlm.core.data import load_packed
-from charlm.core.scoring import stream_bpc
+from charlm.core.scoring import TEMPERATURES, stream_bpc
 from charlm.pipeline import artifact
 
 pytestmark = pytest.mark.slow
@@ -194,6 +194,45 @@ def test_same_seed_reproduces_and_stale_or_broken_checkpoints_are_ignored(base, 
     second = train(p)  # from scratch again: same params and seed as the first run
     assert "ignoring unusable checkpoint" in second.stdout and "resuming" not in second.stdout
     assert_same_weights(weights(p), w0)
+
+
+def test_weight_drop_average_and_temperature_reach_the_model_file_and_resume_bit_identically(base, tmp_path):
+    """model.weight_drop, train.ema_decay and train.fit_temperature together: the model file holds the average with
+    the temperature folded in and scores the logged final val; a killed run resumes to the same bytes and logs."""
+    on = {"model": {"weight_drop": 0.3}, "train": {"ema_decay": 0.9, "fit_temperature": True, "sample_every": 0}}
+    reference = copy_of(base, tmp_path / "reference")
+    reference.set_params(**on)
+    train(reference)
+    metrics = json.loads((reference.path / "dvclive/metrics.json").read_text())
+    final = metrics["val"]["bpc"]
+    assert metrics["step"] == 200 and [step for step, _ in tsv(reference, "val/bpc")] == EVAL_STEPS
+    assert final <= metrics["val_bpc_before_temperature"]  # T = 1 is on the grid
+    assert metrics["val_bpc_trained_weights"] != pytest.approx(metrics["val_bpc_before_temperature"], abs=1e-5)
+    assert min(TEMPERATURES) <= metrics["temperature"] <= max(TEMPERATURES)
+    assert not (reference.path / "dvclive/plots/metrics/temperature.tsv").exists()  # logged once, not plotted
+    model, _, info = artifact.load_model(reference.path / "models/model.pt", torch.device("cpu"))
+    assert model.config["weight_drop"] == 0.3 and info["val_bpc"] == pytest.approx(final)
+    val = load_packed(reference.path / "data/packed").streams["val"]
+    assert stream_bpc(model, val, 7, "cpu") == pytest.approx(final, abs=1e-4)
+    last = torch.load(reference.path / CHECKPOINT, weights_only=True)  # saved after the average went in
+    assert "average" not in last
+    assert_same_weights(last["model"], weights(reference))
+
+    p = copy_of(base, tmp_path / "killed")
+    p.set_params(**on)
+    proc = start_train(p)
+    try:
+        wait_for_checkpoint(p, proc, at_least=10)
+    finally:
+        proc.kill()
+        proc.communicate()
+    killed_at = checkpoint_step(p)
+    assert killed_at is not None and 10 <= killed_at < 200
+    assert "average" in torch.load(p.path / CHECKPOINT, weights_only=True)
+    resume_and_compare(p, killed_at, reference, weights(reference))
+    resumed = json.loads((p.path / "dvclive/metrics.json").read_text())
+    for name in ("val", "val_bpc_trained_weights", "val_bpc_before_temperature", "temperature"):
+        assert resumed[name] == metrics[name], name
 
 
 def one_line_error(proc: subprocess.CompletedProcess) -> str:
