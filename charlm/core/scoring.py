@@ -92,4 +92,4 @@ def best_temperature(model, stream: np.ndarray, batch_size: int, device) -> floa
                 nats[i] += F.cross_entropy(scored / temperature, y, reduction="sum")
     finally:
         model.train(was_training)
-    return float(grid[int(nats.argmin())])
+    return TEMPERATURES[int(nats.argmin())]

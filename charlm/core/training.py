@@ -161,7 +161,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         # absent from checkpoints without train.ema_decay, and from the one saved after `finish`
-        self.average = [a.to(self.device) for a in state["average"]] if "average" in state else None
+        self.average = [a.detach().clone().to(self.device) for a in state["average"]] if "average" in state else None
         torch.set_rng_state(state["rng"]["cpu"].cpu())
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
