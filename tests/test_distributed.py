@@ -32,32 +32,27 @@ def packed(served_project):
     return p
 
 
-def test_two_processes_match_one_with_the_same_global_batch(packed):
-    p = packed
+def one_then_two_processes(p) -> tuple[dict, dict]:
+    """The weights trained by one process, then by two with the same global batch."""
     p.stage("train")
     single = weights(p)
     p.run("rm", "-rf", "checkpoints", "models", "dvclive")
-
     p.set_params(train={"processes": 2})
     proc = p.stage("train")
     assert "x 2 processes" in proc.stdout + proc.stderr
-    double = weights(p)
+    return single, weights(p)
+
+
+def test_two_processes_match_one_with_the_same_global_batch(packed):
+    single, double = one_then_two_processes(packed)
     # Gradients are averaged across processes, so only float summation order differs.
     assert_close(single, double, atol=1e-5)
 
 
 def test_two_processes_match_one_with_weight_drop(packed):
     """Every process is seeded alike, so each draws the single process's DropConnect mask at every step."""
-    p = packed
-    p.set_params(model={"weight_drop": 0.5}, train={"max_steps": 12})
-    p.stage("train")
-    single = weights(p)
-    p.run("rm", "-rf", "checkpoints", "models", "dvclive")
-
-    p.set_params(train={"processes": 2})
-    proc = p.stage("train")
-    assert "x 2 processes" in proc.stdout + proc.stderr
-    assert_close(single, weights(p), atol=1e-5)
+    packed.set_params(model={"weight_drop": 0.5}, train={"max_steps": 12})
+    assert_close(*one_then_two_processes(packed), atol=1e-5)
 
 
 def test_checkpoint_from_two_processes_resumes_in_one(packed):

@@ -387,7 +387,8 @@ def forget(p: Project, stage: str) -> None:
     shutil.rmtree(p.path / ".dvc/cache/runs", ignore_errors=True)
     objects = p.path / ".dvc/cache/files/md5"
     lock = yaml.safe_load((p.path / "dvc.lock").read_text())
-    for out in lock["stages"][stage].get("outs", []):
+    # dvc.lock can lack the killed stage (seen when dvc itself was killed): then there is nothing to forget
+    for out in lock["stages"].get(stage, {}).get("outs", []):
         digest = out["md5"]
         obj = objects / digest[:2] / digest[2:]
         if digest.endswith(".dir") and obj.exists():
@@ -399,6 +400,15 @@ def forget(p: Project, stage: str) -> None:
 def heal(p: Project, ref: Reference, log: Path, stage: str, *targets: str) -> subprocess.CompletedProcess:
     """`dvc repro [TARGET]` must complete and restore exactly the uninterrupted run's results."""
     forget(p, stage)
+    rwlock = p.path / ".dvc/tmp/rwlock"
+    try:
+        json.loads(rwlock.read_text() or "null")
+    except json.JSONDecodeError:
+        # DVC writes its own lock file in place; killed mid-write, it is left broken and DVC refuses to run until
+        # it is deleted, as DVC's troubleshooting guide says. charlm's outputs are not involved.
+        rwlock.unlink()
+    except FileNotFoundError:
+        pass
     proc = p.dvc("repro", *targets, env=ENV, timeout=300)
     assert f"Running stage '{stage}'" in proc.stdout
     with open(log, "a") as f:
