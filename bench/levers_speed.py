@@ -1,5 +1,6 @@
 """The train-time ratio of issue 18: the defaults' training step against the same step with the round-2 levers off
-(today's defaults before them) and against a bare nn.LSTM loop of the same shape and batch, interleaved.
+(today's defaults before them), against a bare nn.LSTM loop of the same shape and batch, and against the
+defaults at 1×512 (the best CPU recipe's step), interleaved.
 
     .venv/bin/python -m bench.levers_speed DATA_DIR [--rounds 7] [--seconds 6]
 
@@ -38,6 +39,7 @@ def main() -> None:
         Case("defaults", CharlmLoop(data, mp, tp, "cpu").step),
         Case("levers off", CharlmLoop(data, mp_off, tp_off, "cpu").step),
         Case("bare", BareLoop(stream, seq_len, vocab_size, mp, tp.lr, "cpu", batch=tp.batch_size).step),
+        Case("1x512", CharlmLoop(data, harness.model_params(hidden=512), tp, "cpu").step),  # the best CPU recipe
     ]
     print(f"{torch.get_num_threads()} threads; model {mp}; batch {tp.batch_size} x {seq_len}")
     r = measure(cases, args.rounds, args.seconds, log=print)
@@ -46,6 +48,7 @@ def main() -> None:
     print(f"time of defaults / levers off: {ratio_stat(r['levers off'], r['defaults']).fmt('×', 3)}")
     print(f"time of defaults / bare loop:  {ratio_stat(r['bare'], r['defaults']).fmt('×', 3)}")
     print(f"time of levers off / bare loop: {ratio_stat(r['bare'], r['levers off']).fmt('×', 3)}")
+    print(f"step time of 1x512 / defaults:  {ratio_stat(r['defaults'], r['1x512']).fmt('×', 3)}")
 
 
 if __name__ == "__main__":
