@@ -391,7 +391,10 @@ def test_the_command_prints_its_url_and_ctrl_c_exits_cleanly(tmp_path):
     command = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "charlm.apps.cli"]
     proc = subprocess.Popen(command + ["serve", "--port", "0", "--host", "0.0.0.0", "--device", "cpu",
                                        "--model", "m.pt"], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            # as from a terminal: a shell's background job (CI started with `&`) passes SIGINT
+                            # down ignored, and Python then installs no KeyboardInterrupt handler
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     try:
         line = proc.stdout.readline()
         assert line.startswith("charlm: serving http://0.0.0.0:"), line
