@@ -54,8 +54,8 @@ def lr_factor(step: int, total: int, settings: Optimisation) -> float:
 
 
 class Trainer:
-    """Steps `model` with AdamW (no decay on biases), the warm-up/decay schedule over `total` steps and, on CUDA,
-    mixed precision. With world > 1 the step goes through DistributedDataParallel."""
+    """Steps `model` with AdamW (no decay on biases), the warm-up/decay schedule over `total` steps and mixed
+    precision (bf16 on CPU or CUDA, fp16 on CUDA). With world > 1 the step goes through DistributedDataParallel."""
 
     def __init__(self, model: CharRNN, settings: Optimisation, total: int, device: torch.device, world: int = 1):
         self.model, self.settings, self.total, self.device = model, settings, total, device
@@ -71,7 +71,9 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, self.total, settings)
         )
-        self.use_amp = device.type == "cuda" and settings.amp != "none"
+        # bf16 autocast halves the step on CPUs with AMX or AVX512-BF16 (bench/results/levers.md); fp16 needs
+        # CUDA's GradScaler. The weights, the optimiser and the average stay fp32 either way.
+        self.use_amp = settings.amp == "bf16" or (settings.amp == "fp16" and device.type == "cuda")
         self.amp_dtype = torch.bfloat16 if settings.amp == "bf16" else torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and settings.amp == "fp16")
         self.params: list[torch.Tensor] = [*decay, *no_decay]
@@ -79,6 +81,8 @@ class Trainer:
         self.average = [p.detach().clone() for p in self.params] if settings.ema_decay > 0 else None
 
     def autocast(self):
+        """Mixed precision for the training step only: validation and the temperature fit score in fp32, as
+        evaluate scores the test split."""
         return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.use_amp else contextlib.nullcontext()
 
     def step(self, x: np.ndarray, y: np.ndarray) -> torch.Tensor:
@@ -108,7 +112,7 @@ class Trainer:
     def validate(self, stream: np.ndarray, averaged: bool = True) -> float:
         """Bits per character of a packed split, scored exactly as evaluate scores the test split; with
         train.ema_decay, of the averaged weights (the ones the model file gets) unless `averaged` is False."""
-        with self.autocast(), self.averaged() if averaged else contextlib.nullcontext():
+        with self.averaged() if averaged else contextlib.nullcontext():
             return float(stream_bpc(self.model, stream, VALIDATION_BATCH, self.device))
 
     @contextlib.contextmanager
@@ -136,8 +140,7 @@ class Trainer:
             self.average = None
         if not (self.settings.fit_temperature and stream is not None):
             return None
-        with self.autocast():
-            temperature = best_temperature(self.model, stream, VALIDATION_BATCH, self.device)
+        temperature = best_temperature(self.model, stream, VALIDATION_BATCH, self.device)
         self.model.head.weight.div_(temperature)
         self.model.head.bias.div_(temperature)
         return temperature
