@@ -1,5 +1,6 @@
-"""DropConnect on the recurrent weights (model.weight_drop), the moving average of the weights (train.ema_decay)
-and the softmax temperature fitted on val and folded into the head (train.fit_temperature)."""
+"""DropConnect on the recurrent weights (model.weight_drop), the moving average of the weights (train.ema_decay),
+the softmax temperature fitted on val and folded into the head (train.fit_temperature), and bf16 mixed precision
+of the training step on CPU (train.amp)."""
 
 from __future__ import annotations
 
@@ -396,3 +397,50 @@ def test_finish_without_val_or_without_the_option_keeps_the_head(calibrated):
         trainer = Trainer(scaled, settings(fit_temperature=fit), 4, CPU)
         assert trainer.finish(val) is None
         assert torch.equal(scaled.head.weight, model.head.weight * 1.3)
+
+
+# --------------------------------------------------------------------------- train.amp on CPU
+
+
+def head_dtypes(model: CharRNN) -> list[torch.dtype]:
+    """The dtype of every output of the model's head from now on (what autocast made of the matmuls)."""
+    seen: list[torch.dtype] = []
+    model.head.register_forward_hook(lambda _module, _inputs, output: seen.append(output.dtype))
+    return seen
+
+
+def test_bf16_on_cpu_runs_the_step_in_bf16_and_keeps_the_weights_and_the_average_in_fp32():
+    fp32, bf16 = tiny_trainer(ema_decay=0.9), tiny_trainer(ema_decay=0.9, amp="bf16")
+    seen = head_dtypes(bf16.model)
+    for step in range(6):
+        for trainer in (fp32, bf16):
+            assert torch.isfinite(trainer.step(*batch(step)))
+    assert seen == [torch.bfloat16] * 6
+    assert all(p.dtype == torch.float32 for p in bf16.model.parameters())
+    assert bf16.average is not None and all(a.dtype == torch.float32 for a in bf16.average)
+    # the same training, computed in bf16: close to the fp32 run but not the same numbers
+    pairs = list(zip(fp32.model.parameters(), bf16.model.parameters(), strict=True))
+    assert any(not torch.equal(a, b) for a, b in pairs)
+    assert all(torch.allclose(a, b, atol=0.05) for a, b in pairs)
+
+
+def test_under_bf16_validation_and_the_temperature_fit_score_in_fp32_as_evaluate_does():
+    trainer = tiny_trainer(amp="bf16", fit_temperature=True)
+    for step in range(4):
+        trainer.step(*batch(step))
+    seen = head_dtypes(trainer.model)
+    stream = val_stream()
+    assert trainer.validate(stream) == float(stream_bpc(trainer.model, stream, 64, CPU))
+    expected = best_temperature(trainer.model, stream, 64, CPU)
+    assert trainer.finish(stream) == expected
+    assert seen and set(seen) == {torch.float32}
+
+
+def test_fp16_on_cpu_is_ignored_the_step_stays_fp32():
+    plain, fp16 = tiny_trainer(), tiny_trainer(amp="fp16")
+    seen = head_dtypes(fp16.model)
+    for step in range(3):
+        assert torch.equal(plain.step(*batch(step)), fp16.step(*batch(step)))
+    assert seen == [torch.float32] * 3
+    for a, b in zip(plain.model.parameters(), fp16.model.parameters(), strict=True):
+        assert torch.equal(a, b)
