@@ -24,13 +24,13 @@ import numpy as np
 import torch
 
 from charlm.base.errors import CharlmError
+from charlm.core.model import evaluating
 from charlm.core.scoring import protocol_windows
 from charlm.core.vocab import EOS_ID
 
 # --------------------------------------------------------------------------- the network's per-character scores
 
 
-@torch.no_grad()
 def item_log_probs(
     model, stream: np.ndarray, starts: np.ndarray, lengths: np.ndarray, batch_size: int, device
 ) -> np.ndarray:
@@ -40,12 +40,8 @@ def item_log_probs(
     in chunks with the state carried); its sum is score_items' total, and no result depends on the batching.
     Dropout is off while scoring; the model is given back in the mode it came in.
     """
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         return _item_log_probs(model, stream, starts, lengths, batch_size, device)
-    finally:
-        model.train(was_training)
 
 
 def _item_log_probs(model, stream, starts, lengths, batch_size, device) -> np.ndarray:

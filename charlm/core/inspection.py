@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -21,6 +20,7 @@ from torch import nn
 
 from charlm.base.errors import CharlmError
 from charlm.core.corpus import normalise_space
+from charlm.core.model import evaluating
 from charlm.core.scoring import CHUNK
 from charlm.core.vocab import EOS_ID, PAD_ID, Vocab
 
@@ -58,18 +58,6 @@ def _batches(lengths: list[int]) -> Iterator[np.ndarray]:
         yield np.array(order[start : start + BATCH])
 
 
-@contextmanager
-def _evaluating(model: nn.Module) -> Iterator[None]:
-    """Eval mode (no dropout) and no autograd for the duration; the model's mode is restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
-
-
 # --------------------------------------------------------------------------- Read: per-character scores
 
 
@@ -89,7 +77,7 @@ def char_scores(model, vocab: Vocab, items: list[str], top: int = 5) -> list[lis
     k = min(top, len(names))
     device = model.head.weight.device
     out: list[list[dict]] = [[] for _ in items]
-    with _evaluating(model):
+    with evaluating(model):
         for idx in _batches([len(ids) for ids in encoded]):
             n_max = max(len(encoded[i]) for i in idx)
             # Inputs are <eos> then every character but the last; targets are the characters. Padding sits after
@@ -189,7 +177,7 @@ def _layer_states(model, vocab: Vocab, items: list[str], layer: int, kind: str) 
     device = model.head.weight.device
     hidden = model.rnn.hidden_size
     out = [np.zeros((len(ids), hidden), dtype=np.float32) for ids in encoded]
-    with _evaluating(model):
+    with evaluating(model):
         for idx in _batches([len(ids) for ids in encoded]):
             n_max = max(len(encoded[i]) for i in idx)
             # <eos> then every character; padding after the end cannot reach an earlier step.

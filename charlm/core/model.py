@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -139,6 +140,19 @@ class CharRNN(nn.Module):
             return torch.addmm(head_b, new_h[-1], head_w), (torch.stack(new_h), torch.stack(new_c))
 
         return step
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout, no weight drop) and no autograd for the duration; the model is given back in the
+    mode it came in, so scoring during training leaves training as it was."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
 
 
 def n_params(model: nn.Module) -> int:

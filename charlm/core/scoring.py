@@ -13,7 +13,7 @@ import torch
 from torch.nn import functional as F
 
 from charlm.core.data import item_bounds
-from charlm.core.model import IGNORE
+from charlm.core.model import IGNORE, evaluating
 from charlm.core.vocab import EOS_ID, PAD_ID, UNK_ID
 
 CHUNK = 512  # time steps per forward call; the state is carried, so items of any length fit in memory
@@ -59,12 +59,8 @@ def stream_bpc(model, stream: np.ndarray, batch_size: int, device) -> float:
     """Bits per character of every item of a packed split, by the protocol above; the model is left as it was."""
     stream = np.asarray(stream)
     starts, lengths = item_bounds(stream, EOS_ID)
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         nats, chars, _ = score_items(model, stream, starts, lengths, batch_size, device)
-    finally:
-        model.train(was_training)
     return nats / max(chars, 1) / math.log(2)
 
 
@@ -72,7 +68,6 @@ def stream_bpc(model, stream: np.ndarray, batch_size: int, device) -> float:
 TEMPERATURES = tuple(round(0.6 + 0.01 * i, 2) for i in range(101))
 
 
-@torch.no_grad()
 def best_temperature(model, stream: np.ndarray, batch_size: int, device) -> float:
     """The temperature T of TEMPERATURES whose softmax(logits / T) scores every item of a packed split best, by
     the protocol above, in one pass over the split; the model is left as it was."""
@@ -80,9 +75,8 @@ def best_temperature(model, stream: np.ndarray, batch_size: int, device) -> floa
     starts, lengths = item_bounds(stream, EOS_ID)
     grid = torch.tensor(TEMPERATURES, device=device)
     nats = torch.zeros(len(grid), dtype=torch.float64, device=device)
-    was_training, state = model.training, None
-    model.eval()
-    try:
+    state = None
+    with evaluating(model):
         for _, _, valid, x, targets, new_batch in protocol_windows(stream, starts, lengths, batch_size):
             state = None if new_batch else state
             logits, state = model(torch.from_numpy(x).to(device), state)
@@ -90,6 +84,4 @@ def best_temperature(model, stream: np.ndarray, batch_size: int, device) -> floa
             scored, y = logits[mask].float(), torch.from_numpy(targets).to(device)[mask]
             for i, temperature in enumerate(grid):
                 nats[i] += F.cross_entropy(scored / temperature, y, reduction="sum")
-    finally:
-        model.train(was_training)
     return TEMPERATURES[int(nats.argmin())]
