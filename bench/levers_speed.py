@@ -1,12 +1,13 @@
-"""The train-time ratio of issue 18: the defaults' training step against the same step with the round-2 levers off
-(today's defaults before them), against a bare nn.LSTM loop of the same shape and batch, and against the
-defaults at 1×512 (the best CPU recipe's step), interleaved.
+"""The train-time ratio of issue 18: the train stage of today's defaults against that of the defaults before
+round 2, and against a bare nn.LSTM loop doing the same characters, and the best CPU recipe's against today's
+defaults. Steps are timed interleaved; a stage's time is its step time x its max_steps.
 
     .venv/bin/python -m bench.levers_speed DATA_DIR [--rounds 7] [--seconds 6]
 
 DATA_DIR is a folder where the prepare, vocab and pack stages ran (its data/vocab.json and data/packed/), such as
 a clone that ran `dvc repro pack` on the bench split. The machine's speed drifts from day to day, so only ratios
-of cases measured side by side, in rounds that take turns, are reported.
+of cases measured side by side, in rounds that take turns, are reported. The end of a run (two val passes and the
+temperature fit, about 2.5 s) and validation every eval_every steps are left out: they are the same for both.
 """
 
 from __future__ import annotations
@@ -17,10 +18,28 @@ from pathlib import Path
 import torch
 
 from bench import harness
-from bench.harness import Case, measure, ratio_stat
+from bench.harness import Case, Stat, measure, ratio_stat
+from bench.quality import RECIPES
 from bench.train_speed import BareLoop, CharlmLoop
 
-LEVERS_OFF = {"model": {"weight_drop": 0.0}, "train": {"ema_decay": 0.0, "fit_temperature": False}}
+# The defaults before round 2 (issue 18): no weight drop, average or temperature, fp32, 10,000 steps
+BEFORE_MODEL: dict[str, object] = {"weight_drop": 0.0}
+BEFORE_TRAIN: dict[str, object] = {"ema_decay": 0.0, "fit_temperature": False, "amp": "none"}
+BEFORE_STEPS = 10_000
+
+
+def recipe(overrides: dict[str, object]) -> tuple[dict, dict]:
+    """A recipe's `-S section.key=value` overrides as (model, train) keyword overrides."""
+    sections: dict[str, dict] = {"model": {}, "train": {}}
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        sections[section][name] = value
+    return sections["model"], sections["train"]
+
+
+def stage_ratio(fast: Stat, fast_steps: int, slow: Stat, slow_steps: int) -> Stat:
+    """Time of `slow_steps` steps at the rates `slow` over that of `fast_steps` at `fast`, round by round."""
+    return Stat([r * slow_steps / fast_steps for r in ratio_stat(fast, slow).values])
 
 
 def main() -> None:
@@ -30,25 +49,41 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=6.0)
     args = parser.parse_args()
     data = harness.Prepared(args.data, {})
-    mp, tp = harness.model_params(), harness.train_params(max_steps=0)
-    mp_off = harness.model_params(**LEVERS_OFF["model"])
-    tp_off = harness.train_params(max_steps=0, **LEVERS_OFF["train"])
+    mp, tp = harness.model_params(), harness.train_params()
+    best_m, best_t = recipe(RECIPES["best"])
+    best_tp = harness.train_params(**best_t)
     packed = data.packed()
     stream, seq_len, vocab_size = packed.streams["train"], packed.meta["seq_len"], packed.meta["vocab_size"]
+
+    def loop(model: dict, train: dict) -> CharlmLoop:
+        return CharlmLoop(data, harness.model_params(**model), harness.train_params(**{**train, "max_steps": 0}), "cpu")
+
+    def bare(bf16: bool) -> BareLoop:
+        return BareLoop(stream, seq_len, vocab_size, mp, tp.lr, "cpu", batch=tp.batch_size, bf16=bf16)
+
     cases = [
-        Case("defaults", CharlmLoop(data, mp, tp, "cpu").step),
-        Case("levers off", CharlmLoop(data, mp_off, tp_off, "cpu").step),
-        Case("bare", BareLoop(stream, seq_len, vocab_size, mp, tp.lr, "cpu", batch=tp.batch_size).step),
-        Case("1x512", CharlmLoop(data, harness.model_params(hidden=512), tp, "cpu").step),  # the best CPU recipe
+        Case("defaults", loop({}, {}).step),
+        Case("before", loop(BEFORE_MODEL, BEFORE_TRAIN).step),
+        Case("bare fp32", bare(False).step),
+        Case("bare bf16", bare(True).step),
+        Case("best", loop(best_m, best_t).step),
     ]
-    print(f"{torch.get_num_threads()} threads; model {mp}; batch {tp.batch_size} x {seq_len}")
+    print(f"{torch.get_num_threads()} threads; defaults {mp}, amp {tp.amp}, {tp.max_steps:,} steps; batch "
+          f"{tp.batch_size} x {seq_len}; best recipe {RECIPES['best']}")  # fmt: skip
     r = measure(cases, args.rounds, args.seconds, log=print)
     for name, stat in r.items():
         print(f"{name}: {stat.fmt()} chars/s")
-    print(f"time of defaults / levers off: {ratio_stat(r['levers off'], r['defaults']).fmt('×', 3)}")
-    print(f"time of defaults / bare loop:  {ratio_stat(r['bare'], r['defaults']).fmt('×', 3)}")
-    print(f"time of levers off / bare loop: {ratio_stat(r['bare'], r['levers off']).fmt('×', 3)}")
-    print(f"step time of 1x512 / defaults:  {ratio_stat(r['defaults'], r['1x512']).fmt('×', 3)}")
+    steps = tp.max_steps
+    print(f"step time, defaults / before: {ratio_stat(r['before'], r['defaults']).fmt('×', 3)}")
+    print(f"step time, defaults / bare loop in the same precision: "
+          f"{ratio_stat(r['bare bf16' if tp.amp == 'bf16' else 'bare fp32'], r['defaults']).fmt('×', 3)}")  # fmt: skip
+    print(f"step time, best / defaults: {ratio_stat(r['defaults'], r['best']).fmt('×', 3)}")
+    print(f"train stage, defaults ({steps:,} steps) / before ({BEFORE_STEPS:,}): "
+          f"{stage_ratio(r['before'], BEFORE_STEPS, r['defaults'], steps).fmt('×', 3)}")  # fmt: skip
+    print(f"train stage, defaults / a bare fp32 loop doing the same characters: "
+          f"{ratio_stat(r['bare fp32'], r['defaults']).fmt('×', 3)}")  # fmt: skip
+    print(f"train stage, best ({best_tp.max_steps:,} steps) / defaults ({steps:,}): "
+          f"{stage_ratio(r['defaults'], steps, r['best'], best_tp.max_steps).fmt('×', 3)}")  # fmt: skip
 
 
 if __name__ == "__main__":

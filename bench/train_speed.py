@@ -55,13 +55,21 @@ class CharlmLoop:
 
 class BareLoop:
     """Embedding (or pre-made one-hot input) -> nn.LSTM -> nn.Linear, F.cross_entropy, backward, Adam; on
-    pre-made, contiguous tensors that are already on the device."""
+    pre-made, contiguous tensors that are already on the device; with `bf16`, the forward under bf16 autocast."""
 
     def __init__(
-        self, stream: np.ndarray, seq_len: int, vocab_size: int, mp, lr: float, device: str, batch: int = BATCH
+        self,
+        stream: np.ndarray,
+        seq_len: int,
+        vocab_size: int,
+        mp,
+        lr: float,
+        device: str,
+        batch: int = BATCH,
+        bf16: bool = False,
     ):
         torch.manual_seed(0)
-        self.vocab_size, self.chars, self.i = vocab_size, batch * seq_len, 0
+        self.vocab_size, self.chars, self.i, self.bf16 = vocab_size, batch * seq_len, 0, bf16
         self.embed = nn.Embedding(vocab_size, mp.embedding).to(device) if mp.embedding else None
         self.rnn = nn.LSTM(mp.embedding or vocab_size, mp.hidden, mp.layers, batch_first=True).to(device)
         self.head = nn.Linear(mp.hidden, vocab_size).to(device)
@@ -78,8 +86,10 @@ class BareLoop:
     def step(self) -> int:
         x, y = self.xs[self.i], self.ys[self.i]
         self.i = (self.i + 1) % len(self.xs)
-        out, _ = self.rnn(self.embed(x) if self.embed is not None else x)
-        loss = F.cross_entropy(self.head(out).reshape(-1, self.vocab_size), y.reshape(-1))
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            out, _ = self.rnn(self.embed(x) if self.embed is not None else x)
+            logits = self.head(out)
+        loss = F.cross_entropy(logits.float().reshape(-1, self.vocab_size), y.reshape(-1))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
