@@ -7,12 +7,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from charlm.core import training
 from charlm.core.model import CharRNN
 from charlm.core.scoring import TEMPERATURES, best_temperature, stream_bpc
 from charlm.core.training import Optimisation, Trainer
@@ -444,3 +446,16 @@ def test_fp16_on_cpu_is_ignored_the_step_stays_fp32():
     assert seen == [torch.float32] * 3
     for a, b in zip(plain.model.parameters(), fp16.model.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns_that_it_is_slow_and_names_the_fix(monkeypatch):
+    monkeypatch.setattr(training, "native_bf16_cpu", lambda: True)  # AMX or AVX512-BF16: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tiny_trainer(amp="bf16")
+    monkeypatch.setattr(training, "native_bf16_cpu", lambda: False)
+    with pytest.warns(UserWarning, match=r"no native bf16.*set train.amp=none"):
+        tiny_trainer(amp="bf16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tiny_trainer(amp="none")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,11 @@ def lr_factor(step: int, total: int, settings: Optimisation) -> float:
     return settings.min_lr_ratio + (1 - settings.min_lr_ratio) * decay
 
 
+def native_bf16_cpu() -> bool:
+    """Whether oneDNN has bf16 arithmetic on this CPU (AMX or AVX512-BF16); without it bf16 is emulated, slowly."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 class Trainer:
     """Steps `model` with AdamW (no decay on biases), the warm-up/decay schedule over `total` steps and mixed
     precision (bf16 on CPU or CUDA, fp16 on CUDA). With world > 1 the step goes through DistributedDataParallel."""
@@ -74,6 +80,12 @@ class Trainer:
         # bf16 autocast halves the step on CPUs with AMX or AVX512-BF16 (bench/results/levers.md); fp16 needs
         # CUDA's GradScaler. The weights, the optimiser and the average stay fp32 either way.
         self.use_amp = settings.amp == "bf16" or (settings.amp == "fp16" and device.type == "cuda")
+        if settings.amp == "bf16" and device.type == "cpu" and not native_bf16_cpu():
+            warnings.warn(
+                "train.amp=bf16: this CPU has no native bf16 arithmetic (AMX or AVX512-BF16), so training will be "
+                "slower than in fp32; set train.amp=none",
+                stacklevel=2,
+            )
         self.amp_dtype = torch.bfloat16 if settings.amp == "bf16" else torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and settings.amp == "fp16")
         self.params: list[torch.Tensor] = [*decay, *no_decay]
