@@ -49,7 +49,11 @@ def main() -> None:
         with log.paused():
             if done == total and lead:
                 finish_weights(run, log, done)
-            if at_val and lead:
+            if at_val and lead and done < total:
+                bpc = trainer.validate(val)
+                trainer.keep_if_best(done, bpc)
+                log.val(done, bpc)
+            if at_val and lead and done == total:  # the model file's weights, as finish_weights made them
                 log.val(done, trainer.validate(val))
             if config.sample_every and (done % config.sample_every == 0 or done == total) and lead:
                 log.samples(done, samples(run, done))
@@ -71,14 +75,19 @@ def main() -> None:
 
 
 def finish_weights(run: Run, log: TrainLog, step: int) -> None:
-    """The model file's weights: the average (train.ema_decay) and a fitted temperature (train.fit_temperature).
-    Logs what each changed: val of the weights as trained, and the temperature."""
-    trainer, val = run.trainer, run.packed.streams["val"]
+    """The model file's weights: the average (train.ema_decay), or the best-validated weights (train.keep_best),
+    and a fitted temperature (train.fit_temperature). Logs what each changed: val of the weights as trained at
+    the last step, of the weights chosen before the temperature, the step they are from, and the temperature."""
+    trainer, val, settings = run.trainer, run.packed.streams["val"], run.trainer.settings
     figures = {}
     if run.has_val and trainer.average is not None:
         figures["val_bpc_trained_weights"] = trainer.validate(val, averaged=False)
-    if run.has_val and trainer.settings.fit_temperature:
-        figures["val_bpc_before_temperature"] = trainer.validate(val)
+    if run.has_val and (settings.fit_temperature or settings.keep_best):
+        last = trainer.validate(val)
+        trainer.keep_if_best(step, last)
+        figures["val_bpc_before_temperature"] = trainer.best_bpc if settings.keep_best else last
+    if run.has_val and settings.keep_best:
+        figures["best_step"] = trainer.best_step
     temperature = trainer.finish(val if run.has_val else None)
     if temperature is not None:
         figures["temperature"] = temperature

@@ -459,3 +459,75 @@ def test_bf16_on_a_cpu_without_native_bf16_warns_that_it_is_slow_and_names_the_f
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tiny_trainer(amp="none")
+
+
+# --------------------------------------------------------------------------- train.keep_best
+
+
+def copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [t.detach().clone() for t in tensors]
+
+
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_keep_best_gives_the_model_the_weights_of_the_best_validation(ema_decay):
+    """Validation scores at steps 1..5 of 2.0, 1.5, 1.7, 1.5, 1.9: the file gets step 2's weights (the average with
+    train.ema_decay), kept as they were then, and a tie does not replace them."""
+    trainer = tiny_trainer(ema_decay=ema_decay, keep_best=True)
+    kept = {}
+    for step, bpc in enumerate([2.0, 1.5, 1.7, 1.5, 1.9], start=1):
+        trainer.step(*batch(step))
+        kept[step] = copies(trainer.average if ema_decay else trainer.params)
+        trainer.keep_if_best(step, bpc)
+    assert (trainer.best_step, trainer.best_bpc) == (2, 1.5)
+    trainer.finish(None)
+    assert all(torch.equal(p, k) for p, k in zip(trainer.params, kept[2], strict=True))
+    assert trainer.best is None and trainer.average is None
+
+
+def test_without_keep_best_the_model_keeps_the_average_of_the_last_step():
+    trainer = tiny_trainer(ema_decay=0.9)
+    for step, bpc in enumerate([1.0, 2.0, 3.0], start=1):
+        trainer.step(*batch(step))
+        trainer.keep_if_best(step, bpc)
+    assert trainer.best is None and "best" not in trainer.state_dict()
+    last = copies(trainer.average)
+    trainer.finish(None)
+    assert all(torch.equal(p, k) for p, k in zip(trainer.params, last, strict=True))
+
+
+def test_keep_best_with_a_temperature_fits_it_to_the_kept_weights():
+    trainer = tiny_trainer(ema_decay=0.9, keep_best=True, fit_temperature=True)
+    stream = val_stream()
+    for step in range(1, 9):
+        trainer.step(*batch(step))
+        trainer.keep_if_best(step, trainer.validate(stream))
+    kept = with_weights(trainer.model, trainer.params, trainer.best)
+    temperature = trainer.finish(stream)
+    assert temperature == best_temperature(kept, stream, 64, CPU)
+    assert torch.equal(trainer.model.head.weight, kept.head.weight / temperature)
+
+
+def test_keep_best_resumes_from_a_checkpoint_bit_identically(tmp_path):
+    total, stop, scores = 8, 4, [2.0, 1.2, 1.9, 1.8, 1.1, 1.6, 1.7, 1.9]
+    straight = tiny_trainer(total, ema_decay=0.9, keep_best=True)
+    for t in range(total):
+        straight.step(*batch(t))
+        straight.keep_if_best(t + 1, scores[t])
+
+    first = tiny_trainer(total, ema_decay=0.9, keep_best=True)
+    for t in range(stop):
+        first.step(*batch(t))
+        first.keep_if_best(t + 1, scores[t])
+    path = tmp_path / "checkpoint.pt"
+    artifact.save(path, first.state_dict())
+    resumed = tiny_trainer(total, seed=7, ema_decay=0.9, keep_best=True)
+    resumed.load_state_dict(artifact.load(path, ""))  # weights_only, as every checkpoint is read
+    assert (resumed.best_step, resumed.best_bpc) == (2, 1.2)
+    for t in range(stop, total):
+        resumed.step(*batch(t))
+        resumed.keep_if_best(t + 1, scores[t])
+    assert (resumed.best_step, resumed.best_bpc) == (straight.best_step, straight.best_bpc) == (5, 1.1)
+    straight.finish(None)
+    resumed.finish(None)
+    for name, tensor in straight.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], tensor), name

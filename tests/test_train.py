@@ -204,10 +204,14 @@ def test_same_seed_reproduces_and_stale_or_broken_checkpoints_are_ignored(base, 
     assert_same_weights(weights(p), w0)
 
 
-def test_weight_drop_average_and_temperature_reach_the_model_file_and_resume_bit_identically(base, tmp_path):
-    """model.weight_drop, train.ema_decay and train.fit_temperature together: the model file holds the average with
-    the temperature folded in and scores the logged final val; a killed run resumes to the same bytes and logs."""
-    on = {"model": {"weight_drop": 0.3}, "train": {"ema_decay": 0.9, "fit_temperature": True, "sample_every": 0}}
+def test_weight_drop_average_best_and_temperature_reach_the_model_file_and_resume_bit_identically(base, tmp_path):
+    """model.weight_drop, train.ema_decay, train.keep_best and train.fit_temperature together: the model file holds
+    the best-validated average with the temperature folded in and scores the logged final val; a killed run resumes
+    to the same bytes and logs."""
+    # a constant learning rate this high turns val up mid-run (best at step 90), so keep_best has a choice to make
+    train_on = {"ema_decay": 0.9, "fit_temperature": True, "keep_best": True, "sample_every": 0, "lr": 2.0,
+                "schedule": "constant"}  # fmt: skip
+    on = {"model": {"weight_drop": 0.3}, "train": train_on}
     reference = copy_of(base, tmp_path / "reference")
     reference.set_params(**on)
     train(reference)
@@ -217,6 +221,11 @@ def test_weight_drop_average_and_temperature_reach_the_model_file_and_resume_bit
     assert final <= metrics["val_bpc_before_temperature"]  # T = 1 is on the grid
     assert metrics["val_bpc_trained_weights"] != pytest.approx(metrics["val_bpc_before_temperature"], abs=1e-5)
     assert min(TEMPERATURES) <= metrics["temperature"] <= max(TEMPERATURES)
+    # keep_best: the chosen weights score the best of every validation (the last step's is scored, not plotted)
+    earlier = {step: float(value) for step, value in tsv(reference, "val/bpc") if step < 200}
+    assert metrics["best_step"] in EVAL_STEPS and metrics["best_step"] < 200
+    assert metrics["val_bpc_before_temperature"] == pytest.approx(earlier[metrics["best_step"]], abs=1e-6)
+    assert metrics["val_bpc_before_temperature"] == pytest.approx(min(earlier.values()), abs=1e-6)
     assert not (reference.path / "dvclive/plots/metrics/temperature.tsv").exists()  # logged once, not plotted
     model, _, info = artifact.load_model(reference.path / "models/model.pt", torch.device("cpu"))
     assert model.config["weight_drop"] == 0.3 and info["val_bpc"] == pytest.approx(final)
@@ -230,7 +239,7 @@ def test_weight_drop_average_and_temperature_reach_the_model_file_and_resume_bit
     assert "average" in torch.load(p.path / CHECKPOINT, weights_only=True)
     resume_and_compare(p, killed_at, reference, weights(reference))
     resumed = json.loads((p.path / "dvclive/metrics.json").read_text())
-    for name in ("val", "val_bpc_trained_weights", "val_bpc_before_temperature", "temperature"):
+    for name in ("val", "val_bpc_trained_weights", "val_bpc_before_temperature", "temperature", "best_step"):
         assert resumed[name] == metrics[name], name
 
 

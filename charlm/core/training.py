@@ -36,6 +36,7 @@ class Optimisation:
     amp: str  # none | bf16 | fp16
     ema_decay: float = 0.0  # 0 = off
     fit_temperature: bool = False
+    keep_best: bool = False
 
     @classmethod
     def of(cls, train_params) -> Optimisation:
@@ -91,6 +92,9 @@ class Trainer:
         self.params: list[torch.Tensor] = [*decay, *no_decay]
         # The exponential moving average of the weights (train.ema_decay), kept in fp32 beside them
         self.average = [p.detach().clone() for p in self.params] if settings.ema_decay > 0 else None
+        # train.keep_best: the weights of the validation that scored best so far (early stopping, chosen on val)
+        self.best: list[torch.Tensor] | None = None
+        self.best_bpc, self.best_step = math.inf, 0
 
     def autocast(self):
         """Mixed precision for the training step only: validation and the temperature fit score in fp32, as
@@ -127,6 +131,18 @@ class Trainer:
         with self.averaged() if averaged else contextlib.nullcontext():
             return float(stream_bpc(self.model, stream, VALIDATION_BATCH, self.device))
 
+    def keep_if_best(self, step: int, bpc: float) -> None:
+        """With train.keep_best: keep a copy of the weights that validation just scored (the average, with
+        train.ema_decay) when they score better than at every earlier validation."""
+        if not (self.settings.keep_best and bpc < self.best_bpc):
+            return
+        scored = self.average if self.average is not None else self.params
+        if self.best is None:
+            self.best = [t.detach().clone() for t in scored]
+        else:
+            torch._foreach_copy_(self.best, scored)
+        self.best_bpc, self.best_step = bpc, step
+
     @contextlib.contextmanager
     def averaged(self):
         """The model holds the averaged weights for the duration (no-op without train.ema_decay)."""
@@ -144,12 +160,14 @@ class Trainer:
 
     @torch.no_grad()
     def finish(self, stream: np.ndarray | None) -> float | None:
-        """After the last step: put the averaged weights (train.ema_decay) into the model for good, and with
+        """After the last step: put the best-validated weights (train.keep_best) or else the averaged weights
+        (train.ema_decay) into the model for good, and with
         train.fit_temperature fold the softmax temperature that scores `stream` (val) best into the head, so the
         model file, generate, fine-tuning and the playground all see one model. Returns that temperature."""
-        if self.average is not None:
-            torch._foreach_copy_(self.params, self.average)
-            self.average = None
+        chosen = self.best if self.best is not None else self.average
+        if chosen is not None:
+            torch._foreach_copy_(self.params, chosen)
+        self.average = self.best = None
         if not (self.settings.fit_temperature and stream is not None):
             return None
         temperature = best_temperature(self.model, stream, VALIDATION_BATCH, self.device)
@@ -162,13 +180,21 @@ class Trainer:
         rng: dict[str, Any] = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "rng": rng,
-        } | ({"average": self.average} if self.average is not None else {})
+        return (
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "rng": rng,
+            }
+            | ({"average": self.average} if self.average is not None else {})
+            | (
+                {"best": {"weights": self.best, "bpc": self.best_bpc, "step": self.best_step}}
+                if self.best is not None
+                else {}
+            )
+        )
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -177,6 +203,9 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         # absent from checkpoints without train.ema_decay, and from the one saved after `finish`
         self.average = [a.detach().clone().to(self.device) for a in state["average"]] if "average" in state else None
+        best = state.get("best")  # absent without train.keep_best, before the first validation and after `finish`
+        self.best = [b.detach().clone().to(self.device) for b in best["weights"]] if best else None
+        self.best_bpc, self.best_step = (float(best["bpc"]), int(best["step"])) if best else (math.inf, 0)
         torch.set_rng_state(state["rng"]["cpu"].cpu())
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])

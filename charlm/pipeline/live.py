@@ -177,7 +177,11 @@ class TrainLog:
         """Figures logged once, at the end (not plotted)."""
         if self.lead:
             self._log(step, metrics, plot=False)
-            self.message(f"step {step:,}: " + ", ".join(f"{name} {value:.4f}" for name, value in metrics.items()))
+            shown = (
+                f"{name} {value:,}" if isinstance(value, int) else f"{name} {value:.4f}"
+                for name, value in metrics.items()
+            )
+            self.message(f"step {step:,}: " + ", ".join(shown))
 
     def samples(self, step: int, text: str) -> None:
         if self.lead:

@@ -24,6 +24,7 @@ class TrainParams:
     amp: str = spec(choices=("none", "bf16", "fp16"))
     ema_decay: float = spec(ge=0.0, lt=1.0)
     fit_temperature: bool = spec()
+    keep_best: bool = spec()
     deterministic: bool = spec()
     processes: int = spec(ge=1, le=1024)
     eval_every: int = spec(ge=1)
