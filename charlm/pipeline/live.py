@@ -4,6 +4,7 @@ checkpoint carries so that a resumed run ends with the same logs as an uninterru
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import shutil
 import subprocess
@@ -23,15 +24,23 @@ def stage_live(directory: Path, resume: bool):
     no experiment of its own (DVC runs this stage), no HTML report. Its `next_step()` signals each logged step
     to DVC's VS Code extension and DVC Studio, so a running or queued experiment shows live plots."""
     from dvclive import Live  # imported late: slow to import, and unused when params are invalid
+    from dvclive.plots import NumpyEncoder
+
+    class AtomicLive(Live):
+        def make_summary(self):
+            # DVCLive rewrites metrics.json in place, so a run killed mid-write left it empty: write it atomically
+            if self._step is not None:
+                self.summary["step"] = self.step
+            write_text(self.metrics_file, json.dumps(self.summary, indent=4, cls=NumpyEncoder) + "\n")
 
     kwargs: dict[str, Any] = {"resume": resume, "report": None, "save_dvc_exp": False, "dvcyaml": None}
     if git_has_commits():
-        return Live(str(directory), **kwargs)
+        return AtomicLive(str(directory), **kwargs)
 
     # In a git repo with no commits yet, DVCLive's DVC integration crashes: scm.get_rev() raises "Empty git repo"
     # (https://github.com/treeverse/dvclive/issues/522, fixed upstream only for save_dvc_exp=True). Only there
     # is it skipped; the step signals do not depend on it.
-    class EmptyRepoLive(Live):
+    class EmptyRepoLive(AtomicLive):
         def _init_dvc(self):
             pass
 
