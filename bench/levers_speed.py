@@ -1,6 +1,6 @@
 """The train-time ratio of issue 18: the train stage of today's defaults against that of the defaults before
-round 2, and against a bare nn.LSTM loop doing the same characters, and the best CPU recipe's against today's
-defaults. Steps are timed interleaved; a stage's time is its step time x its max_steps.
+issue 18, and against bare nn.LSTM loops of the defaults' shape doing the same characters; and the best CPU
+recipe's against today's defaults. Steps are timed interleaved; a stage's time is its step time x its max_steps.
 
     .venv/bin/python -m bench.levers_speed DATA_DIR [--rounds 7] [--seconds 6]
 
@@ -22,9 +22,11 @@ from bench.harness import Case, Stat, measure, ratio_stat
 from bench.quality import RECIPES
 from bench.train_speed import BareLoop, CharlmLoop
 
-# The defaults before round 2 (issue 18): no weight drop, average or temperature, fp32, 10,000 steps
-BEFORE_MODEL: dict[str, object] = {"weight_drop": 0.0}
-BEFORE_TRAIN: dict[str, object] = {"ema_decay": 0.0, "fit_temperature": False, "amp": "none"}
+# The defaults before issue 18: 1x384, no weight drop, average, temperature or keep_best, fp32, 10,000 steps
+BEFORE_MODEL: dict[str, object] = {"hidden": 384, "weight_drop": 0.0}
+BEFORE_TRAIN: dict[str, object] = {
+    "ema_decay": 0.0, "fit_temperature": False, "keep_best": False, "amp": "none", "weight_decay": 0.05
+}  # fmt: skip
 BEFORE_STEPS = 10_000
 
 
