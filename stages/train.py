@@ -29,6 +29,7 @@ def main() -> None:
     log = TrainLog(lead, saved, total, start, run.chars_per_step, device,
                    f"Samples during training (prompt {config.sample_prompt!r})")  # fmt: skip
     log.message(run.describe(world, start))
+    log.fact("precision", trainer.precision.label)
     val = run.packed.streams["val"]
     if config.init_from and run.has_val and start == 0 and lead:  # fine-tuning: where the starting model stands
         log.val(0, trainer.validate(val), f" ({config.init_from}, before fine-tuning)")

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from charlm.core.model import CharRNN
+from charlm.core.precision import Precision, autocast, resolve
 from charlm.core.scoring import best_temperature, stream_bpc
 
 # Validation items per forward pass. It only sets speed and memory: padding comes after an item's end, where a
@@ -33,7 +34,7 @@ class Optimisation:
     schedule: str  # cosine | linear | constant
     min_lr_ratio: float
     grad_clip: float
-    amp: str  # none | bf16 | fp16
+    amp: str  # auto | none | bf16 | fp16 (charlm/core/precision.py)
     ema_decay: float = 0.0  # 0 = off
     fit_temperature: bool = False
     keep_best: bool = False
@@ -55,16 +56,20 @@ def lr_factor(step: int, total: int, settings: Optimisation) -> float:
     return settings.min_lr_ratio + (1 - settings.min_lr_ratio) * decay
 
 
-def native_bf16_cpu() -> bool:
-    """Whether oneDNN has bf16 arithmetic on this CPU (AMX or AVX512-BF16); without it bf16 is emulated, slowly."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
 class Trainer:
     """Steps `model` with AdamW (no decay on biases), the warm-up/decay schedule over `total` steps and mixed
-    precision (bf16 on CPU or CUDA, fp16 on CUDA). With world > 1 the step goes through DistributedDataParallel."""
+    precision (`precision`, or else `settings.amp` resolved on this machine: charlm/core/precision.py). With
+    world > 1 the step goes through DistributedDataParallel."""
 
-    def __init__(self, model: CharRNN, settings: Optimisation, total: int, device: torch.device, world: int = 1):
+    def __init__(
+        self,
+        model: CharRNN,
+        settings: Optimisation,
+        total: int,
+        device: torch.device,
+        world: int = 1,
+        precision: Precision | None = None,
+    ):
         self.model, self.settings, self.total, self.device = model, settings, total, device
         self.net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
         decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
@@ -80,15 +85,11 @@ class Trainer:
         )
         # bf16 autocast halves the step on CPUs with AMX or AVX512-BF16 (bench/results/levers.md); fp16 needs
         # CUDA's GradScaler. The weights, the optimiser and the average stay fp32 either way.
-        self.use_amp = settings.amp == "bf16" or (settings.amp == "fp16" and device.type == "cuda")
-        if settings.amp == "bf16" and device.type == "cpu" and not native_bf16_cpu():
-            warnings.warn(
-                "train.amp=bf16: this CPU has no native bf16 arithmetic (AMX or AVX512-BF16), so training will be "
-                "slower than in fp32; set train.amp=none",
-                stacklevel=2,
-            )
-        self.amp_dtype = torch.bfloat16 if settings.amp == "bf16" else torch.float16
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and settings.amp == "fp16")
+        self.precision = precision or resolve(
+            settings.amp, device, model.config, notice=lambda text: warnings.warn(text, stacklevel=3)
+        )
+        self.amp_dtype = self.precision.autocast_dtype
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision.step == "fp16")
         self.params: list[torch.Tensor] = [*decay, *no_decay]
         # The exponential moving average of the weights (train.ema_decay), kept in fp32 beside them
         self.average = [p.detach().clone() for p in self.params] if settings.ema_decay > 0 else None
@@ -99,7 +100,7 @@ class Trainer:
     def autocast(self):
         """Mixed precision for the training step only: validation and the temperature fit score in fp32, as
         evaluate scores the test split."""
-        return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.use_amp else contextlib.nullcontext()
+        return autocast(self.device, self.amp_dtype)
 
     def step(self, x: np.ndarray, y: np.ndarray) -> torch.Tensor:
         """One optimisation step on a minibatch of token ids; returns the loss as a device tensor (no host sync)."""

@@ -6,11 +6,15 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
 from charlm.base.errors import CharlmError
 from charlm.core.device import pick_device
+
+T = TypeVar("T")
 
 
 def relaunch_under_torchrun(module: str, processes: int) -> None:
@@ -45,6 +49,16 @@ def agree(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([float(flag)], device=device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return bool(t.item())
+
+
+def lead_choice(choose: Callable[[], T], world: int) -> T:
+    """What `choose()` returns on the lead process (rank 0), on every process: a choice such as the precision
+    is made once, on the lead's hardware, and no process can differ."""
+    if world == 1:
+        return choose()
+    box = [choose() if torch.distributed.get_rank() == 0 else None]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def finish(world: int) -> None:

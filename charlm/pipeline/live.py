@@ -158,6 +158,12 @@ class TrainLog:
         if self.lead:
             tqdm.write(text, end=end)
 
+    def fact(self, name: str, value: str) -> None:
+        """A fact of the run that does not change, such as its precision: in metrics.json, which `dvc exp show`
+        shows beside the params."""
+        if self.live is not None:
+            self.live.log_metric(name, value, plot=False)
+
     def paused(self):
         """Keep evaluation and I/O out of the throughput figure."""
         return self.progress.paused()

@@ -15,9 +15,10 @@ import torch
 from charlm.base.errors import CharlmError
 from charlm.core.data import Batches, Packed, load_packed
 from charlm.core.model import CharRNN, n_params
+from charlm.core.precision import resolve
 from charlm.core.training import Optimisation, Trainer
 from charlm.core.vocab import Vocab
-from charlm.pipeline import artifact
+from charlm.pipeline import artifact, distributed
 from charlm.pipeline.sections.model import ModelParams
 from charlm.pipeline.sections.train import TrainParams
 
@@ -51,7 +52,8 @@ class Run:
             f"{self.trainer.device.type}"
             + (f" x {world} processes" if world > 1 else "")
             + f", {self.total:,} steps of {self.train_params.batch_size}x{seq_len} chars "
-            f"({self.batches.per_epoch:,} per epoch)" + (f", resuming at step {start:,}" if start else "")
+            f"({self.batches.per_epoch:,} per epoch), precision {self.trainer.precision.label} "
+            f"({self.trainer.precision.reason})" + (f", resuming at step {start:,}" if start else "")
         )
 
     def save_model(self, path: Path, val_bpc: float | None) -> None:
@@ -62,6 +64,7 @@ class Run:
             "steps": self.total,
             "seq_len": self.packed.meta["seq_len"],
             "val_bpc": val_bpc,
+            "precision": self.trainer.precision.record(),
             "params": {"model": dataclasses.asdict(self.model_params), "train": dataclasses.asdict(self.train_params)},
         }
         self.model.to("cpu")
@@ -101,14 +104,19 @@ def build_run(
         torch.backends.cudnn.benchmark = False
     torch.manual_seed(settings.seed)
     model = CharRNN(len(vocab), **dataclasses.asdict(model_params)).to(device)
+    # Decided by the lead on its hardware and used by every process; it leaves the RNGs as they were
+    precision = distributed.lead_choice(
+        lambda: resolve(settings.amp, device, model.config, notice=print if rank == 0 else lambda _: None), world
+    )
     init_sha = load_initial_weights(model, settings.init_from, vocab) if settings.init_from else None
     # The number of processes is left out, so a checkpoint resumes under any world size; the starting model
-    # counts by its bytes, not its path.
+    # counts by its bytes, not its path. The precision counts as run, not as asked (`auto` differs by machine):
+    # a checkpoint of a bf16 run does not continue in fp32.
     run_id = fingerprint(
         dataclasses.asdict(model_params), dataclasses.asdict(settings) | {"processes": None}, meta, vocab.itos,
-        init_sha, device.type, torch.__version__,
+        init_sha, device.type, torch.__version__, [precision.step, precision.recurrent],
     )  # fmt: skip
-    trainer = Trainer(model, Optimisation.of(settings), total, device, world)
+    trainer = Trainer(model, Optimisation.of(settings), total, device, world, precision)
     return Run(model_params, settings, vocab, packed, batches, total, model, trainer, run_id)
 
 

@@ -21,7 +21,7 @@ class TrainParams:
     min_lr_ratio: float = spec(ge=0.0, le=1.0)
     weight_decay: float = spec(ge=0.0)
     grad_clip: float = spec(ge=0.0)
-    amp: str = spec(choices=("none", "bf16", "fp16"))
+    amp: str = spec(choices=("auto", "none", "bf16", "fp16"))
     ema_decay: float = spec(ge=0.0, lt=1.0)
     fit_temperature: bool = spec()
     keep_best: bool = spec()
