@@ -263,6 +263,19 @@ def peaked_model(cell: str, vocab_size: int):
     return model
 
 
+def needs_native_bf16():
+    """Skip where this CPU has no native bf16 (AMX or AVX512-BF16 that oneDNN uses): there, oneDNN has no bf16
+    LSTM at all. The tests that train in bf16 still run wherever it is present."""
+    import torch
+
+    from charlm.core.precision import capabilities
+
+    caps = capabilities(torch.device("cpu"))
+    return pytest.mark.skipif(
+        not caps.native_cpu_bf16, reason=f"needs a CPU with native bf16 (AMX or AVX512-BF16); this one: {caps.features()}"
+    )
+
+
 @pytest.fixture
 def one_thread():
     """In-process torch work on one thread: two OpenMP threads on a 2-core machine shared with other jobs make

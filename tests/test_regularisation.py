@@ -1,26 +1,27 @@
 """DropConnect on the recurrent weights (model.weight_drop), the moving average of the weights (train.ema_decay),
 the softmax temperature fitted on val and folded into the head (train.fit_temperature), and bf16 mixed precision
-of the training step on CPU (train.amp)."""
+of the training step on CPU (train.amp; its choice per machine is tests/test_precision.py)."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
 import math
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from charlm.core import training
+from charlm.base.errors import CharlmError
 from charlm.core.model import CharRNN
+from charlm.core.precision import resolve
 from charlm.core.scoring import TEMPERATURES, best_temperature, stream_bpc
 from charlm.core.training import Optimisation, Trainer
 from charlm.core.vocab import EOS_ID, Vocab
 from charlm.pipeline import artifact
 from charlm.pipeline.run import load_initial_weights
+from conftest import needs_native_bf16
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -83,7 +84,7 @@ def test_weight_drop_zeroes_a_share_of_each_recurrent_matrix_for_one_forward(cel
     assert torch.equal(model(x)[0], twin(x)[0])  # off in eval mode
 
 
-@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("cell", [pytest.param("lstm", marks=needs_native_bf16()), "gru", "rnn"])
 def test_weight_drop_under_cpu_autocast_gives_finite_gradients(cell):
     torch.manual_seed(0)
     model = CharRNN(V, cell=cell, hidden=16, layers=2, embedding=5, weight_drop=0.5).train()
@@ -411,6 +412,7 @@ def head_dtypes(model: CharRNN) -> list[torch.dtype]:
     return seen
 
 
+@needs_native_bf16()
 def test_bf16_on_cpu_runs_the_step_in_bf16_and_keeps_the_weights_and_the_average_in_fp32():
     fp32, bf16 = tiny_trainer(ema_decay=0.9), tiny_trainer(ema_decay=0.9, amp="bf16")
     seen = head_dtypes(bf16.model)
@@ -426,6 +428,7 @@ def test_bf16_on_cpu_runs_the_step_in_bf16_and_keeps_the_weights_and_the_average
     assert all(torch.allclose(a, b, atol=0.05) for a, b in pairs)
 
 
+@needs_native_bf16()
 def test_under_bf16_validation_and_the_temperature_fit_score_in_fp32_as_evaluate_does():
     trainer = tiny_trainer(amp="bf16", fit_temperature=True)
     for step in range(4):
@@ -438,27 +441,19 @@ def test_under_bf16_validation_and_the_temperature_fit_score_in_fp32_as_evaluate
     assert seen and set(seen) == {torch.float32}
 
 
-def test_fp16_on_cpu_is_ignored_the_step_stays_fp32():
-    plain, fp16 = tiny_trainer(), tiny_trainer(amp="fp16")
-    seen = head_dtypes(fp16.model)
+def test_fp16_on_cpu_is_an_error_naming_the_fix_not_silently_fp32():
+    with pytest.raises(CharlmError, match=r"train.amp=fp16 needs a CUDA GPU.*set train.amp=auto"):
+        tiny_trainer(amp="fp16")
+
+
+def test_auto_and_none_train_on_any_cpu_and_auto_steps_in_what_this_machine_resolves_to():
+    none, auto = tiny_trainer(), tiny_trainer(amp="auto")
+    seen = head_dtypes(auto.model)
     for step in range(3):
-        assert torch.equal(plain.step(*batch(step)), fp16.step(*batch(step)))
-    assert seen == [torch.float32] * 3
-    for a, b in zip(plain.model.parameters(), fp16.model.parameters(), strict=True):
-        assert torch.equal(a, b)
-
-
-def test_bf16_on_a_cpu_without_native_bf16_warns_that_it_is_slow_and_names_the_fix(monkeypatch):
-    monkeypatch.setattr(training, "native_bf16_cpu", lambda: True)  # AMX or AVX512-BF16: no warning
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        tiny_trainer(amp="bf16")
-    monkeypatch.setattr(training, "native_bf16_cpu", lambda: False)
-    with pytest.warns(UserWarning, match=r"no native bf16.*set train.amp=none"):
-        tiny_trainer(amp="bf16")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        tiny_trainer(amp="none")
+        assert torch.isfinite(none.step(*batch(step))) and torch.isfinite(auto.step(*batch(step)))
+    assert none.precision.step == "fp32" and none.amp_dtype is None
+    assert seen == [auto.amp_dtype or torch.float32] * 3
+    assert auto.precision == resolve("auto", CPU, auto.model.config)
 
 
 # --------------------------------------------------------------------------- train.keep_best

@@ -6,6 +6,7 @@ charlm generate --prompt "Today " --temperature 0.8 --length 300 [--model PATH] 
 charlm plots [REV ...] [--out DIR] [--format png|svg]   # learning curves as files, offline
 charlm compare REV [REV ...]                            # samples of experiments side by side
 charlm serve [--model PATH]... [--port 8000] [--host 127.0.0.1] [--device auto|cpu|cuda]  # the web page
+charlm doctor [--seconds 10]                            # what train does on this machine, and for how long
 """
 
 from __future__ import annotations
@@ -61,6 +62,14 @@ COMMANDS = {
         "a text character by character, inspect hidden units, and compare learning curves. It lists the "
         "workspace model, training checkpoints, and every DVC experiment, branch and tag with a model.",
     ),
+    "doctor": (
+        "what the train stage will do on this machine: device, precision and why, and how long it will take",
+        "Print the device, the precision that train.amp resolves to on this machine and why, the threads, the CPU "
+        "features that decide it (AMX, AVX512-BF16, AVX512, AVX2), the torch and oneDNN versions, the workspace "
+        "model, and an estimate of the train stage's time for the current params.yaml, from a few seconds of "
+        "real training steps (and, with data/packed/ present, the real data and validation passes). Run it in "
+        "the repository.",
+    ),
 }
 
 
@@ -75,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate(sub)
     add_plots_and_compare(sub)
     add_serve(sub)
+    d = command(sub, "doctor")
+    d.add_argument("--seconds", type=_number(float, 0, what="> 0", lo_open=True), default=10.0,
+                   help="how long to time training steps for the estimate (default: 10)")  # fmt: skip
     return parser
 
 
@@ -226,6 +238,12 @@ def serve_command(args) -> None:
     serve(args.model, args.host, args.port, args.device)
 
 
+def doctor_command(args) -> None:
+    from charlm.apps.doctor import doctor  # imports torch: only for this command
+
+    doctor(args.seconds)
+
+
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     commands = {
@@ -233,6 +251,7 @@ def main(argv=None) -> None:
         "plots": plots_command,
         "compare": compare_command,
         "serve": serve_command,
+        "doctor": doctor_command,
     }
     command = commands[args.command]
     run_main(lambda: command(args), "charlm")

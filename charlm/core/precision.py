@@ -60,7 +60,8 @@ class Capabilities:
 
 def capabilities(device: torch.device) -> Capabilities:
     """This machine's capabilities for `device`."""
-    cpu = dict(
+    cpu = Capabilities(
+        "cpu",
         amx=bool(torch.cpu._is_amx_tile_supported()),
         avx512_bf16=bool(torch.cpu._is_avx512_bf16_supported()),
         avx512=bool(torch.cpu._is_avx512_supported()),
@@ -68,10 +69,10 @@ def capabilities(device: torch.device) -> Capabilities:
         onednn_bf16=bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
     )
     if device.type != "cuda":
-        return Capabilities("cpu", **cpu)
-    return Capabilities(
-        "cuda",
-        **cpu,
+        return cpu
+    return dataclasses.replace(
+        cpu,
+        device="cuda",
         cuda_bf16=bool(torch.cuda.is_bf16_supported(including_emulation=False)),
         gpu=torch.cuda.get_device_name(device),
     )
@@ -90,32 +91,32 @@ def decide(amp: str, caps: Capabilities, cell: str) -> Decision:
     """The precision `train.amp` asks for on a machine with `caps`, or a CharlmError when it cannot run there."""
     where = f"this CPU ({caps.features()})" if caps.device == "cpu" else f"this GPU ({caps.gpu or 'CUDA'})"
     if amp == "none":
-        return Decision("fp32", "train.amp=none")
+        return Decision("fp32", "as asked")
     if caps.device == "cuda":
         if amp == "auto":
             if caps.cuda_bf16:
-                return Decision("bf16", f"auto: {where} has bf16")
-            return Decision("fp16", f"auto: {where} has no bf16, so fp16 with the gradient scaler")
+                return Decision("bf16", f"{where} has bf16")
+            return Decision("fp16", f"{where} has no bf16, so fp16 with the gradient scaler")
         if amp == "bf16" and not caps.cuda_bf16:
-            return Decision("bf16", "train.amp=bf16", f"train.amp=bf16: {where} has no bf16 arithmetic, so it is "
+            return Decision("bf16", "as asked", f"train.amp=bf16: {where} has no bf16 arithmetic, so it is "
                             f"emulated and slower than fp32; {FIX}")  # fmt: skip
-        return Decision(amp, f"train.amp={amp}")
+        return Decision(amp, "as asked")
     if amp == "fp16":
         raise CharlmError(f"train.amp=fp16 needs a CUDA GPU (its gradient scaler), but this run is on the CPU; {FIX}")
     if amp == "auto":
         if caps.native_cpu_bf16:
-            return Decision("bf16", f"auto: {where} has native bf16")
-        return Decision("fp32", f"auto: {where} has no native bf16 (AMX or AVX512-BF16)")
+            return Decision("bf16", f"{where} has native bf16")
+        return Decision("fp32", f"{where} has no native bf16 (AMX or AVX512-BF16)")
     # amp == "bf16" on a CPU
     if caps.native_cpu_bf16:
-        return Decision("bf16", "train.amp=bf16")
+        return Decision("bf16", "as asked")
     if caps.onednn_bf16:  # AVX512 without BF16: oneDNN emulates bf16
-        return Decision("bf16", "train.amp=bf16", f"train.amp=bf16: {where} has no native bf16, so it is emulated "
+        return Decision("bf16", "as asked", f"train.amp=bf16: {where} has no native bf16, so it is emulated "
                         f"and slower than fp32; {FIX}")  # fmt: skip
     if cell == "lstm":  # below AVX512 oneDNN has no bf16 LSTM at all: nn.LSTM raises under autocast
         raise CharlmError(f"train.amp=bf16 cannot train an LSTM on {where}: oneDNN has no bf16 LSTM below "
                           f"AVX512; {FIX}")  # fmt: skip
-    return Decision("bf16", "train.amp=bf16", f"train.amp=bf16: {where} has no native bf16, so the step is "
+    return Decision("bf16", "as asked", f"train.amp=bf16: {where} has no native bf16, so the step is "
                     f"emulated and slower than fp32; {FIX}")  # fmt: skip
 
 
@@ -132,6 +133,11 @@ class Precision:
     def label(self) -> str:
         """One word when step and recurrent layer agree, e.g. 'bf16'; else 'bf16 (recurrent layer in fp32)'."""
         return self.step if self.recurrent == self.step else f"{self.step} (recurrent layer in {self.recurrent})"
+
+    @property
+    def explained(self) -> str:
+        """'fp32 (train.amp=auto: this CPU (AVX2) has no native bf16 (AMX or AVX512-BF16))'."""
+        return f"{self.label} (train.amp={self.setting}: {self.reason})"
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -180,6 +186,6 @@ def resolve(amp: str, device: torch.device, model_config: dict, caps: Capabiliti
         if amp != "auto" or step == "fp32":
             raise CharlmError(f"train.amp={amp}: a {step} training step cannot run here ({first}); {FIX}") from None
         notice(f"train: {step} failed a trial step here ({first}); training in fp32")
-        step, reason = "fp32", f"auto: {step} failed a trial step here"
+        step, reason = "fp32", f"{step} failed a trial step here"
         recurrent = probe(model_config, device, step)
     return Precision(amp, step, recurrent, reason)

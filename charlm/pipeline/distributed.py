@@ -56,7 +56,7 @@ def lead_choice(choose: Callable[[], T], world: int) -> T:
     is made once, on the lead's hardware, and no process can differ."""
     if world == 1:
         return choose()
-    box = [choose() if torch.distributed.get_rank() == 0 else None]
+    box: list = [choose() if torch.distributed.get_rank() == 0 else None]
     torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
 

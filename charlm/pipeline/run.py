@@ -52,8 +52,8 @@ class Run:
             f"{self.trainer.device.type}"
             + (f" x {world} processes" if world > 1 else "")
             + f", {self.total:,} steps of {self.train_params.batch_size}x{seq_len} chars "
-            f"({self.batches.per_epoch:,} per epoch), precision {self.trainer.precision.label} "
-            f"({self.trainer.precision.reason})" + (f", resuming at step {start:,}" if start else "")
+            f"({self.batches.per_epoch:,} per epoch), precision {self.trainer.precision.explained}"
+            + (f", resuming at step {start:,}" if start else "")
         )
 
     def save_model(self, path: Path, val_bpc: float | None) -> None:
