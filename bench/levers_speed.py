@@ -1,6 +1,7 @@
-"""The train-time ratio of issue 18: the train stage of today's defaults against that of the defaults before
-issue 18, and against bare nn.LSTM loops of the defaults' shape doing the same characters; and the best CPU
-recipe's against today's defaults. Steps are timed interleaved; a stage's time is its step time x its max_steps.
+"""The train-time ratios of the defaults: in fp32 against bf16 (where this CPU has native bf16: elsewhere bf16
+cannot run or is emulated, and `train.amp: auto` trains in fp32), against the defaults before issue 18 (1x384
+fp32, 10,000 steps), against bare nn.LSTM loops of the defaults' shape doing the same characters; and the best
+CPU recipe's against the defaults. Steps are timed interleaved; a stage's time is its step time x its max_steps.
 
     .venv/bin/python -m bench.levers_speed DATA_DIR [--rounds 7] [--seconds 6]
 
@@ -21,6 +22,7 @@ from bench import harness
 from bench.harness import Case, Stat, measure, ratio_stat
 from bench.quality import RECIPES
 from bench.train_speed import BareLoop, CharlmLoop
+from charlm.core.precision import capabilities
 
 # The defaults before issue 18: 1x384, no weight drop, average, temperature or keep_best, fp32, 10,000 steps
 BEFORE_MODEL: dict[str, object] = {"hidden": 384, "weight_drop": 0.0}
@@ -63,22 +65,33 @@ def main() -> None:
     def bare(bf16: bool) -> BareLoop:
         return BareLoop(stream, seq_len, vocab_size, mp, tp.lr, "cpu", batch=tp.batch_size, bf16=bf16)
 
+    caps = capabilities(torch.device("cpu"))
+    defaults = loop({}, {})
+    precision = defaults.run.trainer.precision
     cases = [
-        Case("defaults", loop({}, {}).step),
+        Case("defaults", defaults.step),
+        Case("defaults fp32", loop({}, {"amp": "none"}).step),
         Case("before", loop(BEFORE_MODEL, BEFORE_TRAIN).step),
         Case("bare fp32", bare(False).step),
-        Case("bare bf16", bare(True).step),
         Case("best", loop(best_m, best_t).step),
     ]
-    print(f"{torch.get_num_threads()} threads; defaults {mp}, amp {tp.amp}, {tp.max_steps:,} steps; batch "
-          f"{tp.batch_size} x {seq_len}; best recipe {RECIPES['best']}")  # fmt: skip
+    if caps.native_cpu_bf16:  # elsewhere a bf16 LSTM cannot run (AVX2) or is emulated (AVX512 without BF16)
+        cases += [Case("defaults bf16", loop({}, {"amp": "bf16"}).step), Case("bare bf16", bare(True).step)]
+    print(f"{torch.get_num_threads()} threads; CPU {caps.features()}; defaults {mp}, precision {precision.explained}, "
+          f"{tp.max_steps:,} steps; batch {tp.batch_size} x {seq_len}; best recipe {RECIPES['best']}")  # fmt: skip
     r = measure(cases, args.rounds, args.seconds, log=print)
     for name, stat in r.items():
         print(f"{name}: {stat.fmt()} chars/s")
     steps = tp.max_steps
+    if caps.native_cpu_bf16:
+        fp32_bf16 = ratio_stat(r["defaults bf16"], r["defaults fp32"])
+        print(f"train stage, defaults in fp32 / in bf16: {fp32_bf16.fmt('×', 3)}")
+    else:
+        print(f"train stage, defaults in fp32 / in bf16: not measured, this CPU has no native bf16 ({caps.features()})")
     print(f"step time, defaults / before: {ratio_stat(r['before'], r['defaults']).fmt('×', 3)}")
-    print(f"step time, defaults / bare loop in the same precision: "
-          f"{ratio_stat(r['bare bf16' if tp.amp == 'bf16' else 'bare fp32'], r['defaults']).fmt('×', 3)}")  # fmt: skip
+    print(f"step time, defaults fp32 / before (1x384 fp32): {ratio_stat(r['before'], r['defaults fp32']).fmt('×', 3)}")
+    same = r["bare bf16" if precision.step == "bf16" else "bare fp32"]
+    print(f"step time, defaults / bare loop in the same precision: {ratio_stat(same, r['defaults']).fmt('×', 3)}")
     print(f"step time, best / defaults: {ratio_stat(r['defaults'], r['best']).fmt('×', 3)}")
     print(f"train stage, defaults ({steps:,} steps) / before ({BEFORE_STEPS:,}): "
           f"{stage_ratio(r['before'], BEFORE_STEPS, r['defaults'], steps).fmt('×', 3)}")  # fmt: skip
