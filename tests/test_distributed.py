@@ -89,3 +89,23 @@ def test_checkpoint_from_two_processes_resumes_in_one(packed):
     proc = p.stage("train")
     assert f"resuming at step {step}" in proc.stdout + proc.stderr
     assert_close(uninterrupted, weights(p), atol=1e-5)
+
+
+LEAD_CHOICE = """
+import os, torch
+from charlm.pipeline.distributed import lead_choice
+torch.distributed.init_process_group("gloo")
+rank = torch.distributed.get_rank()
+# each process would choose differently (another machine's features, say): all take the lead's
+print(f"rank {rank}:", lead_choice(lambda: f"chosen by rank {rank}", 2))
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_every_process_uses_the_choice_of_the_lead(tmp_path):
+    script = tmp_path / "choice.py"
+    script.write_text(LEAD_CHOICE)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
+    assert sorted(line for line in out.splitlines() if line.startswith("rank")) == [
+        "rank 0: chosen by rank 0", "rank 1: chosen by rank 0"]  # fmt: skip

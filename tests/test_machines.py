@@ -67,12 +67,17 @@ def test_the_shipped_params_run_the_whole_pipeline_on_a_cpu_without_native_bf16(
 
 def test_doctor_names_the_precision_that_the_train_stage_then_uses(tmp_path):
     p = raw_project(tmp_path / "p")
+    before_data = p.run(CHARLM, "doctor", "--seconds", "0.5").stdout  # random tokens, train.max_steps
+    assert "validation not counted: run `dvc repro pack` first" in before_data
     for stage in ("prepare", "vocab", "pack"):
         p.stage(stage)
     said = doctor_precision(p)
+    assert f"precision   {said} (" in before_data
     started = p.stage("train").stdout
     in_metrics, in_model = trained_precision(p)
     assert said == in_metrics == in_model["label"] and f"precision {said} (train.amp=auto: " in started
+    after = p.run(CHARLM, "doctor", "--seconds", "0.5").stdout
+    assert f"model       models/model.pt: lstm 2x32, 30 steps in {said}, val " in after
 
 
 @pytest.mark.parametrize(
