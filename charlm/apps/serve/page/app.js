@@ -37,9 +37,10 @@ function apiUrl(path) {
 }
 
 async function api(path, body) {
-  const init = body === undefined ? {} : {
-    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
-  };
+  // JSON on a GET too: the server runs git, DVC or a model only for a request that a page on another site cannot
+  // make, and this header is one it cannot send.
+  const init = { headers: { "Content-Type": "application/json" } };
+  if (body !== undefined) Object.assign(init, { method: "POST", body: JSON.stringify(body) });
   let res;
   try {
     res = await fetch(apiUrl(path), init);
