@@ -662,12 +662,16 @@ def test_1100_idle_connections_neither_stop_the_server_nor_keep_its_threads(tmp_
         assert get_json(port, "/api/models", 30)[0] == 200
         time.sleep(1)
         baseline = threads_of(proc)
-        for _ in range(1100):
+        for k in range(1100):
             sock = socket.socket()
             sock.setblocking(False)  # past the backlog a connect waits: hold it open without waiting
             sock.connect_ex(("127.0.0.1", port))
             idle.append(sock)
-        time.sleep(20)
+            if k % 50 == 49:
+                time.sleep(0.05)  # a burst would overflow the backlog, and the server would never see most of them
+        time.sleep(2)
+        assert threads_of(proc) > 900  # a thread per connection, up to the limit on open files
+        time.sleep(18)
         started = time.monotonic()
         status, _ = get_json(port, "/api/models", 5)
         assert status == 200 and time.monotonic() - started < 5
