@@ -43,10 +43,10 @@ GET  /api/curves?models=id,id -> {"curves": [{"id", "label", "train": [[step, bp
 
 Safety: binds 127.0.0.1 unless told otherwise; another address needs the random token printed in the URL. The
 Host header must name the served address (a loopback server answers to its address, 127.0.0.1 and localhost
-only), which defeats DNS rebinding; an Origin header must be the served origin, which refuses cross-site requests. Text,
-length, models per request, concurrent generations and body size are bounded, and at most 6 models stay loaded.
-Responses are JSON with nosniff, and the page carries a strict Content-Security-Policy. Nothing is written to
-the workspace.
+only), which defeats DNS rebinding; an Origin header must be the served origin, which refuses cross-site
+requests. Text, length, models per request, concurrent generations and body size are bounded, and at most 6
+models stay loaded. Responses are JSON with nosniff, and the page carries a strict Content-Security-Policy.
+Nothing is written to the workspace.
 """
 
 from __future__ import annotations
