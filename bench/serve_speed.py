@@ -1,5 +1,6 @@
 """How fast `charlm serve` answers (issue 17): first character on screen after Write, streaming rate against
-`charlm generate`, a 2,000-character Read, and a bounded load test on loopback.
+`charlm generate`, a 2,000-character Read, a bounded load test on loopback, and (issue 24) a normal request
+beside a load round while 300 idle connections are open.
 
     python -m bench.serve_speed [--model PATH] [--out FILE] [--rounds N]
 
@@ -24,13 +25,13 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ from bench.harness import (
     model_params,
     ratio_stat,
 )
+from charlm.base.io import write_text
 from charlm.core import inspection
 from charlm.core.model import CharRNN
 from charlm.core.sampling import text_pieces, token_steps
@@ -55,7 +57,8 @@ from charlm.pipeline import artifact
 
 CHROMIUM = os.environ.get("CHARLM_CHROMIUM", "/usr/bin/chromium")
 N_MODELS = 4  # the most a request may name: the four-model figures use them all
-TARGET_FIRST_MS, TARGET_RATE, TARGET_READ_MS = 300, 0.80, 1000
+TARGET_FIRST_MS, TARGET_RATE, TARGET_READ_MS, TARGET_IDLE_MS = 300, 0.80, 1000, 100
+IDLE, IDLE_ROUNDS = 300, 3  # idle connections held open beside load rounds (issue 24), and how many rounds
 LOAD_CLIENTS = 16  # the server's limit on concurrent generations: one more must be refused
 LOAD_LENGTH = 300
 LOAD_DROP_EVERY, LOAD_DROP_AFTER = 4, 40  # every 4th client goes away mid-stream after 40 pieces
@@ -101,21 +104,11 @@ def describe(model, vocab, info: dict) -> str:
     return f"{c['layers']}×{c['hidden']} {c['cell']}, embedding {c['embedding']}, vocabulary {len(vocab)}, {trained}"
 
 
-def sse(response: http.client.HTTPResponse) -> Iterator[tuple[str | None, dict]]:
-    """The (event, data) pairs of a Server-Sent Events stream."""
-    event = None
-    for raw in response:
-        line = raw.decode("utf-8").rstrip("\n")
-        if line.startswith("event: "):
-            event = line[len("event: ") :]
-        elif line.startswith("data: "):
-            yield event, json.loads(line[len("data: ") :])
-
-
 class Served:
     """`charlm serve --port 0 --device cpu --model ...` in a child process, in an empty folder."""
 
     def __init__(self, cwd: Path, files: list[Path], threads: int | None = None):
+        """Started; `wait()` until it serves."""
         cmd = [sys.executable, "-m", "charlm.apps.cli", "serve", "--port", "0", "--device", "cpu"]
         cmd += [arg for f in files for arg in ("--model", str(f))]
         env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
@@ -124,8 +117,10 @@ class Served:
             if threads is not None:
                 env[name] = str(threads)
         self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        assert self.proc.stdout is not None
         self.log: list[str] = []
+
+    def wait(self) -> Served:
+        assert self.proc.stdout is not None
         match = None
         for line in self.proc.stdout:  # until the URL (or the end: the server failed)
             self.log.append(line)
@@ -139,6 +134,7 @@ class Served:
         threading.Thread(target=self.log.extend, args=(self.proc.stdout,), daemon=True).start()
         self.host, port = self.url.split("/")[2].rsplit(":", 1)
         self.port = int(port)
+        return self
 
     def status(self) -> dict[str, int]:
         """Threads and resident memory (kB) of the server process, from /proc."""
@@ -148,11 +144,10 @@ class Served:
 
     def close(self) -> None:
         self.proc.terminate()
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        self.proc.kill()
+        self.proc.wait()
 
     def call(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
         conn = http.client.HTTPConnection(self.host, self.port, timeout=60)
@@ -165,7 +160,15 @@ class Served:
             conn.close()
 
     def generate(self, ids: list[str], length: int, seed: int, stop_at_eos: bool) -> tuple[int, dict]:
-        return self.call("POST", "/api/generate", gen_body(ids, length, seed, stop_at_eos))
+        body = {"models": ids, "prompt": "", "temperature": 0.8, "top_k": 0, "top_p": 1.0, "length": length,
+                "seed": seed, "stop_at_eos": stop_at_eos}  # fmt: skip
+        return self.call("POST", "/api/generate", body)
+
+    def idle(self, n: int) -> list[socket.socket]:
+        """`n` connections that send nothing, opened in small bursts that the server's backlog holds."""
+        socks = [socket.create_connection((self.host, self.port)) for _ in range(n)]
+        time.sleep(0.5)  # accepted, each on its handler thread
+        return socks
 
     def events(self, job: str, n_models: int, drop_after: int | None = None) -> dict[str, Any]:
         """A job's event stream, read to `done` or `error` (or closed after `drop_after` pieces):
@@ -178,7 +181,14 @@ class Served:
             response = conn.getresponse()
             if response.status != 200:
                 return {"texts": None, "pieces": 0, "reason": f"HTTP {response.status}"}
-            for event, data in sse(response):
+            event = None
+            for raw in response:  # Server-Sent Events: "event: NAME", then "data: JSON"
+                line = raw.decode("utf-8").rstrip("\n")
+                if line.startswith("event: "):
+                    event = line[len("event: ") :]
+                if not line.startswith("data: "):
+                    continue
+                data = json.loads(line[len("data: ") :])
                 if event == "piece":
                     for i, piece in enumerate(data["pieces"]):
                         if piece is not None:
@@ -195,11 +205,6 @@ class Served:
         return {"texts": ["".join(t) for t in texts], "pieces": pieces, "reason": reason}
 
 
-def gen_body(ids: list[str], length: int, seed: int, stop_at_eos: bool) -> dict:
-    return {"models": ids, "prompt": "", "temperature": 0.8, "top_k": 0, "top_p": 1.0, "length": length,
-            "seed": seed, "stop_at_eos": stop_at_eos}  # fmt: skip
-
-
 def local_text(model, vocab, length: int, seed: int, stop_at_eos: bool) -> str:
     """What `charlm generate --prompt '' --temperature 0.8 --length L --seed S` prints, without its newline: the
     library calls the command makes, writing and flushing each piece as it does."""
@@ -210,16 +215,6 @@ def local_text(model, vocab, length: int, seed: int, stop_at_eos: bool) -> str:
             out.write(piece)
             out.flush()
     return out.getvalue()
-
-
-def server_texts(served: Served, ids: list[str], length: int, seed: int) -> list[str]:
-    status, answer = served.generate(ids, length, seed, False)
-    if status != 200:
-        raise SystemExit(f"POST /api/generate answered {status}: {answer}")
-    got = served.events(answer["job"], len(ids))
-    if got["reason"] != "finished":
-        raise SystemExit(f"stream ended with {got['reason']!r}")
-    return got["texts"]
 
 
 def streaming_rate(served: Served, ids: list[str], models: list, rounds: int, length: int, threads: int) -> dict:
@@ -233,9 +228,13 @@ def streaming_rate(served: Served, ids: list[str], models: list, rounds: int, le
         name, done = f"{side} {n}", texts.setdefault(f"{side} {n}", [])
 
         def run(length: int, seed: int) -> list[str]:
-            if side == "server":
-                return server_texts(served, ids[:n], length, seed)
-            return [local_text(m, v, length, seed, False) for m, v in models[:n]]
+            if side == "cli":
+                return [local_text(m, v, length, seed, False) for m, v in models[:n]]
+            status, answer = served.generate(ids[:n], length, seed, False)
+            got: dict[str, Any] = served.events(answer["job"], n) if status == 200 else {"reason": f"HTTP {status}"}
+            if got["reason"] != "finished":
+                raise SystemExit(f"stream ended with {got['reason']!r}: {answer}")
+            return got["texts"]
 
         def unit() -> float:
             done.append(run(length, 1000 + len(done)))
@@ -426,12 +425,43 @@ def load_test(served: Served, model_id: str, expected: dict[int, str], rounds: i
             "final_threads": after["Threads"], "final_rss_mb": after["VmRSS"] / 1024}  # fmt: skip
 
 
+def idle_test(served: Served, model_id: str, expected: dict[int, str]) -> dict[str, Any]:
+    """A normal request (GET /api/models) every 0.05 s beside IDLE_ROUNDS load rounds, first with no idle connection
+    and then with IDLE of them open (the rounds take a few seconds, within the server's 10 s for a whole request);
+    then the server's threads once they have closed."""
+
+    def probe(times: list[float], stop: threading.Event) -> None:
+        while not stop.wait(0.05):
+            t0 = time.perf_counter()
+            served.call("GET", "/api/models")
+            times.append((time.perf_counter() - t0) * 1000)
+
+    out: dict[str, Any] = {"baseline_threads": settled(served, None)["Threads"]}
+    for name, n in (("without", 0), ("with", IDLE)):
+        times: list[float] = []
+        socks, stop = served.idle(n), threading.Event()
+        out[f"{name}_threads"] = served.status()["Threads"]
+        prober = threading.Thread(target=probe, args=(times, stop))
+        prober.start()
+        rounds = [load_round(served, model_id, expected, r) for r in range(IDLE_ROUNDS)]
+        out[f"{name}_round"] = {k: [r[k] for r in rounds] for k in ("finished", "wrong", "errors", "seconds")}
+        stop.set()
+        prober.join()
+        out[name] = Stat(times)
+        for sock in socks:
+            sock.close()
+    out["final_threads"] = settled(served, out["baseline_threads"])["Threads"]
+    return out
+
+
+def idle_ok(it: dict) -> bool:
+    rounds_ok = not any(sum(r["wrong"]) or sum(r["errors"], []) for r in (it["with_round"], it["without_round"]))
+    delay = it["with"].median - it["without"].median
+    return rounds_ok and delay <= TARGET_IDLE_MS and it["final_threads"] <= it["baseline_threads"]
+
+
 def ok(flag: bool) -> str:
     return "met" if flag else "**missed**"
-
-
-def pct(s: Stat) -> str:
-    return f"{s.median:.0%} ({min(s.values):.0%}–{max(s.values):.0%})"
 
 
 def load_ok(lt: dict) -> bool:
@@ -448,37 +478,44 @@ def growth(lt: dict) -> str:
     rows = [r for r in lt["rows"] if not r["warmup"]]
     mid = rows[len(rows) // 2]
     return (
-        f"{max(r['rss_mb'] for r in rows) - lt['baseline_rss_mb']:+.1f} MB at most over the baseline, "
+        f"RSS {max(r['rss_mb'] for r in rows) - lt['baseline_rss_mb']:+.1f} MB at most over the baseline, "
         f"{rows[-1]['rss_mb'] - mid['rss_mb']:+.1f} MB from round {mid['round']} to the last"
     )
 
 
 def targets(ctx: dict) -> list[str]:
-    b, (default, single), n = ctx["browser"], ctx["streams"], N_MODELS
-    w1, w4, rd = Stat(b["write1"]), Stat(b["write4_all"]), Stat(b["read"])
+    b, (default, single), n, it = ctx["browser"], ctx["streams"], N_MODELS, ctx["idle"]
+
+    def row(what: str, figure: str, met: bool) -> str:
+        return f"| {what} | {figure} | {ok(met)} |"
+
+    def ms(what: str, key: str, target: float) -> str:
+        st = Stat(b[key])
+        return row(f"{what} ≤ {target} ms", f"{st.fmt()} ms ({len(st.values)} tries)", st.median <= target)
 
     def rate(cfg: dict, k: int, what: str) -> str:
         r = cfg["ratio"][k]
-        return (f"| stream ≥ {TARGET_RATE:.0%} of `charlm generate`'s chars/s, {what} | {r.median:.0%} "
-                f"({len(r.values)} rounds) | {ok(r.median >= TARGET_RATE)} |")  # fmt: skip
+        what = f"stream ≥ {TARGET_RATE:.0%} of `charlm generate`'s chars/s, {what}"
+        return row(what, f"{r.median:.0%} ({len(r.values)} rounds)", r.median >= TARGET_RATE)
 
+    delay = it["with"].median - it["without"].median
     return [
-        "| issue 17 target | figure | |",
+        "| issue 17 and 24 target | figure | |",
         "|---|---:|---|",
-        f"| first character on screen ≤ {TARGET_FIRST_MS} ms after Write, 1 model | {w1.fmt()} ms "
-        f"({len(w1.values)} tries) | {ok(w1.median <= TARGET_FIRST_MS)} |",
-        f"| … {n} models (every column has its first character) | {w4.fmt()} ms "
-        f"({len(w4.values)} tries) | {ok(w4.median <= TARGET_FIRST_MS)} |",
+        ms("first character on screen after Write, 1 model", "write1", TARGET_FIRST_MS),
+        ms(f"… {n} models (every column has its first character)", "write4_all", TARGET_FIRST_MS),
         rate(default, 1, f"1 model, torch's default threads ({ctx['threads']})"),
         rate(default, n, f"{n} models in one job against {n} runs in turn, default threads"),
         rate(single, 1, "1 model, 1 torch thread on both sides"),
         rate(single, n, f"{n} models, 1 torch thread on both sides"),
-        f"| Read: {READ_CHARS:,} characters scored and coloured ≤ {TARGET_READ_MS} ms | {rd.fmt()} ms "
-        f"({len(rd.values)} tries) | {ok(rd.median <= TARGET_READ_MS)} |",
-        f"| load test: {LOAD_CLIENTS} clients, the 17th refused, streams correct, threads and memory back, "
-        f"still serving; a fresh server | RSS {growth(ctx['load_fresh'])} | {ok(load_ok(ctx['load_fresh']))} |",
-        f"| … the server of the Write and Read rounds above | RSS {growth(ctx['load'])} | {ok(load_ok(ctx['load']))} |",
-    ]
+        ms(f"Read: {READ_CHARS:,} characters scored and coloured", "read", TARGET_READ_MS),
+        row(f"load test: {LOAD_CLIENTS} clients, the 17th refused, streams correct, threads and memory back, "
+            "still serving; a fresh server", growth(ctx["load_fresh"]), load_ok(ctx["load_fresh"])),
+        row("… the server of the Write and Read rounds above", growth(ctx["load"]), load_ok(ctx["load"])),
+        row(f"{IDLE} idle connections beside a load round delay a normal request ≤ {TARGET_IDLE_MS} ms; threads "
+            "back to the baseline when they close", f"{delay:+.1f} ms (median); threads {it['final_threads']} "
+            f"(baseline {it['baseline_threads']})", idle_ok(it)),
+    ]  # fmt: skip
 
 
 def stream_notes(ctx: dict) -> list[str]:
@@ -506,13 +543,13 @@ def stream_notes(ctx: dict) -> list[str]:
         "| case | server chars/s | `charlm generate` chars/s | ratio |",
         "|---|---:|---:|---:|",
         *(f"| {name}, {label} | {cfg['rates'][f'server {k}'].fmt()} | {cfg['rates'][f'cli {k}'].fmt()} "
-          f"| {pct(cfg['ratio'][k])} |"
+          f"| {cfg['ratio'][k].fmt('%', 0, 100.0)} |"
           for cfg, name in rows for k, label in ((1, "1 model"), (n, f"{n} models: one job / {n} runs in turn"))),
     ]  # fmt: skip
 
 
 def load_notes(ctx: dict) -> list[str]:
-    b, loads = ctx["browser"], {"fresh": ctx["load_fresh"], "after Read": ctx["load"]}
+    b, loads, it = ctx["browser"], {"fresh": ctx["load_fresh"], "after Read": ctx["load"]}, ctx["idle"]
     lines = [
         f"- Read (the default-threads server): {READ_CHARS:,} characters of our own English text in "
         f"{len(inspection.text_items(READ_TEXT))} lines, pasted, one model; the clock runs from the click on Score "
@@ -546,6 +583,20 @@ def load_notes(ctx: dict) -> list[str]:
             f"RSS {lt['final_rss_mb']:.1f} MB (baseline {lt['baseline_rss_mb']:.1f} MB; the bound on growth is "
             f"{RSS_BOUND_MB} MB)."
         )
+
+    def during(name: str) -> str:
+        r = it[f"{name}_round"]
+        return (f"{it[name].fmt(digits=1)} ms ({len(it[name].values)} requests; rounds of "
+                f"{', '.join(f'{x:.1f}' for x in r['seconds'])} s, {sum(r['finished'])} streams finished, "
+                f"{sum(r['wrong'])} wrong, {len(sum(r['errors'], []))} failures)")  # fmt: skip
+
+    lines.append(
+        f"- Idle connections (the fresh server, after its load test): GET /api/models every 0.05 s from another "
+        f"thread during {IDLE_ROUNDS} load rounds as above, with no idle connection: {during('without')}; with "
+        f"{IDLE} connections open that send nothing: {during('with')}. Server threads {it['without_threads']} "
+        f"before, {it['with_threads']} with the idle connections open, {it['final_threads']} once they closed "
+        f"(baseline {it['baseline_threads']})."
+    )
     if ctx["server_log"]:
         lines.append("- The servers printed: " + " / ".join(x.strip() for x in ctx["server_log"][:5]))
     return lines
@@ -563,42 +614,27 @@ def report(ctx: dict) -> str:
         "figures move from run to run; the ratios less so."
     )
     body = [PLAYGROUND_MARKER, "", "## Playground (charlm serve)", "", head, "", *targets(ctx), ""]
-    body += [*stream_notes(ctx), ""]
-    return "\n".join(body + load_notes(ctx)) + "\n"
+    return "\n".join([*body, *stream_notes(ctx), "", *load_notes(ctx)]) + "\n"
 
 
 def say(what: str, since: float) -> None:
     print(f"serve_speed: {time.perf_counter() - since:.0f} s: {what}", file=sys.stderr, flush=True)
 
 
-def start_servers(cwd: Path, files: list[Path]) -> list[Served]:
-    """The default-threads server, the one-thread one and a fresh default-threads one, started side by side."""
-    servers, failed = [], None
-    with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        for start in [pool.submit(Served, cwd, files, threads) for threads in (None, 1, None)]:
-            try:
-                servers.append(start.result())
-            except BaseException as e:  # noqa: BLE001  # the others still have to be closed
-                failed = e
-    if failed is not None:
-        for server in servers:
-            server.close()
-        raise failed
-    return servers
-
-
 def measure_all(args, work: Path, files: list[Path], models: list, started: float) -> dict[str, Any]:
     model, vocab = models[0]
     expected = {i: local_text(model, vocab, LOAD_LENGTH, i, True) for i in range(LOAD_CLIENTS)}
     (work / "serve").mkdir()
-    servers = start_servers(work / "serve", files)
-    served, single, fresh = servers
+    # The default-threads server, the one-thread one and a fresh default-threads one, started side by side.
+    servers = [Served(work / "serve", files, threads) for threads in (None, 1, None)]
     try:
+        served, single, fresh = (server.wait() for server in servers)
         by_file = {Path(e["label"]).name: e for e in served.call("GET", "/api/models")[1]["models"]}
         ids, labels = [by_file[f.name]["id"] for f in files], [by_file[f.name]["label"] for f in files]
-        say("load test, fresh server", started)
+        say("load test and idle connections, fresh server", started)
         ctx: dict[str, Any] = {"threads": torch.get_num_threads()}
         ctx["load_fresh"] = load_test(fresh, ids[0], expected, args.load_rounds)
+        ctx["idle"] = idle_test(fresh, ids[0], expected)
         fresh.close()
         say("streaming rate, one thread", started)
         one = streaming_rate(single, ids, models, args.stream_rounds, args.length, 1)
@@ -653,7 +689,7 @@ def main(argv: list[str] | None = None) -> None:
     text = report(ctx)
     print(text)
     if args.out:
-        Path(args.out).write_text(text)
+        write_text(Path(args.out), text)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import Project
 
 from charlm.core.model import CharRNN
 from charlm.core.scoring import score_items
@@ -114,11 +115,27 @@ def server(model_files, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def workspace_server(model_files, tmp_path_factory):
-    """A folder that looks like a trained workspace to the server: a model, its val bpc and DVCLive's curves."""
-    root = tmp_path_factory.mktemp("workspace")
-    (root / ".dvc").mkdir()
+    """A git + DVC repository that looks like a trained workspace to the server: a model (committed, tagged v1),
+    its val bpc, DVCLive's curves and two checkpoints, one of which does not say whose it is; and a model file."""
+    p = Project(tmp_path_factory.mktemp("workspace"))
+    root = p.path
+    p.git("init", "-q", "-b", "main")
+    p.git("config", "user.email", "test@example.com")
+    p.git("config", "user.name", "charlm tests")
+    p.dvc("init", "-q")
     (root / "models").mkdir()
     (root / "models" / "model.pt").write_bytes(model_files["small"].read_bytes())
+    p.dvc("add", "-q", "models/model.pt")
+    p.git("add", "-A")
+    p.git("commit", "-qm", "a model")
+    p.git("tag", "v1")
+    model, vocab, _ = artifact.load_model(model_files["gru"])
+    record = artifact.model_record(model, vocab, {})
+    checkpoint = {"format": artifact.CHECKPOINT_FORMAT, "config": record["config"], "vocab": record["vocab"],
+                  "model": record["state_dict"], "step": 300}  # fmt: skip
+    live = {"metrics.json": json.dumps({"val": {"bpc": 2.25}})}
+    artifact.save(root / "checkpoints" / "train.pt", {**checkpoint, "exp_name": "wide", "live": live})
+    artifact.save(root / ".dvc/tmp/charlm-checkpoints/0123abcd.pt", checkpoint)  # written before runs were named
     (root / "dvclive").mkdir()
     (root / "dvclive" / "metrics.json").write_text(json.dumps({"val": {"bpc": 2.5}}))
     for split, start in (("train", 4.0), ("val", 3.5)):
@@ -126,7 +143,7 @@ def workspace_server(model_files, tmp_path_factory):
         folder.mkdir(parents=True)
         rows = [f"{step}\t{start - step / 1000:.4f}" for step in range(100, 1100, 100)]
         (folder / "bpc.tsv").write_text("step\tbpc\n" + "\n".join(rows) + "\n")
-    proc, info = start_server(root, [])
+    proc, info = start_server(root, [model_files["gru"]])
     yield info
     stop_server(proc)
 
@@ -267,18 +284,6 @@ def test_read_bits_per_character_equal_the_api_and_the_protocol(page, server, mo
     assert "A − B" in page.text_content("#read-legend")
 
 
-def test_an_unknown_revision_shows_its_error(page, models):
-    choose(page, models, "small")
-    page.fill("#rev-name", "does-not-exist")
-    page.click("#rev-form button[type=submit]")
-    page.fill("#length", "10")
-    page.click("#write-go")
-    alert = page.get_by_role("alert")
-    alert.wait_for()
-    assert "does-not-exist" in alert.text_content()
-    assert "\n" not in alert.text_content().strip()
-
-
 def test_a_missing_test_item_shows_the_servers_error(page, server):
     page.click("#test-item")
     alert = page.get_by_role("alert")
@@ -371,22 +376,141 @@ def test_curves_say_when_a_model_has_no_logs(page, models):
     assert page.locator("#curves-plot svg path.series").count() == 0
 
 
-def test_curves_draw_the_workspace_logs(browser, workspace_server, requests_seen):
-    context = browser.new_context(viewport={"width": 1000, "height": 900})
+@contextlib.contextmanager
+def workspace_page(browser, workspace_server, requests_seen, width: int = 1000):
+    """A page of the workspace server at this width; on leaving, no console error, failed request or page error."""
+    context = browser.new_context(viewport={"width": width, "height": 900})
     context.on("request", lambda r: requests_seen.append((workspace_server["origin"], r.url)))
+    problems: list[str] = []
+    context.on("console", lambda m: m.type == "error" and problems.append(m.text))
+    context.on("response", lambda r: r.status >= 400 and problems.append(f"{r.status} {r.url}"))
     try:
         page = context.new_page()
+        page.on("pageerror", lambda e: problems.append(str(e)))
         page.set_default_timeout(TIMEOUT_MS)
         page.goto(workspace_server["url"])
+        page.wait_for_selector("#models-table tbody tr")
+        yield page, problems
+    finally:
+        context.close()
+
+
+def row_texts(page) -> list[str]:
+    return [t.strip() for t in page.locator("#models-table tbody tr").all_text_contents()]
+
+
+def test_curves_draw_the_workspace_logs(browser, workspace_server, requests_seen):
+    with workspace_page(browser, workspace_server, requests_seen) as (page, problems):
         page.wait_for_selector("#curves-plot svg path.series.val")
         assert page.locator("#curves-plot svg path.series").count() == 2  # train and val of the one model
-        legend = page.text_content("#curves-plot svg")
+        legend = page.text_content("#curves-plot")
         assert "train 3.000" in legend and "val 2.500" in legend  # each legend entry ends on its last point
         row = page.locator("#models-table tbody tr").first
         assert "workspace" in row.text_content() and "2.5000" in row.text_content()
         assert page.is_hidden("#curves-empty")
-    finally:
-        context.close()
+    assert not problems, problems
+
+
+@pytest.mark.parametrize("width", [420, 1280])
+def test_the_curves_legend_shows_each_line_whole(browser, workspace_server, requests_seen, width):
+    with workspace_page(browser, workspace_server, requests_seen, width) as (page, problems):
+        page.wait_for_selector("#curves-plot svg path.series.val")
+        for kind, last in (("train", "3.000"), ("val", "2.500")):
+            entry = page.locator("#curves-plot").get_by_text(re.compile(f"workspace .*{kind} {last}")).last
+            # Inside what clips it (an <svg> clips its text; else the plot's box) and the window: none of it is cut.
+            box = entry.bounding_box()
+            clip = entry.evaluate("(e) => (e.ownerSVGElement || e.closest('#curves-plot')).getBoundingClientRect()")
+            assert box["x"] >= clip["x"] - 1 and box["x"] + box["width"] <= min(clip["right"], width) + 1
+            assert "models/model.pt" in entry.text_content()
+    assert not problems, problems
+
+
+# Every visible element with text of its own, at the size it is drawn (an SVG scaled down shrinks its text).
+SMALL_TEXT = """(root) => {
+  const small = [];
+  for (const node of root.querySelectorAll("*")) {
+    const text = [...node.childNodes].some((c) => c.nodeType === 3 && c.textContent.trim());
+    if (!text || !node.getClientRects().length) continue;
+    let size = parseFloat(getComputedStyle(node).fontSize);
+    const svg = node.closest("svg");
+    if (svg && svg.viewBox.baseVal && svg.viewBox.baseVal.width) {
+      size *= svg.getBoundingClientRect().width / svg.viewBox.baseVal.width;
+    }
+    if (size < 11) small.push(`${node.tagName} ${size.toFixed(1)}px: ${node.textContent.slice(0, 40)}`);
+  }
+  return small;
+}"""
+
+
+@pytest.mark.parametrize("width", [420, 1280])
+def test_each_view_fits_the_width_with_two_models_chosen(browser, workspace_server, requests_seen, model_files, width):
+    with workspace_page(browser, workspace_server, requests_seen, width) as (page, problems):
+        page.get_by_label("use " + str(model_files["gru"]), exact=True).check()  # beside the workspace's
+        page.fill("#length", "300")
+        page.uncheck("#stop-eos")
+        page.click("#write-go")
+        page.wait_for_selector("#write-status[data-done=finished]", state="attached")
+        page.fill("#read-text", TEXT)
+        page.click("#read-go")
+        page.wait_for_selector("#read-out .ch")
+        page.select_option("#read-colour", "diff")
+        page.locator("#read-out .ch").nth(4).hover()
+        page.click("#in-go")
+        page.wait_for_selector("#in-out .ch")
+        page.click("#in-rank")
+        page.wait_for_selector("#in-note", state="visible")
+        page.wait_for_selector("#curves-plot svg path.series.val")
+        for view in ("models", "write", "read", "inside", "curves"):
+            page.locator("#" + view).scroll_into_view_if_needed()
+            sizes = page.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+            assert sizes[0] <= sizes[1] == width, (view, sizes)
+            assert page.evaluate(SMALL_TEXT, page.locator("#" + view).element_handle()) == [], view
+    assert not problems, problems
+
+
+def test_add_asks_the_server_first_and_added_rows_can_be_removed(browser, workspace_server, requests_seen):
+    with workspace_page(browser, workspace_server, requests_seen) as (page, problems):
+        rows = row_texts(page)
+        page.fill("#rev-name", "v9")
+        page.click("#rev-add")
+        error = page.locator("#rev-error")
+        error.wait_for()
+        with pytest.raises(urllib.error.HTTPError) as err:
+            api(workspace_server, "/api/model?id=rev:v9")
+        assert err.value.code == 404 and error.text_content() == json.load(err.value)["error"]
+        assert row_texts(page) == rows and page.input_value("#rev-name") == "v9"  # nothing added
+        assert page.is_hidden("#message-bar")
+        problems.clear()  # the refused revision's 404, which Chromium reports in the console
+        page.fill("#rev-name", "v1")
+        page.click("#rev-add")
+        box = page.get_by_label("use v1", exact=True)
+        box.wait_for()
+        assert box.is_checked() and page.is_hidden("#rev-error") and len(row_texts(page)) == len(rows) + 1
+        assert "v1" in page.locator("#in-model").text_content()
+        page.get_by_label("remove v1", exact=True).click()
+        assert row_texts(page) == rows and "v1" not in page.locator("#in-model").text_content()
+        page.fill("#length", "5")
+        page.click("#write-go")  # the remaining choice still works
+        page.wait_for_selector("#write-status[data-done=finished]", state="attached")
+    assert not problems, problems
+
+
+def test_a_checkpoint_names_its_run_step_and_val_bpc(browser, workspace_server, requests_seen):
+    with workspace_page(browser, workspace_server, requests_seen) as (page, problems):
+        checkpoints = [t for t in row_texts(page) if "checkpoint" in t]
+        # The checkpoint that names no run is not listed.
+        assert len(checkpoints) == 1 and "0123abcd" not in checkpoints[0]
+        assert "checkpoint of experiment wide, step 300" in checkpoints[0] and "2.2500" in checkpoints[0]
+    assert not problems, problems
+
+
+def test_the_page_has_its_icon_and_no_request_fails(browser, workspace_server, requests_seen):
+    with workspace_page(browser, workspace_server, requests_seen) as (page, problems):
+        page.wait_for_selector("#curves-plot svg path.series.val")
+        icon = page.evaluate("() => fetch(document.querySelector('link[rel=icon]').href).then((r) => r.status)")
+        assert icon == 200
+        assert page.evaluate("() => fetch('/favicon.ico').then((r) => r.status)") == 200
+    assert not problems, problems
 
 
 def test_every_request_stays_on_the_server(requests_seen):

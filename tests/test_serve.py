@@ -9,8 +9,11 @@ import http.client
 import io
 import json
 import os
+import resource
+import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -19,10 +22,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ag_news_rows, csv_bytes, git_project, md5
+from conftest import Project, ag_news_rows, csv_bytes, git_project, md5
 
 from charlm.apps.cli import main
 from charlm.apps.serve import server as srv
+from charlm.base.errors import CharlmError
 from charlm.core.model import CharRNN
 from charlm.core.vocab import Vocab
 from charlm.pipeline import artifact
@@ -50,6 +54,7 @@ class Running:
         finally:
             os.chdir(before)
         self.port = self.server.server_address[1]
+        self.address = "127.0.0.1" if host == "0.0.0.0" else host  # where a client connects
         self.app = self.server.app
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -60,7 +65,7 @@ class Running:
 
     def request(self, method: str, path: str, body=None, headers: dict | None = None, raw: bytes | None = None):
         """(status, headers, parsed JSON or text)."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        conn = http.client.HTTPConnection(self.address, self.port, timeout=60)
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
         all_headers = {"Content-Type": "application/json", **(headers or {})}
         conn.request(method, path, body=data, headers=all_headers)
@@ -486,12 +491,18 @@ def test_repo_models_experiment_params_metrics_generation_curves_and_a_clean_wor
     assert p.git("status", "--porcelain").stdout == before
 
 
-def checkpoint_record(seed: int) -> dict:
+def checkpoint_record(seed: int, **run) -> dict:
+    """A checkpoint as the train stage writes it: `run` holds exp_name (None under `dvc repro`) and the logs; a
+    record without them is one written before checkpoints named their run."""
     torch.manual_seed(seed)
     model = CharRNN(len(VOCAB), cell="gru", hidden=12, layers=1, embedding=4)
     record = artifact.model_record(model, VOCAB, {})
     return {"format": artifact.CHECKPOINT_FORMAT, "config": record["config"], "vocab": record["vocab"],
-            "model": record["state_dict"], "step": 3}  # fmt: skip
+            "model": record["state_dict"], "step": 3, **run}  # fmt: skip
+
+
+def named(seed: int, exp_name: str | None, val: float = 2.25) -> dict:
+    return checkpoint_record(seed, exp_name=exp_name, live={"metrics.json": json.dumps({"val": {"bpc": val}})})
 
 
 def test_checkpoints_are_listed_and_read_again_when_rewritten(tmp_path, monkeypatch):
@@ -502,23 +513,38 @@ def test_checkpoints_are_listed_and_read_again_when_rewritten(tmp_path, monkeypa
         status, _, out = s.get("/api/models")
         assert out["models"] == [] and out["hint"].startswith("No model yet: run `dvc repro`")
         tiny_model(tmp_path / "models" / "model.pt", seed=0)
-        artifact.save(tmp_path / "checkpoints" / "train.pt", checkpoint_record(1))
-        artifact.save(tmp_path / ".dvc/tmp/charlm-checkpoints/abc123.pt", checkpoint_record(2))
+        artifact.save(tmp_path / "checkpoints" / "train.pt", named(1, None))
+        artifact.save(tmp_path / ".dvc/tmp/charlm-checkpoints/abc123.pt", named(2, "wide", 3.5))
+        artifact.save(tmp_path / ".dvc/tmp/charlm-checkpoints/old456.pt", checkpoint_record(3))  # whose run?
         assert s.get("/api/models")[2]["models"] == []  # the list is kept until a refresh
         out = s.get("/api/models?refresh=1")[2]
         assert out["repo"] is True and out["hint"] is None
-        assert [(m["id"], m["kind"]) for m in out["models"]] == [
-            ("workspace", "workspace"), ("checkpoint", "checkpoint"), ("checkpoint:abc123", "checkpoint")]
+        assert [(m["id"], m["kind"], m["label"], m["val_bpc"]) for m in out["models"]] == [
+            ("workspace", "workspace", "workspace (models/model.pt)", None),
+            ("checkpoint", "checkpoint", "checkpoint of dvc repro, step 3", 2.25),
+            ("checkpoint:abc123", "checkpoint", "queued/temp checkpoint abc123 of experiment wide, step 3", 3.5)]
 
         def sample() -> str:
             return texts(s.events(s.job(models=["checkpoint"], prompt="a", temperature=0, length=20,
                                         stop_at_eos=False)), "a", 1)[0]  # fmt: skip
 
         first = sample()
-        artifact.save(tmp_path / "checkpoints" / "train.pt", checkpoint_record(5))
+        artifact.save(tmp_path / "checkpoints" / "train.pt", named(5, None))
         os.utime(tmp_path / "checkpoints" / "train.pt", ns=(time.time_ns() + 10**9,) * 2)
         assert sample() != first
         assert s.events(s.job(models=["checkpoint:abc123", "workspace"], length=5))[-1][0] == "done"
+    finally:
+        s.close()
+
+
+def test_any_loopback_address_is_served_under_its_own_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    s = Running(tmp_path, [str(tiny_model(tmp_path / "m.pt", seed=0))], host="127.0.0.2")
+    try:
+        assert s.server.url() == f"http://127.0.0.2:{s.port}/" and s.app.token is None
+        assert s.get("/api/models")[0] == 200  # Host: 127.0.0.2:<port>, as a browser sends for the printed URL
+        assert s.get("/api/models", headers={"Host": f"localhost:{s.port}"})[0] == 200
+        assert s.get("/api/models", headers={"Host": f"127.0.0.3:{s.port}"})[0] == 403
     finally:
         s.close()
 
@@ -559,3 +585,207 @@ def test_pieces_that_come_fast_are_written_together_but_the_first_and_the_end_at
     events = parse_events(out.getvalue().decode())
     assert [e for e, _ in events] == ["start"] + ["piece"] * 51 + ["done"]
     assert "".join(d["pieces"][0] for e, d in events if e == "piece") == "x" + "y" * 50
+
+
+# --------------------------------------------------------------------------- connections and cross-site requests
+
+
+def child_server(cwd: Path, *args: str, files: int = 1024, stderr=subprocess.PIPE) -> tuple[subprocess.Popen, int]:
+    """`charlm serve --port 0` in a child process limited to `files` open files; (process, port) once it listens."""
+    command = [sys.executable, "-m", "charlm.apps.cli", "serve", "--port", "0", "--device", "cpu", *args]
+    proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (files, files)))  # fmt: skip
+    line = proc.stdout.readline()
+    assert "serving http://" in line, line
+    threading.Thread(target=proc.stdout.read, daemon=True).start()  # drained, so the pipe never fills
+    return proc, int(line.split("http://")[1].split("/")[0].rsplit(":", 1)[1])
+
+
+def threads_of(proc: subprocess.Popen) -> int:
+    status = Path(f"/proc/{proc.pid}/status").read_text()
+    return int(status.split("Threads:")[1].split()[0])
+
+
+def get_json(port: int, path: str, timeout: float) -> tuple[int, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def closed_within(sock: socket.socket, seconds: float) -> bool:
+    """Whether the server closes `sock` (after any answer) within `seconds`."""
+    sock.settimeout(seconds)
+    try:
+        while sock.recv(4096):
+            pass
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_a_request_not_sent_whole_in_time_is_closed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    s = Running(tmp_path, [str(tiny_model(tmp_path / "m.pt", seed=0))], limits=srv.Limits(request_s=1.0))
+    try:
+        idle = socket.create_connection(("127.0.0.1", s.port))
+        short = socket.create_connection(("127.0.0.1", s.port))  # a body shorter than its Content-Length
+        short.sendall(f"POST /api/score HTTP/1.1\r\nHost: 127.0.0.1:{s.port}\r\nContent-Type: application/json\r\n"
+                      "Content-Length: 100\r\n\r\n{\"models\"".encode())  # fmt: skip
+        trickle = socket.create_connection(("127.0.0.1", s.port))  # a byte now and then: each read is in time
+        started = time.monotonic()
+        for byte in f"GET /api/models HTTP/1.1\r\nHost: 127.0.0.1:{s.port}\r\nX-Slow: {'x' * 50}".encode():
+            if select.select([trickle], [], [], 0.2)[0]:  # readable: the server has closed it
+                break
+            trickle.sendall(bytes([byte]))
+        assert closed_within(trickle, 3) and 0.9 < time.monotonic() - started < 3
+        assert closed_within(idle, 3) and closed_within(short, 3)
+        assert s.get("/api/models")[0] == 200
+    finally:
+        for sock in (idle, short, trickle):
+            sock.close()
+        s.close()
+
+
+@pytest.mark.slow
+def test_1100_idle_connections_neither_stop_the_server_nor_keep_its_threads(tmp_path):
+    tiny_model(tmp_path / "m.pt", seed=0)
+    proc, port = child_server(tmp_path, "--model", "m.pt", files=1024)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
+    idle: list[socket.socket] = []
+    try:
+        assert get_json(port, "/api/models", 30)[0] == 200
+        time.sleep(1)
+        baseline = threads_of(proc)
+        for k in range(1100):
+            sock = socket.socket()
+            sock.setblocking(False)  # past the backlog a connect waits: hold it open without waiting
+            sock.connect_ex(("127.0.0.1", port))
+            idle.append(sock)
+            if k % 50 == 49:
+                time.sleep(0.05)  # a burst would overflow the backlog, and the server would never see most of them
+        time.sleep(2)
+        assert threads_of(proc) > 900  # a thread per connection, up to the limit on open files
+        time.sleep(18)
+        started = time.monotonic()
+        status, _ = get_json(port, "/api/models", 5)
+        assert status == 200 and time.monotonic() - started < 5
+        for sock in idle:
+            sock.close()
+        deadline = time.monotonic() + 15
+        while threads_of(proc) > baseline and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert threads_of(proc) <= baseline
+    finally:
+        for sock in idle:
+            sock.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        proc.kill()
+        proc.wait()
+
+
+def test_clients_that_leave_before_a_refusal_leave_no_traceback(tmp_path):
+    proc, port = child_server(tmp_path)
+    try:
+        for _ in range(50):
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.sendall(f"GET /api/models HTTP/1.1\r\nHost: evil.example:{port}\r\n\r\n".encode())
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset, not a close
+            sock.close()
+        assert get_json(port, "/api/models", 30)[0] == 200
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert err == ""
+
+
+def test_a_missing_model_file_is_a_one_line_error_at_start_up(tmp_path):
+    command = [sys.executable, "-m", "charlm.apps.cli", "serve", "--port", "0", "--model", "gone.pt"]
+    proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == "charlm: error: --model gone.pt: no such file\n"
+
+
+def test_a_restart_on_the_same_port_works_and_a_live_server_still_holds_its_port(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    first = Running(tmp_path, [])
+    port = first.port
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(f"GET /api/models HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+    assert closed_within(sock, 30)  # the server closed first: its side of the connection is in TIME_WAIT
+    sock.close()
+    first.close()
+    again = srv.make_server([], port=port, device="cpu")
+    try:
+        with pytest.raises(CharlmError, match=f"port {port} is in use"):
+            srv.make_server([], port=port, device="cpu")
+    finally:
+        again.server_close()
+
+
+def test_requests_that_cost_need_what_a_cross_site_page_cannot_send(in_plain):
+    s = in_plain
+    plain = {"Content-Type": "text/plain"}  # what an <img> or a link sends: no Origin, no JSON
+    for path in ("/api/models?refresh=1", "/api/curves?models=file:0", "/api/test-item", "/api/model?id=file:0"):
+        status, _, out = s.get(path, headers=plain)
+        assert status == 403 and "application/json" in out["error"], path
+        status, _, out = s.get(path, headers={"Sec-Fetch-Site": "cross-site"})
+        assert status == 403 and "cross-site" in out["error"], path
+    status, _, out = s.post("/api/score", {"models": ["file:0"], "text": "ab"}, headers={"Sec-Fetch-Site": "same-site"})
+    assert status == 403 and "cross-site" in out["error"]
+    job = s.job(models=["file:0"], length=2, seed=0)
+    assert s.get(f"/api/jobs/{job}/events", headers={"Sec-Fetch-Site": "cross-site"})[0] == 403
+    # What the page asks for, as the page asks: the list as computed, and (JSON) the rest; its stream and files.
+    assert s.get("/api/models", headers={**plain, "Sec-Fetch-Site": "cross-site"})[0] == 200
+    assert s.get("/api/models?refresh=1", headers={"Sec-Fetch-Site": "same-origin"})[0] == 200
+    assert s.get("/api/curves?models=file:0")[0] == 200
+    assert s.get("/api/model?id=file:0")[2]["id"] == "file:0"
+    assert s.get("/favicon.ico", headers=plain)[0] == 200
+
+
+def test_a_lone_surrogate_in_a_text_is_400(in_plain):
+    s = in_plain
+    for path, body in (("/api/score", b'{"models": ["file:0"], "text": "ab\\ud800"}'),
+                       ("/api/activations", b'{"model": "file:0", "text": "\\ud800", "layer": 0, "kind": "cell", '
+                                            b'"unit": 0}'),
+                       ("/api/generate", b'{"models": ["file:0"], "prompt": "\\udfff"}')):  # fmt: skip
+        status, _, out = s.post(path, raw=body)
+        assert status == 400 and "lone surrogate" in out["error"], (path, out)
+
+
+@pytest.fixture(scope="module")
+def committed(tmp_path_factory):
+    """A git + DVC repository with one commit and no model, served."""
+    p = Project(tmp_path_factory.mktemp("committed"))
+    p.git("init", "-q", "-b", "main")
+    p.git("config", "user.email", "test@example.com")
+    p.git("config", "user.name", "charlm tests")
+    p.dvc("init", "-q")
+    (p.path / "params.yaml").write_text("model: {hidden: 8}\n")
+    p.git("add", "-A")
+    p.git("commit", "-qm", "first")
+    server = Running(p.path, [])
+    yield server
+    server.close()
+
+
+@pytest.mark.parametrize("rev", ["HEAD^{tree}", "main:params.yaml", "main^{blob}", "nope", "main~3"])
+def test_a_revision_that_names_no_commit_is_404_everywhere(committed, monkeypatch, rev):
+    s = committed
+    monkeypatch.chdir(s.cwd)
+    model = f"rev:{rev}"
+    for path, body in (("/api/score", {"models": [model], "text": "abc"}),
+                       ("/api/units", {"model": model, "layer": 0, "kind": "cell"}),
+                       ("/api/generate", {"models": [model]})):  # fmt: skip
+        status, _, out = s.post(path, body)
+        assert status == 404 and out["error"].startswith(f"unknown model {model!r}"), (path, out)
+    for path in (f"/api/curves?models={model}", f"/api/model?id={model}"):
+        status, _, out = s.get(path.replace("^", "%5E"))
+        assert status == 404 and model in out["error"], (path, out)
+    status, _, out = s.post("/api/score", {"models": ["rev:main"], "text": "abc"})  # a commit, without a model
+    assert status == 404 and "models/model.pt at revision" in out["error"]

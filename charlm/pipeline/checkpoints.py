@@ -9,6 +9,7 @@ change starts over. Checkpoints are not DVC outputs: DVC deletes a stage's outpu
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +39,7 @@ def save(path: Path, trainer: Trainer, run_id: str, step: int, vocab: Vocab, **e
     record = {
         "format": artifact.CHECKPOINT_FORMAT,
         "run_id": run_id,
+        "exp_name": os.environ.get("DVC_EXP_NAME"),  # set by `dvc exp run`; None under `dvc repro` (the playground)
         "step": step,
         "config": dict(trainer.model.config),
         "vocab": list(vocab.chars),

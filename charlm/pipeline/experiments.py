@@ -69,6 +69,43 @@ def in_repo() -> bool:
     return Path(".dvc").is_dir()
 
 
+def commit_of(name: str) -> str:
+    """The commit that a revision or experiment name stands for. A name that git resolves to something else (a
+    tree such as HEAD^{tree}, a file such as main:params.yaml) is a CharlmError, as an unknown one is."""
+    from dvc.repo import Repo
+    from dvc.scm import resolve_rev
+
+    try:
+        with _DVC_LOCK, Repo(".") as repo:
+            return repo.scm.resolve_rev(resolve_rev(repo.scm, check_rev(name)) + "^{commit}")
+    except CharlmError:
+        raise
+    except Exception as e:  # DVC and scmrepo raise their own kinds: the name is what is wrong
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CharlmError(f"{name!r} names no commit ({reason}); check it with `git log` or `dvc exp list`") from None
+
+
+def _checkpoint(model_id: str, path: Path, what: str, experiments: dict[str, Source]) -> Source | None:
+    """A checkpoint as a model, labelled with the run it belongs to (a DVC experiment, whose params it shows, or
+    `dvc repro`), its step and the last val bpc its logs hold. None for one that does not name its run (written
+    before checkpoints did): it could be any run's, and a model of unknown origin is left out."""
+    try:
+        record = artifact.load(path, FIX)
+    except CharlmError:
+        return None
+    if "exp_name" not in record or not isinstance(record.get("step"), int):
+        return None
+    name = record["exp_name"]
+    live = record.get("live")
+    live = live if isinstance(live, dict) else {}
+    val = None
+    with contextlib.suppress(ValueError, KeyError, TypeError):
+        val = float(json.loads(live.get("metrics.json") or "{}")["val"]["bpc"])
+    run = f"experiment {name}" if name else "dvc repro"
+    params = experiments[name].params if name in experiments else {}
+    return Source(model_id, f"{what} of {run}, step {record['step']:,}", "checkpoint", path, val_bpc=val, params=params)
+
+
 def _json_number(path: Path, *keys: str) -> float | None:
     try:
         value: Any = json.loads(path.read_text(encoding="utf-8"))
@@ -217,18 +254,18 @@ def list_sources(files: list[str]) -> tuple[bool, list[Source], str | None]:
                     test_bpc=_json_number(paths.EVAL_METRICS, "test_bpc"),
                 )
             )
-        if paths.CHECKPOINT.is_file():
-            sources.append(Source("checkpoint", f"checkpoint ({paths.CHECKPOINT})", "checkpoint", paths.CHECKPOINT))
-        if paths.KEYED_CHECKPOINTS.is_dir():
-            for f in sorted(paths.KEYED_CHECKPOINTS.glob("*.pt")):
-                sources.append(
-                    Source(f"checkpoint:{f.stem}", f"queued/temp experiment checkpoint {f.stem[:12]}", "checkpoint", f)
-                )
         try:
-            sources += _experiment_sources()
+            found = _experiment_sources()
         except Exception as e:  # DVC or git refusing (a broken repository) must not take the other models down
             reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            note = f"experiments could not be listed ({reason})"
+            note, found = f"experiments could not be listed ({reason})", []
+        checkpoints = [("checkpoint", paths.CHECKPOINT, "checkpoint")]
+        if paths.KEYED_CHECKPOINTS.is_dir():
+            for f in sorted(paths.KEYED_CHECKPOINTS.glob("*.pt")):
+                checkpoints.append((f"checkpoint:{f.stem}", f, f"queued/temp checkpoint {f.stem[:12]}"))
+        named = {s.label: s for s in found if s.kind == "experiment"}
+        sources += [c for i, f, what in checkpoints if f.is_file() and (c := _checkpoint(i, f, what, named))]
+        sources += found
     for k, name in enumerate(files):
         sources.append(Source(f"file:{k}", str(name), "file", Path(name)))
     return repo, sources, note
@@ -241,11 +278,13 @@ class Catalog:
         self.files = list(files)
         self._lock = threading.Lock()
         self._listing: tuple[bool, list[Source], str | None] | None = None
+        self._revisions: dict[str, Source] = {}  # revisions asked for by name, resolved to a commit
 
     def listing(self, refresh: bool = False) -> dict:
         with self._lock:
             if self._listing is None or refresh:
                 self._listing = list_sources(self.files)
+                self._revisions = {}
             repo, sources, note = self._listing
         hint = None
         if not sources:
@@ -257,7 +296,8 @@ class Catalog:
         return {"repo": repo, "hint": hint, "models": [s.row() for s in sources]}
 
     def resolve(self, model_id: str) -> Source:
-        """The Source of an id; `rev:<name>` also names any revision not listed (a commit, say)."""
+        """The Source of an id; `rev:<name>` also names any commit not listed, resolved once until a refresh (a
+        CharlmError when the name stands for no commit)."""
         if self._listing is None:
             self.listing()
         assert self._listing is not None
@@ -265,8 +305,14 @@ class Catalog:
             if source.id == model_id:
                 return source
         if model_id.startswith("rev:") and self._listing[0]:
-            name = check_rev(model_id[4:])
-            return Source(model_id, name, "commit", paths.MODEL, rev=name)
+            with self._lock:
+                known = self._revisions.get(model_id)
+            if known is None:
+                name = model_id[4:]
+                known = Source(model_id, name, "commit", paths.MODEL, rev=commit_of(name))
+                with self._lock:
+                    self._revisions[model_id] = known
+            return known
         raise CharlmError("not in the list of models; reload it (GET /api/models?refresh=1)")
 
 

@@ -4,18 +4,24 @@ Python's ThreadingHTTPServer and Server-Sent Events; no other runtime dependency
 `charlm.core.sampling` and `charlm.core.inspection`, the list of models in `charlm.pipeline.experiments`.
 
 HTTP API (all JSON; an error is 4xx with {"error": "<one line>"}, and the server keeps serving). A POST body is
-sent as Content-Type: application/json (else 415), at most 1 MB (else 413).
+sent as Content-Type: application/json (else 415), at most 1 MB (else 413). So is every GET that runs git, DVC or a
+model (all but the page, its files and the model list as computed; else 403), which no cross-site page can send
+without a CORS preflight that this server never grants; the event stream, which EventSource opens without headers,
+is named by a job id that only the POST's reader knows. A browser's Sec-Fetch-Site, when sent, must be same-origin.
+A request must arrive whole within 10 s of the connection (or of the previous answer), or the connection closes.
 
 When the server has a token (a non-loopback --host), every request carries `?token=<t>`, `/` and `/page/*` too.
 
-GET  /                      the page (page/index.html); GET /page/<index.html|app.js|style.css> its files
+GET  /                      the page (page/index.html); GET /page/<index.html|app.js|style.css|icon.svg> its files
 GET  /api/models[?refresh=1]
      -> {"repo": bool, "hint": str|null, "models": [{"id", "label", "kind", "val_bpc", "test_bpc", "params"}]}
      kind: workspace | checkpoint | experiment | branch | tag | commit | file. ids: "workspace" (models/model.pt),
      "checkpoint" (checkpoints/train.pt, read again when it changes), "checkpoint:<stem>" (a queued or temp
      experiment's checkpoint), "rev:<name>" (a DVC experiment, branch or tag with a model; any other revision
      may be asked for as "rev:<name>" too), "file:<k>" (the k-th --model). params: the params that differ
-     from the workspace's, as dotted keys. The list is computed once, and again on refresh=1.
+     from the workspace's, as dotted keys. The list is computed once, and again on refresh=1. A checkpoint's label
+     names its run (an experiment, or `dvc repro`) and step; one that does not name its run is left out.
+GET  /api/model?id=<id>     -> that model's row, once it has loaded (404 when it cannot): how the page adds a revision
 POST /api/generate  {"models": [id, ...] (1..4), "prompt": str, "temperature": float >= 0, "top_k": int >= 0,
                      "top_p": float in (0, 1], "length": int 1..5000, "seed": int >= 0 | null, "stop_at_eos": bool}
      -> {"job": "<hex>"}; 400 names the bad field, 404 for a model that cannot be found or loaded,
@@ -36,21 +42,23 @@ POST /api/units     {"model": id, "layer": int, "kind": str}
 GET  /api/curves?models=id,id -> {"curves": [{"id", "label", "train": [[step, bpc]], "val": [[step, bpc]]}]}
 
 Safety: binds 127.0.0.1 unless told otherwise; another address needs the random token printed in the URL. The
-Host header must name the served address (a loopback server answers to 127.0.0.1 and localhost only), which
-defeats DNS rebinding; an Origin header must be the served origin, which refuses cross-site requests. Text,
-length, models per request, concurrent generations and body size are bounded, and at most 6 models stay loaded.
-Responses are JSON with nosniff, and the page carries a strict Content-Security-Policy. Nothing is written to
-the workspace.
+Host header must name the served address (a loopback server answers to its address, 127.0.0.1 and localhost
+only), which defeats DNS rebinding; an Origin header must be the served origin, which refuses cross-site
+requests. Text, length, models per request, concurrent generations and body size are bounded, and at most 6
+models stay loaded. Responses are JSON with nosniff, and the page carries a strict Content-Security-Policy.
+Nothing is written to the workspace.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hmac
 import ipaddress
 import json
 import math
 import random
+import re
 import secrets
 import socket
 import sys
@@ -74,8 +82,10 @@ PAGE_FILES = {
     "index.html": "text/html; charset=utf-8",
     "app.js": "text/javascript; charset=utf-8",
     "style.css": "text/css; charset=utf-8",
+    "icon.svg": "image/svg+xml",
 }
 UNITS_KEPT = 64  # rankings of (model, layer, kind) kept; each is a short list
+SURROGATE = re.compile("[\ud800-\udfff]")  # JSON can carry one alone; it cannot be encoded as UTF-8
 CSP = "default-src 'self'; connect-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'"
 
 
@@ -89,6 +99,7 @@ class Limits:
     body: int = 1 << 20  # bytes of a request body
     loaded: int = 6  # models kept loaded
     val_items: int = 200  # validation items that units are ranked on
+    request_s: float = 10.0  # to send a whole request (line, headers, body), and the socket timeout
 
 
 class HTTPError(Exception):
@@ -136,6 +147,10 @@ def _is_number(v: Any) -> bool:
         return math.isfinite(v)
     except OverflowError:  # an integer too large for a float
         return False
+
+
+def _refresh(query: dict) -> bool:
+    return query.get("refresh", ["0"])[-1] not in ("", "0")
 
 
 def _only(body: dict, allowed: set[str]) -> None:
@@ -186,12 +201,25 @@ class App:
     def _text(self, body: dict, name: str, required: bool = True) -> str:
         n = self.limits.text
         what = f"a string of at most {n:,} characters"
-        return _field(body, name, lambda v: isinstance(v, str) and len(v) <= n, what, ... if required else "")
+        text = _field(body, name, lambda v: isinstance(v, str) and len(v) <= n, what, ... if required else "")
+        if SURROGATE.search(text):
+            raise HTTPError(400, f"{name} holds a lone surrogate (a \\ud800-\\udfff escape): it is not Unicode text")
+        return text
 
     # ---------------------------------------------------------------- endpoints
 
     def list_models(self, query: dict) -> dict:
-        return self.catalog.listing(refresh=query.get("refresh", ["0"])[-1] not in ("", "0"))
+        return self.catalog.listing(refresh=_refresh(query))
+
+    def model_row(self, query: dict) -> dict:
+        model_id = query.get("id", [""])[-1]
+        if not 0 < len(model_id) <= 300:
+            raise HTTPError(400, "id must name a model, such as rev:main")
+        _, _, info = self.load(model_id)
+        row = self.catalog.resolve(model_id).row()
+        if row["val_bpc"] is None and isinstance(info.get("val_bpc"), (int, float)):
+            row["val_bpc"] = info["val_bpc"]  # a model file records the val bpc of its weights
+        return row
 
     def generate(self, body: dict) -> dict:
         _only(body, {"models", "prompt", "temperature", "top_k", "top_p", "length", "seed", "stop_at_eos"})
@@ -407,6 +435,20 @@ class Handler(BaseHTTPRequestHandler):
     def version_string(self) -> str:
         return self.server_version  # no Python version on the wire
 
+    def setup(self) -> None:
+        super().setup()
+        # Each socket operation waits at most this long: a client that stops reading its stream lets go of its
+        # thread and generation slot.
+        self.connection.settimeout(self.server.app.limits.request_s)
+
+    def handle_one_request(self) -> None:
+        deadlines = self.server.deadlines
+        deadlines.start(self.connection)
+        try:
+            super().handle_one_request()
+        finally:
+            deadlines.done(self.connection)
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002  # the base class's name
         pass  # a request log line per streamed character's client would drown the URL the user needs
 
@@ -440,30 +482,35 @@ class Handler(BaseHTTPRequestHandler):
 
     # ---------------------------------------------------------------- checks
 
-    def _checked(self) -> tuple[str, dict] | None:
-        """(path, query) of an allowed request; None once a refusal has been sent."""
+    def _checked(self) -> tuple[str, dict]:
+        """(path, query) of an allowed request; an HTTPError otherwise."""
         app = self.server.app
         host = self.headers.get("Host", "")
         if app.allowed_hosts and host.lower() not in app.allowed_hosts:
-            self._error(403, f"Host {host!r} is not served here; open the URL that `charlm serve` printed")
-            return None
+            raise HTTPError(403, f"Host {host!r} is not served here; open the URL that `charlm serve` printed")
         origin = self.headers.get("Origin")
         if origin is not None and origin.lower() != f"http://{host.lower()}":
-            self._error(403, "cross-site request refused: the Origin is not this server")
-            return None
+            raise HTTPError(403, "cross-site request refused: the Origin is not this server")
         url = urlsplit(self.path)
         query = parse_qs(url.query, keep_blank_values=True)
         if app.token is not None:
             given = query.get("token", [""])[-1]
             if not hmac.compare_digest(given.encode(), app.token.encode()):
-                self._error(403, "missing or wrong token: open the URL that `charlm serve` printed, with its ?token=")
-                return None
+                raise HTTPError(403, "missing or wrong token: open the URL that `charlm serve` printed, with ?token=")
         return url.path, query
 
+    def _same_origin(self, stream: bool) -> None:
+        """A POST's defence, for every request that runs git, DVC or a model: a page on another site can make a
+        browser send a GET (an <img>, with no Origin header) or a form POST, but not one with Content-Type:
+        application/json, which needs a CORS preflight that this server never grants. EventSource cannot set it:
+        its job id is the secret. Sec-Fetch-Site, which browsers add, refuses the rest early."""
+        if self.headers.get("Sec-Fetch-Site", "same-origin") != "same-origin":
+            raise HTTPError(403, "cross-site request refused: it did not come from this server's page")
+        if not stream and self.headers.get_content_type() != "application/json":
+            status = 415 if self.command == "POST" else 403
+            raise HTTPError(status, "this request must be sent as Content-Type: application/json (as the page does)")
+
     def _body(self) -> dict:
-        # A cross-site page can send text/plain or a form without asking first; application/json it cannot.
-        if self.headers.get_content_type() != "application/json":
-            raise HTTPError(415, "a request body must be sent as Content-Type: application/json")
         length_text = self.headers.get("Content-Length")
         if self.headers.get("Transfer-Encoding") is not None or length_text is None:
             raise HTTPError(411, "a request body needs a Content-Length (chunked bodies are not read)")
@@ -482,6 +529,8 @@ class Handler(BaseHTTPRequestHandler):
                 left -= len(chunk)
             raise HTTPError(413, f"request body over {limit:,} bytes")
         raw = self.rfile.read(length)
+        if len(raw) < length:
+            raise HTTPError(400, f"request body ended after {len(raw):,} of its {length:,} bytes")
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -504,43 +553,54 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self._handle("POST")
 
-    def _handle(self, method: str) -> None:
-        checked = self._checked()
-        if checked is None:
-            return
-        path, query = checked
+    def _route(self, method: str, path: str, query: dict) -> Callable[[dict], Any]:
+        """The handler of a route: given the body (an empty dict for a GET), it returns the JSON answer, or None
+        once it has answered itself (an event stream)."""
         app = self.server.app
+        parts = path.split("/")
+        job = parts[3] if len(parts) == 5 and parts[:3] == ["", "api", "jobs"] else None
+        routes: dict[tuple[str, str], Callable[[dict], Any]] = {
+            ("GET", "/api/models"): lambda _: app.list_models(query),
+            ("GET", "/api/model"): lambda _: app.model_row(query),
+            ("GET", "/api/test-item"): lambda _: app.test_item(query),
+            ("GET", "/api/curves"): lambda _: app.curves(query),
+            ("POST", "/api/generate"): app.generate,
+            ("POST", "/api/score"): app.score,
+            ("POST", "/api/activations"): app.activations,
+            ("POST", "/api/units"): app.units,
+        }
+        if job is not None:
+            routes[("GET", f"/api/jobs/{job}/events")] = lambda _: self._events(job)
+            routes[("POST", f"/api/jobs/{job}/stop")] = lambda _: app.stop(job)
+        handler = routes.get((method, path))
+        if handler is None:
+            allowed = [m for m, p in routes if p == path]
+            if allowed:
+                raise HTTPError(405, f"{path} takes {allowed[0]}, not {method}")
+            raise HTTPError(404, f"no such page or API: {path}")
+        return handler
+
+    def _handle(self, method: str) -> None:
+        path = urlsplit(self.path).path
         try:
-            if method == "GET" and path == "/":
-                return self._page("index.html")
-            if method == "GET" and path.startswith("/page/"):
-                return self._page(path[len("/page/") :])
-            parts = path.split("/")
-            if method == "GET" and len(parts) == 5 and parts[:3] == ["", "api", "jobs"] and parts[4] == "events":
-                return self._events(parts[3])
-            routes: dict[tuple[str, str], Callable[[], dict]] = {
-                ("GET", "/api/models"): lambda: app.list_models(query),
-                ("GET", "/api/test-item"): lambda: app.test_item(query),
-                ("GET", "/api/curves"): lambda: app.curves(query),
-                ("POST", "/api/generate"): lambda: app.generate(self._body()),
-                ("POST", "/api/score"): lambda: app.score(self._body()),
-                ("POST", "/api/activations"): lambda: app.activations(self._body()),
-                ("POST", "/api/units"): lambda: app.units(self._body()),
-            }
-            if method == "POST" and len(parts) == 5 and parts[:3] == ["", "api", "jobs"] and parts[4] == "stop":
-                job_id = parts[3]
-                routes[("POST", path)] = lambda: app.stop(job_id)
-            handler = routes.get((method, path))
-            if handler is None:
-                allowed = [m for m, p in routes if p == path]
-                if allowed:
-                    raise HTTPError(405, f"{path} takes {allowed[0]}, not {method}")
-                raise HTTPError(404, f"no such page or API: {path}")
-            self._json(200, handler())
+            path, query = self._checked()
+            if path in ("/", "/favicon.ico") or path.startswith("/page/"):
+                if method != "GET":
+                    raise HTTPError(405, f"{path} takes GET, not {method}")
+                return self._page({"/": "index.html", "/favicon.ico": "icon.svg"}.get(path, path[len("/page/") :]))
+            handler = self._route(method, path, query)
+            if not (path == "/api/models" and not _refresh(query)):  # the model list as computed costs nothing
+                self._same_origin(stream=path.endswith("/events"))
+            body = self._body() if method == "POST" else {}
+            self.server.deadlines.done(self.connection)  # the request is in: what follows may take its time
+            answer = handler(body)
+            if answer is not None:
+                self._json(200, answer)
         except HTTPError as e:
-            self._error(e.status, str(e))
-        except (BrokenPipeError, ConnectionResetError):
-            pass
+            with contextlib.suppress(OSError):  # the client may be gone already: nothing to tell it
+                self._error(e.status, str(e))
+        except (ConnectionError, TimeoutError):
+            pass  # the client went away, or sent or read nothing for request_s
         except Exception as e:  # a bug must cost one request, not the server; the line says what broke
             print(
                 f"charlm serve: error: {method} {path}: {type(e).__name__}: {_one_line(str(e), 200)}", file=sys.stderr
@@ -560,7 +620,7 @@ class Handler(BaseHTTPRequestHandler):
         if name == "index.html" and token:
             # The page's own script and style are requests too, and CSP allows no inline script that could add the
             # token to them: it goes into their URLs here (a URL-safe string, so safe in an attribute).
-            for asset in ("/page/app.js", "/page/style.css"):
+            for asset in (f"/page/{name}" for name in PAGE_FILES):
                 data = data.replace(f'"{asset}"'.encode(), f'"{asset}?token={token}"'.encode())
         self._headers(200, content_type, len(data))
         self.wfile.write(data)
@@ -612,26 +672,83 @@ def _bad_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+class Deadlines:
+    """Closes a connection that has not sent a whole request within `seconds`. The socket timeout bounds each read,
+    not the request: a client that sends a byte every few seconds would otherwise hold its thread for ever."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self._due: dict[socket.socket, float] = {}
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        threading.Thread(target=self._run, name="charlm-deadlines", daemon=True).start()
+
+    def start(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._due[sock] = time.monotonic() + self.seconds
+
+    def done(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._due.pop(sock, None)
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(min(0.5, self.seconds / 4)):
+            now = time.monotonic()
+            with self._lock:
+                late = [sock for sock, due in self._due.items() if due <= now]
+                for sock in late:
+                    del self._due[sock]
+            for sock in late:  # its handler's read returns at once, with nothing: the handler ends
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
 class Server(ThreadingHTTPServer):
     daemon_threads = True  # a stream still open at Ctrl-C must not keep the process alive
     request_queue_size = 64  # the default backlog of 5 would refuse a burst of page loads and streams
-    allow_reuse_address = False  # a port in use is an error to report, never shared
+    # A restart must not wait for the last run's connections in TIME_WAIT. On Linux this still refuses a port that
+    # another socket listens on (that would take SO_REUSEPORT), so two servers never share one.
+    allow_reuse_address = True
 
     def __init__(self, address: tuple[str, int], app: App):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
+        self.app, self.deadlines = app, Deadlines(app.limits.request_s)  # before binding: a failed bind closes it
         super().__init__(address, Handler)
-        self.app = app
-        host, port = self.server_address[:2]
-        if is_loopback(address[0]):
-            app.allowed_hosts = {f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"}
+        host, port = str(self.server_address[0]), self.server_address[1]
+        shown = f"[{host}]" if ":" in host else host
+        if is_loopback(address[0]):  # any 127.0.0.0/8 address, and the names a browser uses for loopback
+            app.allowed_hosts = {f"{name}:{port}" for name in (shown, "127.0.0.1", "localhost", "[::1]")}
         elif address[0] in ("0.0.0.0", "::", ""):
             app.allowed_hosts = set()  # any name may reach a wildcard bind; the token is what admits a request
         else:
-            shown = f"[{address[0]}]" if ":" in address[0] else address[0]
             app.allowed_hosts = {f"{shown.lower()}:{port}"}
         if port == 80:  # a browser leaves the default port out of Host and Origin
             app.allowed_hosts |= {h.rsplit(":", 1)[0] for h in app.allowed_hosts}
+
+    def get_request(self):
+        try:
+            return super().get_request()
+        except OSError as e:
+            # Out of file descriptors, the listening socket stays readable: retrying at once would spin a core
+            # until a connection closes (the deadlines close idle ones).
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                time.sleep(0.05)
+            raise
+
+    def handle_error(self, request, client_address) -> None:
+        # socketserver prints a traceback per failed connection: a client that went away is no error, and
+        # anything else gets one line.
+        e = sys.exc_info()[1]
+        if not isinstance(e, (ConnectionError, TimeoutError)):
+            print(f"charlm serve: error: {type(e).__name__}: {_one_line(str(e), 200)}", file=sys.stderr)
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.deadlines.stop()
 
     def url(self) -> str:
         host, port = str(self.server_address[0]), self.server_address[1]
@@ -647,9 +764,10 @@ def make_server(
     device: str = "auto",
     limits: Limits = Limits(),
 ) -> Server:
-    """Bind the server (not yet serving); a port in use is a CharlmError."""
-    import errno
-
+    """Bind the server (not yet serving); a port in use, or a --model file that is not there, is a CharlmError."""
+    for name in files:
+        if not Path(name).is_file():
+            raise CharlmError(f"--model {name}: no such file")
     token = None if is_loopback(host) else secrets.token_urlsafe(24)
     app = App(files, pick_device(device, "--device"), limits, token)
     try:

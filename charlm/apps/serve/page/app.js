@@ -9,7 +9,8 @@ const TOKEN = new URLSearchParams(location.search).get("token");
 const state = {
   models: [],        // from /api/models
   chosen: [],        // ids, in the order they were ticked
-  extra: [],         // revisions added by hand: {id, label, kind}
+  extra: [],         // revisions added by hand: the server's rows for them
+  curves: null,      // last /api/curves answer, drawn again when the width changes
   job: null,         // current generation: {id, source}
   read: null,        // last /api/score answer
   readChars: [],     // spans of the Read view, in order
@@ -37,9 +38,10 @@ function apiUrl(path) {
 }
 
 async function api(path, body) {
-  const init = body === undefined ? {} : {
-    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
-  };
+  // JSON on a GET too: the server runs git, DVC or a model only for a request that a page on another site cannot
+  // make, and this header is one it cannot send.
+  const init = { headers: { "Content-Type": "application/json" } };
+  if (body !== undefined) Object.assign(init, { method: "POST", body: JSON.stringify(body) });
   let res;
   try {
     res = await fetch(apiUrl(path), init);
@@ -91,6 +93,11 @@ function fmt(x, digits = 4) {
   return typeof x === "number" && isFinite(x) ? x.toFixed(digits) : "–";
 }
 
+function breakable(text) {
+  // A path wraps after its slashes on a narrow screen, rather than in the middle of a name.
+  return text.split("/").flatMap((part, i) => (i ? [el("wbr", {}), "/" + part] : [part]));
+}
+
 function differingParams(models) {
   // Params come as the ones that differ from the workspace's; show the keys on which the models that have any
   // disagree (all of them when only one model has params).
@@ -127,9 +134,15 @@ function renderModels() {
     const box = el("input", { type: "checkbox", "aria-label": "use " + (m.label || m.id) });
     box.checked = index >= 0;
     box.addEventListener("change", () => toggleModel(m.id, box));
-    const name = el("td", {});
+    const name = el("td", { class: "name" });
     if (index >= 0) name.append(el("span", { class: "swatch-dot m" + index, "aria-hidden": "true" }));
-    name.append(m.label || m.id);
+    name.append(...breakable(m.label || m.id));
+    if (state.extra.includes(m)) {
+      const remove = el("button", { type: "button", class: "remove", "aria-label": "remove " + (m.label || m.id),
+        title: "remove this row", text: "×" });
+      remove.addEventListener("click", () => removeRevision(m.id));
+      name.append(remove);
+    }
     const params = keys.filter((k) => m.params && k in m.params)
       .map((k) => k + "=" + JSON.stringify(m.params[k])).join("  ");
     const row = el("tr", { class: index >= 0 ? "chosen" : "" },
@@ -157,15 +170,38 @@ function toggleModel(id, box) {
   chosenChanged();
 }
 
-function addRevision(event) {
+async function addRevision(event) {
+  // The server loads the model first: a revision it cannot read is an error beside the field, and nothing is added.
   event.preventDefault();
-  const name = $("rev-name").value.trim();
+  const field = $("rev-name"), error = $("rev-error");
+  const name = field.value.trim();
   if (!name) return;
   const id = "rev:" + name;
-  if (!allModels().some((m) => m.id === id)) state.extra.push({ id, label: name, kind: "revision", params: {} });
-  const box = { checked: true };
-  if (!state.chosen.includes(id)) toggleModel(id, box);
-  $("rev-name").value = "";
+  if (!allModels().some((m) => m.id === id)) {
+    $("rev-add").disabled = true;
+    try {
+      state.extra.push(await api("/api/model?id=" + encodeURIComponent(id)));
+    } catch (e) {
+      error.textContent = e.message;
+      error.hidden = false;
+      field.setAttribute("aria-invalid", "true");
+      return;
+    } finally {
+      $("rev-add").disabled = false;
+    }
+  }
+  error.hidden = true;
+  field.removeAttribute("aria-invalid");
+  field.value = "";
+  if (state.chosen.includes(id)) renderModels();
+  else toggleModel(id, { checked: true });
+}
+
+function removeRevision(id) {
+  state.extra = state.extra.filter((m) => m.id !== id);
+  state.chosen = state.chosen.filter((x) => x !== id);
+  renderModels();
+  chosenChanged();
 }
 
 function chosenChanged() {
@@ -555,7 +591,8 @@ async function loadCurves() {
   const ids = state.chosen.slice();
   const data = await api("/api/curves?models=" + ids.map(encodeURIComponent).join(","));
   if (ids.join(",") !== state.chosen.join(",")) return;  // the choice changed meanwhile
-  drawCurves(data.curves || []);
+  state.curves = data.curves || [];
+  drawCurves(state.curves);
 }
 
 function drawCurves(curves) {
@@ -571,7 +608,9 @@ function drawCurves(curves) {
   const missing = curves.filter((c) => !withData.includes(c)).map((c) => c.label || c.id);
   empty.textContent = missing.length ? "No training logs for " + missing.join(", ") + "." : "";
   empty.hidden = !missing.length;
-  const W = 900, H = 340, L = 56, R = 190, T = 14, B = 40;
+  // Drawn at the width it is shown at, so that its text keeps its size on a narrow screen; the legend is HTML
+  // below it, where a long name wraps instead of being cut.
+  const W = Math.max(280, Math.min(900, plot.clientWidth)), H = W < 600 ? 240 : 340, L = 52, R = 12, T = 14, B = 40;
   let x0 = Infinity, x1 = -Infinity, y0 = Infinity, y1 = -Infinity;
   for (const c of withData) for (const [s, v] of [...(c.train || []), ...(c.val || [])]) {
     x0 = Math.min(x0, s); x1 = Math.max(x1, s); y0 = Math.min(y0, v); y1 = Math.max(y1, v);
@@ -588,7 +627,7 @@ function drawCurves(curves) {
   yt = niceTicks(y0, y1, 6);
   const sx = (s) => L + (s - x0) / (x1 - x0) * (W - L - R);
   const sy = (v) => T + (1 - (v - y0) / (y1 - y0)) * (H - T - B);  // above y1: cut off by the clip path
-  const root = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": "bits per character against training step" });
+  const root = svg("svg", { viewBox: `0 0 ${W} ${H}`, width: W, height: H, role: "img", "aria-label": "bits per character against training step" });
   root.append(svg("title", {}, "Learning curves: train (dashed) and validation (solid) bits per character"));
   const axis = svg("g", { class: "axis" });
   for (const t of yt) {
@@ -608,8 +647,7 @@ function drawCurves(curves) {
   const clip = svg("clipPath", { id: "plot-area" });
   clip.append(svg("rect", { x: L, y: T - 2, width: W - L - R, height: H - T - B + 2 }));
   root.append(clip);
-  const legend = svg("g", {});
-  let ly = T + 6;
+  const legend = el("ul", { class: "curves-legend" });
   curves.forEach((c) => {
     const i = ids().indexOf(c.id);
     const colour = COLOURS[i >= 0 ? i : 0];
@@ -619,14 +657,13 @@ function drawCurves(curves) {
       const d = points.map(([s, v], j) => `${j ? "L" : "M"}${sx(s).toFixed(1)},${sy(v).toFixed(1)}`).join("");
       root.append(svg("path", { class: "series " + kind, d, stroke: colour, "clip-path": "url(#plot-area)" }));
       if (kind === "val") for (const [s, v] of points) if (v <= y1) root.append(svg("circle", { cx: sx(s), cy: sy(v), r: 2.5, fill: colour }));
-      legend.append(svg("line", { class: "series " + kind, x1: W - R + 14, x2: W - R + 38, y1: ly, y2: ly, stroke: colour }));
+      const sample = svg("svg", { width: 26, height: 10, "aria-hidden": "true" });
+      sample.append(svg("line", { class: "series " + kind, x1: 1, x2: 25, y1: 5, y2: 5, stroke: colour }));
       const last = points[points.length - 1][1];
-      legend.append(svg("text", { x: W - R + 44, y: ly + 4 }, `${c.label || c.id} ${kind} ${last.toFixed(3)}`));
-      ly += 18;
+      legend.append(el("li", {}, sample, `${c.label || c.id} · ${kind} ${last.toFixed(3)}`));
     }
   });
-  root.append(legend);
-  plot.append(root);
+  plot.append(root, legend);
 }
 
 function ids() {
@@ -662,6 +699,12 @@ function init() {
     stepUnit(e.key === "]" ? 1 : -1);
   });
   window.addEventListener("pagehide", () => endJob(""));
+  let width = $("curves-plot").clientWidth;
+  window.addEventListener("resize", () => {
+    if (!state.curves || $("curves-plot").clientWidth === width) return;
+    width = $("curves-plot").clientWidth;
+    drawCurves(state.curves);
+  });
   guard(() => loadModels(false));
 }
 
