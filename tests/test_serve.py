@@ -464,6 +464,9 @@ def test_repo_models_experiment_params_metrics_generation_curves_and_a_clean_wor
     assert ws["test_bpc"] == pytest.approx(metrics["test_bpc"])
     assert ws["val_bpc"] == pytest.approx(json.loads((p.path / "dvclive/metrics.json").read_text())["val"]["bpc"])
     assert wide["test_bpc"] is not None and wide["val_bpc"] is not None and wide["test_bpc"] != ws["test_bpc"]
+    # the precision each was trained in, as the train stage logged it (train.amp resolved on this machine)
+    trained_in = json.loads((p.path / "dvclive/metrics.json").read_text())["precision"]
+    assert ws["precision"] == wide["precision"] == trained_in and trained_in in ("fp32", "bf16")
 
     events = s.events(s.job(models=["workspace", "rev:wide"], **GEN))
     served = texts(events, GEN["prompt"], 2)
@@ -502,7 +505,8 @@ def checkpoint_record(seed: int, **run) -> dict:
 
 
 def named(seed: int, exp_name: str | None, val: float = 2.25) -> dict:
-    return checkpoint_record(seed, exp_name=exp_name, live={"metrics.json": json.dumps({"val": {"bpc": val}})})
+    metrics = {"val": {"bpc": val}, "precision": "bf16"}
+    return checkpoint_record(seed, exp_name=exp_name, live={"metrics.json": json.dumps(metrics)})
 
 
 def test_checkpoints_are_listed_and_read_again_when_rewritten(tmp_path, monkeypatch):
@@ -519,10 +523,11 @@ def test_checkpoints_are_listed_and_read_again_when_rewritten(tmp_path, monkeypa
         assert s.get("/api/models")[2]["models"] == []  # the list is kept until a refresh
         out = s.get("/api/models?refresh=1")[2]
         assert out["repo"] is True and out["hint"] is None
-        assert [(m["id"], m["kind"], m["label"], m["val_bpc"]) for m in out["models"]] == [
-            ("workspace", "workspace", "workspace (models/model.pt)", None),
-            ("checkpoint", "checkpoint", "checkpoint of dvc repro, step 3", 2.25),
-            ("checkpoint:abc123", "checkpoint", "queued/temp checkpoint abc123 of experiment wide, step 3", 3.5)]
+        assert [(m["id"], m["kind"], m["label"], m["val_bpc"], m["precision"]) for m in out["models"]] == [
+            ("workspace", "workspace", "workspace (models/model.pt)", None, None),
+            ("checkpoint", "checkpoint", "checkpoint of dvc repro, step 3", 2.25, "bf16"),
+            ("checkpoint:abc123", "checkpoint", "queued/temp checkpoint abc123 of experiment wide, step 3", 3.5,
+             "bf16")]  # fmt: skip
 
         def sample() -> str:
             return texts(s.events(s.job(models=["checkpoint"], prompt="a", temperature=0, length=20,

@@ -45,6 +45,7 @@ class Source:
     val_bpc: float | None = None
     test_bpc: float | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    precision: str | None = None  # what its training step ran in (train.amp, resolved on the machine that trained it)
 
     def row(self) -> dict:
         return {
@@ -54,6 +55,7 @@ class Source:
             "val_bpc": self.val_bpc,
             "test_bpc": self.test_bpc,
             "params": self.params,
+            "precision": self.precision,
         }
 
 
@@ -98,12 +100,27 @@ def _checkpoint(model_id: str, path: Path, what: str, experiments: dict[str, Sou
     name = record["exp_name"]
     live = record.get("live")
     live = live if isinstance(live, dict) else {}
-    val = None
+    val, precision = None, None
     with contextlib.suppress(ValueError, KeyError, TypeError):
-        val = float(json.loads(live.get("metrics.json") or "{}")["val"]["bpc"])
+        metrics = json.loads(live.get("metrics.json") or "{}")
+        precision = _text(metrics.get("precision"))
+        val = float(metrics["val"]["bpc"])
     run = f"experiment {name}" if name else "dvc repro"
     params = experiments[name].params if name in experiments else {}
-    return Source(model_id, f"{what} of {run}, step {record['step']:,}", "checkpoint", path, val_bpc=val, params=params)
+    label = f"{what} of {run}, step {record['step']:,}"
+    return Source(model_id, label, "checkpoint", path, val_bpc=val, params=params, precision=precision)
+
+
+def _text(value: Any) -> str | None:
+    """A short string from a metrics file, or None: the files may come from a shared remote."""
+    return value if isinstance(value, str) and 0 < len(value) <= 80 else None
+
+
+def _json_text(path: Path, key: str) -> str | None:
+    try:
+        return _text(json.loads(path.read_text(encoding="utf-8")).get(key))
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _json_number(path: Path, *keys: str) -> float | None:
@@ -185,6 +202,7 @@ class _Rows:
         self.param_cols = {k: c for k in sorted(_flat_keys(params_tree)) if (c := _column(columns, k, "params.yaml"))}
         self.val_col = _column(columns, "val.bpc", str(VAL_METRICS))
         self.test_col = _column(columns, "test_bpc", str(paths.EVAL_METRICS))
+        self.precision_col = _column(columns, "precision", str(VAL_METRICS))
         self.model_col = _column(columns, str(paths.MODEL), "")
         workspace = table[table["rev"] == "workspace"]
         self.reference = {k: _plain(workspace.iloc[0][c]) for k, c in self.param_cols.items()} if len(workspace) else {}
@@ -201,6 +219,7 @@ class _Rows:
             val_bpc=float(val) if isinstance(val, (int, float)) else None,
             test_bpc=float(test) if isinstance(test, (int, float)) else None,
             params=params,
+            precision=_text(record.get(self.precision_col)) if self.precision_col else None,
             **kw,
         )
 
@@ -252,6 +271,7 @@ def list_sources(files: list[str]) -> tuple[bool, list[Source], str | None]:
                     paths.MODEL,
                     val_bpc=_json_number(VAL_METRICS, "val", "bpc"),
                     test_bpc=_json_number(paths.EVAL_METRICS, "test_bpc"),
+                    precision=_json_text(VAL_METRICS, "precision"),
                 )
             )
         try:

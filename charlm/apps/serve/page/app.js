@@ -148,7 +148,7 @@ function renderModels() {
     const row = el("tr", { class: index >= 0 ? "chosen" : "" },
       el("td", {}, box), name, el("td", { text: m.kind || "" }),
       el("td", { class: "num", text: fmt(m.val_bpc) }), el("td", { class: "num", text: fmt(m.test_bpc) }),
-      el("td", { class: "params", text: params }));
+      el("td", { text: m.precision || "–" }), el("td", { class: "params", text: params }));
     body.append(row);
   }
   $("models-empty").hidden = models.length > 0;
