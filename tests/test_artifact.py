@@ -218,3 +218,37 @@ def test_pick_device_cuda_without_cuda_names_the_key():
 def test_load_model_to_the_requested_device(model_file):
     model, _, _ = artifact.load_model(model_file, device="cpu")
     assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_a_small_file_naming_a_huge_model_is_refused_before_anything_is_allocated(tmp_path):
+    """A 1x8000 LSTM would take about 1 GB; the file holds the tiny model's weights. The shapes are compared on
+    the meta device first, so the refusal names the mismatch instead of allocating the model it describes."""
+    path = tmp_path / "huge.pt"
+    torch.save(record(config=record()["config"] | {"cell": "lstm", "hidden": 8000}), path)
+    message = load_error(path)
+    assert "does not match its own config" in message and "has shape (36, 5), not (32000, 5)" in message
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_at_load(tmp_path, bad):
+    weights = tiny_model().state_dict()
+    weights["head.bias"][3] = bad
+    path = tmp_path / "nan.pt"
+    torch.save(record(state_dict=weights), path)
+    assert "head.bias holds NaN or infinite weights" in load_error(path)
+
+
+def test_a_compressed_archive_is_refused_before_it_can_inflate(model_file, tmp_path):
+    """torch.save stores its entries uncompressed; a deflated one could make kilobytes load as gigabytes."""
+    bomb = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(model_file) as src, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as dst:
+        for entry in src.infolist():
+            dst.writestr(entry.filename, src.read(entry))
+    assert "refused to load, it holds compressed entries" in load_error(bomb)
+
+
+@pytest.mark.parametrize("info", ["a string", [1, 2], None])
+def test_info_that_is_not_a_dict_reads_as_empty(tmp_path, info):
+    path = tmp_path / "info.pt"
+    torch.save(record(info=info), path)
+    assert artifact.load_model(path)[2] == {}

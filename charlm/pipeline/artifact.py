@@ -11,6 +11,7 @@ import io
 import pickle
 import re
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -38,6 +39,7 @@ def load(path: str | Path, fix: str, map_location="cpu", data: bytes | None = No
     """torch.load with weights_only=True and a one-line error for each way a file can be bad. With `data`, the
     file's bytes come from there (a revision read through DVC) and `path` only names it in errors."""
     path = Path(path) if data is None else path
+    _refuse_compressed(path if data is None else io.BytesIO(data), path, fix)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's notes on odd pickle protocols: a damaged file gets the error
@@ -61,6 +63,21 @@ def load(path: str | Path, fix: str, map_location="cpu", data: bytes | None = No
     return obj
 
 
+def _refuse_compressed(source: Path | io.BytesIO, path: str | Path, fix: str) -> None:
+    """torch.save stores its zip archive's entries uncompressed, so a compressed entry means a crafted file, and
+    one that would let a file of kilobytes inflate into gigabytes of tensors (a zip bomb) on loading."""
+    try:
+        with zipfile.ZipFile(source) as archive:
+            packed = [entry.filename for entry in archive.infolist() if entry.compress_type != zipfile.ZIP_STORED]
+    except (zipfile.BadZipFile, OSError, ValueError):  # not a zip, or not there: torch.load names the problem
+        return
+    if packed:
+        raise CharlmError(
+            f"{path}: refused to load, it holds compressed entries ({packed[0][:80]}), which torch.save never "
+            f"writes; only use files written by charlm. {fix}"
+        )
+
+
 def _unpickling_reason(e: Exception) -> str:
     """The useful line of torch's multi-paragraph weights-only error ("Unsupported global: GLOBAL os.system ...").
 
@@ -80,6 +97,22 @@ def model_record(model: CharRNN, vocab: Vocab, info: dict) -> dict:
         "info": info,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
+
+
+def check_weights(config: dict, weights) -> None:
+    """Raise ValueError unless `weights` has exactly the tensors, shapes and finite values that a model of
+    `config` has. The shapes are compared on the meta device, which allocates nothing: a file of kilobytes that
+    names a huge config must not make the loader allocate gigabytes before the mismatch is found."""
+    with torch.device("meta"):
+        skeleton = CharRNN(**config).state_dict()
+    if not isinstance(weights, dict) or weights.keys() != skeleton.keys():
+        raise ValueError("its weights are not the ones of its config's model")
+    for name, tensor in weights.items():
+        if not isinstance(tensor, torch.Tensor) or tensor.shape != skeleton[name].shape:
+            shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise ValueError(f"{name} has shape {shape}, not {tuple(skeleton[name].shape)}")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{name} holds NaN or infinite weights")
 
 
 def read_at_revision(path: str | Path, rev: str) -> bytes:
@@ -120,10 +153,13 @@ def load_model(
         config = dict(obj["config"])
         if config["vocab_size"] != len(vocab):
             raise ValueError(f"config says {config['vocab_size']} symbols, vocabulary has {len(vocab)}")
+        weights = obj["state_dict"] if obj["format"] == MODEL_FORMAT else obj["model"]
+        check_weights(config, weights)
         model = CharRNN(**config)
-        model.load_state_dict(obj["state_dict"] if obj["format"] == MODEL_FORMAT else obj["model"])
+        model.load_state_dict(weights)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         reason = str(e).strip().splitlines()[0][:200]
         raise CharlmError(f"{path}: model file does not match its own config or vocabulary ({reason}); {fix}") from None
-    info = obj.get("info", {}) if obj["format"] == MODEL_FORMAT else {"steps": obj.get("step"), "checkpoint": True}
+    info = obj.get("info") if obj["format"] == MODEL_FORMAT else {"steps": obj.get("step"), "checkpoint": True}
+    info = info if isinstance(info, dict) else {}
     return model.to(device).eval(), vocab, info
