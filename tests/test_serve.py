@@ -794,3 +794,42 @@ def test_a_revision_that_names_no_commit_is_404_everywhere(committed, monkeypatc
         assert status == 404 and model in out["error"], (path, out)
     status, _, out = s.post("/api/score", {"models": ["rev:main"], "text": "abc"})  # a commit, without a model
     assert status == 404 and "models/model.pt at revision" in out["error"]
+
+
+# --------------------------------------------------------------------------- what the hostile review found
+
+
+def test_a_bad_checkpoint_is_left_out_and_the_other_models_keep_working(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".dvc").mkdir()
+    tiny_model(tmp_path / "models" / "model.pt", seed=0)
+    keyed = tmp_path / ".dvc/tmp/charlm-checkpoints"
+    artifact.save(keyed / "aaa.pt", named(1, None) | {"exp_name": ["x"]})  # a name that is no string
+    nan = checkpoint_record(2, exp_name=None, live={"metrics.json": '{"val": {"bpc": NaN}}'})
+    artifact.save(keyed / "bbb.pt", nan)  # a val bpc that JSON cannot carry
+    s = Running(tmp_path, [])
+    try:
+        status, _, out = s.get("/api/models?refresh=1")
+        assert status == 200, out
+        rows = {m["id"]: m for m in out["models"]}
+        assert rows.keys() == {"workspace", "checkpoint:bbb"} and rows["checkpoint:bbb"]["val_bpc"] is None
+        for model in ("workspace", "checkpoint:bbb"):
+            status, _, out = s.post("/api/score", {"models": [model], "text": "abc"})
+            assert status == 200, out
+    finally:
+        s.close()
+
+
+def test_the_list_is_free_to_ask_for_cross_site_only_once_computed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".dvc").mkdir()  # a repository: computing the list runs DVC
+    s = Running(tmp_path, [])
+    img = {"Content-Type": "", "Sec-Fetch-Site": "cross-site"}  # what an <img> on another site sends
+    try:
+        status, _, out = s.get("/api/models", headers=img)
+        assert status == 403 and "cross-site" in out["error"]
+        assert s.app.catalog.free() is False  # DVC did not run for it
+        assert s.get("/api/models")[0] == 200
+        assert s.get("/api/models", headers=img)[0] == 200  # now it costs nothing
+    finally:
+        s.close()

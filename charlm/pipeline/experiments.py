@@ -98,13 +98,17 @@ def _checkpoint(model_id: str, path: Path, what: str, experiments: dict[str, Sou
     if "exp_name" not in record or not isinstance(record.get("step"), int):
         return None
     name = record["exp_name"]
+    if name is not None and not isinstance(name, str):
+        return None  # a run is named by a string: anything else is no checkpoint this pipeline wrote
     live = record.get("live")
     live = live if isinstance(live, dict) else {}
     val, precision = None, None
-    with contextlib.suppress(ValueError, KeyError, TypeError):
+    with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
         metrics = json.loads(live.get("metrics.json") or "{}")
         precision = _text(metrics.get("precision"))
         val = float(metrics["val"]["bpc"])
+    if val is not None and not math.isfinite(val):
+        val = None  # JSON has no NaN: the list could not be sent
     run = f"experiment {name}" if name else "dvc repro"
     params = experiments[name].params if name in experiments else {}
     label = f"{what} of {run}, step {record['step']:,}"
@@ -284,7 +288,13 @@ def list_sources(files: list[str]) -> tuple[bool, list[Source], str | None]:
             for f in sorted(paths.KEYED_CHECKPOINTS.glob("*.pt")):
                 checkpoints.append((f"checkpoint:{f.stem}", f, f"queued/temp checkpoint {f.stem[:12]}"))
         named = {s.label: s for s in found if s.kind == "experiment"}
-        sources += [c for i, f, what in checkpoints if f.is_file() and (c := _checkpoint(i, f, what, named))]
+        for model_id, f, what in checkpoints:
+            try:
+                checkpoint = _checkpoint(model_id, f, what, named) if f.is_file() else None
+            except Exception:  # a checkpoint is a file anyone may have written: a bad one is left out, not the list
+                checkpoint = None
+            if checkpoint is not None:
+                sources.append(checkpoint)
         sources += found
     for k, name in enumerate(files):
         sources.append(Source(f"file:{k}", str(name), "file", Path(name)))
@@ -299,6 +309,11 @@ class Catalog:
         self._lock = threading.Lock()
         self._listing: tuple[bool, list[Source], str | None] | None = None
         self._revisions: dict[str, Source] = {}  # revisions asked for by name, resolved to a commit
+
+    def free(self) -> bool:
+        """Whether the list (not refreshed) costs nothing to ask for: it has been computed, or there is no
+        repository, whose listing would run git and DVC."""
+        return self._listing is not None or not in_repo()
 
     def listing(self, refresh: bool = False) -> dict:
         with self._lock:

@@ -589,7 +589,8 @@ class Handler(BaseHTTPRequestHandler):
                     raise HTTPError(405, f"{path} takes GET, not {method}")
                 return self._page({"/": "index.html", "/favicon.ico": "icon.svg"}.get(path, path[len("/page/") :]))
             handler = self._route(method, path, query)
-            if not (path == "/api/models" and not _refresh(query)):  # the model list as computed costs nothing
+            # The model list as computed costs nothing; in a repository, computing it runs git and DVC.
+            if not (path == "/api/models" and not _refresh(query) and self.server.app.catalog.free()):
                 self._same_origin(stream=path.endswith("/events"))
             body = self._body() if method == "POST" else {}
             self.server.deadlines.done(self.connection)  # the request is in: what follows may take its time
