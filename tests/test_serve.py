@@ -833,3 +833,30 @@ def test_the_list_is_free_to_ask_for_cross_site_only_once_computed(tmp_path, mon
         assert s.get("/api/models", headers=img)[0] == 200  # now it costs nothing
     finally:
         s.close()
+
+
+def test_a_model_files_info_a_seed_and_a_curve_row_are_never_a_500(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".dvc").mkdir()
+    tiny_model(tmp_path / "models" / "model.pt", seed=0)
+    files = []
+    for k, info in enumerate(({"val_bpc": float("nan")}, "str", {"val_bpc": 10**400}, {"val_bpc": 1.5})):
+        torch.manual_seed(k)
+        model = CharRNN(len(VOCAB), cell="gru", hidden=8, layers=1, embedding=4)
+        files.append(str(tmp_path / f"m{k}.pt"))
+        artifact.save(files[-1], {**artifact.model_record(model, VOCAB, {}), "info": info})
+    curve = tmp_path / "dvclive/plots/metrics/train/bpc.tsv"
+    curve.parent.mkdir(parents=True)
+    curve.write_text("step\tbpc\n1e400\t4.0\n10\t3.5\n")
+    s = Running(tmp_path, files)
+    try:
+        for k, val in enumerate((None, None, None, 1.5)):
+            status, _, out = s.get(f"/api/model?id=file:{k}")
+            assert status == 200 and out["val_bpc"] == val, out
+        status, _, out = s.get("/api/curves?models=workspace")
+        assert status == 200 and out["curves"][0]["train"] == [[10, 3.5]], out
+        for seed in ("%C2%B2", "%D9%A1", "-1", "1e3"):  # '²' and Arabic-Indic one pass str.isdigit()
+            status, _, out = s.get(f"/api/test-item?seed={seed}")
+            assert status == 400 and "seed" in out["error"], (seed, out)
+    finally:
+        s.close()

@@ -397,7 +397,7 @@ def _read_curve(text: str) -> list[list[float]]:
     for row in csv.DictReader(io.StringIO(text), delimiter="\t"):
         try:
             step, bpc = int(float(row["step"])), float(row["bpc"])
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: a step of inf (1e400)
             continue
         if math.isfinite(bpc):
             points.append([step, bpc])

@@ -217,8 +217,11 @@ class App:
             raise HTTPError(400, "id must name a model, such as rev:main")
         _, _, info = self.load(model_id)
         row = self.catalog.resolve(model_id).row()
-        if row["val_bpc"] is None and isinstance(info.get("val_bpc"), (int, float)):
-            row["val_bpc"] = info["val_bpc"]  # a model file records the val bpc of its weights
+        # A model file records the val bpc of its weights; the file may come from anywhere, so its info may not
+        # be a dict, nor the number a finite one (JSON has no NaN).
+        val: Any = info.get("val_bpc") if isinstance(info, dict) else None
+        if row["val_bpc"] is None and _is_number(val):
+            row["val_bpc"] = float(val)
         return row
 
     def generate(self, body: dict) -> dict:
@@ -393,12 +396,13 @@ class App:
         from charlm.core.data import item_bounds, load_packed
         from charlm.core.vocab import EOS_ID, Vocab
 
+        seed_text = query.get("seed", [None])[-1]
+        # ASCII digits only: str.isdigit() also takes '²' and other digits that int() refuses.
+        if seed_text is not None and not re.fullmatch(r"[0-9]{1,18}", seed_text):
+            raise HTTPError(400, "seed must be a whole number >= 0")
         missing = f"no packed test data here; run `dvc repro pack` (it writes {paths.PACKED} and {paths.VOCAB})"
         if not (paths.PACKED / "meta.json").is_file() or not paths.VOCAB.is_file():
             raise HTTPError(404, missing)
-        seed_text = query.get("seed", [None])[-1]
-        if seed_text is not None and not (seed_text.isdigit() and len(seed_text) <= 18):
-            raise HTTPError(400, "seed must be a whole number >= 0")
         try:
             stream = load_packed(paths.PACKED).streams["test"]
             vocab = Vocab.load(paths.VOCAB)
