@@ -5,6 +5,7 @@ one in a throw-away git + DVC repository with a trained workspace model and a `d
 """
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
 import json
@@ -860,3 +861,41 @@ def test_a_model_files_info_a_seed_and_a_curve_row_are_never_a_500(tmp_path, mon
             assert status == 400 and "seed" in out["error"], (seed, out)
     finally:
         s.close()
+
+
+def raw_status(port: int, request: bytes) -> int | None:
+    """The status a raw request gets, or None when the server closes without an answer within 5 s."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(request)
+        received = b""
+        with contextlib.suppress(TimeoutError):
+            while b"\r\n" not in received and (chunk := sock.recv(4096)):
+                received += chunk
+    return int(received.split()[1]) if received.startswith(b"HTTP/") else None
+
+
+def test_content_length_is_ascii_digits_and_host_and_content_length_come_once(in_plain):
+    s = in_plain
+    body = b'{"models": ["file:0"], "text": "ab"}'
+    host = f"Host: 127.0.0.1:{s.port}\r\n"
+
+    def post(headers: str) -> bytes:
+        return f"POST /api/score HTTP/1.1\r\n{headers}Content-Type: application/json\r\n\r\n".encode() + body
+
+    assert raw_status(s.port, post(f"{host}Content-Length: {len(body)}\r\n")) == 200
+    for length in (f"+{len(body)}", f"{len(body)}_0", "".join(chr(0x660 + int(d)) for d in str(len(body)))):
+        assert raw_status(s.port, post(f"{host}Content-Length: {length}\r\n")) == 400, length
+    twice = f"{host}Content-Length: {len(body)}\r\nContent-Length: {len(body)}\r\n"
+    assert raw_status(s.port, post(twice)) == 400
+    assert raw_status(s.port, post(f"{host}Host: evil.example\r\nContent-Length: {len(body)}\r\n")) == 400
+    assert raw_status(s.port, f"GET /api/models HTTP/1.1\r\n{host}Host: evil.example\r\n\r\n".encode()) == 400
+
+
+def test_a_model_that_is_a_folder_or_a_pipe_is_named_so_at_start_up(tmp_path):
+    (tmp_path / "folder.pt").mkdir()
+    os.mkfifo(tmp_path / "pipe.pt")
+    for name in ("folder.pt", "pipe.pt"):
+        command = [sys.executable, "-m", "charlm.apps.cli", "serve", "--port", "0", "--model", name]
+        proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and proc.stdout == ""
+        assert proc.stderr == f"charlm: error: --model {name}: not a regular file (a folder, a pipe or a device)\n"

@@ -489,6 +489,10 @@ class Handler(BaseHTTPRequestHandler):
     def _checked(self) -> tuple[str, dict]:
         """(path, query) of an allowed request; an HTTPError otherwise."""
         app = self.server.app
+        for name in ("Host", "Content-Length"):
+            # Two of them may be read differently by a proxy in front: which one was meant is not for us to guess.
+            if len(self.headers.get_all(name, [])) > 1:
+                raise HTTPError(400, f"more than one {name} header")
         host = self.headers.get("Host", "")
         if app.allowed_hosts and host.lower() not in app.allowed_hosts:
             raise HTTPError(403, f"Host {host!r} is not served here; open the URL that `charlm serve` printed")
@@ -518,12 +522,11 @@ class Handler(BaseHTTPRequestHandler):
         length_text = self.headers.get("Content-Length")
         if self.headers.get("Transfer-Encoding") is not None or length_text is None:
             raise HTTPError(411, "a request body needs a Content-Length (chunked bodies are not read)")
-        try:
-            length = int(length_text)
-        except ValueError:
-            raise HTTPError(400, "Content-Length is not a number") from None
-        if length < 0:
-            raise HTTPError(400, "Content-Length is negative")
+        # ASCII digits and nothing else: int() also reads "+48", "48_0" and "١٢", which a proxy in front may read
+        # otherwise (or not at all).
+        if not re.fullmatch(r"[0-9]{1,18}", length_text.strip(" \t")):
+            raise HTTPError(400, "Content-Length is not a whole number of bytes in ASCII digits")
+        length = int(length_text)
         limit = self.server.app.limits.body
         if length > limit:
             # A client that is still sending would see the connection reset before the answer: a body of up to
@@ -771,8 +774,10 @@ def make_server(
 ) -> Server:
     """Bind the server (not yet serving); a port in use, or a --model file that is not there, is a CharlmError."""
     for name in files:
-        if not Path(name).is_file():
+        if not Path(name).exists():
             raise CharlmError(f"--model {name}: no such file")
+        if not Path(name).is_file():  # a folder, or a pipe that would block the first request for ever
+            raise CharlmError(f"--model {name}: not a regular file (a folder, a pipe or a device)")
     token = None if is_loopback(host) else secrets.token_urlsafe(24)
     app = App(files, pick_device(device, "--device"), limits, token)
     try:
