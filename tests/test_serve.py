@@ -899,3 +899,41 @@ def test_a_model_that_is_a_folder_or_a_pipe_is_named_so_at_start_up(tmp_path):
         proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and proc.stdout == ""
         assert proc.stderr == f"charlm: error: --model {name}: not a regular file (a folder, a pipe or a device)\n"
+
+
+def test_a_slow_load_holds_up_only_the_requests_for_that_model(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    files = [str(tiny_model(tmp_path / f"{name}.pt", seed=k)) for k, name in enumerate(("m", "slow", "other"))]
+    started, release = threading.Event(), threading.Event()
+    load_model = artifact.load_model
+
+    def slow_load(path, *args, **kw):  # a load that takes its time, as a big model or a slow disk does
+        if Path(path).name == "slow.pt":
+            started.set()
+            release.wait(20)  # without a per-model lock, every request waits this long
+        return load_model(path, *args, **kw)
+
+    monkeypatch.setattr(artifact, "load_model", slow_load)
+    s = Running(tmp_path, files)
+    slow: list = []
+    waiting = threading.Thread(target=lambda: slow.append(s.post("/api/score", {"models": ["file:1"], "text": "a"})))
+    try:
+        assert s.post("/api/score", {"models": ["file:0"], "text": "abc"})[0] == 200  # loaded
+        waiting.start()
+        assert started.wait(30)
+        began = time.monotonic()
+        assert s.post("/api/score", {"models": ["file:0"], "text": "abc"})[0] == 200  # a loaded model answers
+        assert s.post("/api/score", {"models": ["file:2"], "text": "abc"})[0] == 200  # another model loads
+        assert time.monotonic() - began < 5 and not slow
+        release.set()
+        waiting.join(30)
+        assert slow[0][0] == 200, slow
+        # A pipe put where a model file was would block its reader for ever: refused at once.
+        os.remove(files[2])
+        os.mkfifo(files[2])
+        os.utime(files[2], ns=(time.time_ns() + 10**9,) * 2)
+        status, _, out = s.post("/api/score", {"models": ["file:2"], "text": "abc"})
+        assert status == 404 and "not a regular file" in out["error"]
+    finally:
+        release.set()
+        s.close()

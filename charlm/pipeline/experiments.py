@@ -352,13 +352,18 @@ class Catalog:
 
 
 class ModelCache:
-    """At most `size` loaded models, least recently used out first. A checkpoint file is read again when its
-    modification time changes (training rewrites it); a revision's model never changes."""
+    """At most `size` loaded models, least recently used out first, and at most LOADS being read at once. A
+    checkpoint file is read again when its modification time changes (training rewrites it); a revision's model
+    never changes."""
+
+    LOADS = 2  # models read at once: with `size` kept, what bounds the memory that models take
 
     def __init__(self, device, size: int = 6):
         self.device, self.size = device, size
         self._models: OrderedDict[tuple, tuple] = OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the dicts, never held across a load
+        self._loading: dict[tuple, threading.Lock] = {}  # a lock per model being loaded: two asks, one load
+        self._loads = threading.BoundedSemaphore(self.LOADS)
 
     def _key(self, source: Source) -> tuple:
         if source.rev is not None:
@@ -370,23 +375,40 @@ class ModelCache:
         return (source.id, str(source.path), stat.st_mtime_ns, stat.st_size)
 
     def get(self, source: Source):
-        """(model, vocab, info); a CharlmError in one line when it cannot be loaded."""
-        key = self._key(source)
-        with self._lock:  # one load at a time: loads are rare, and two of the same model would both be kept
+        """(model, vocab, info); a CharlmError in one line when it cannot be loaded. A slow load (a big model, a
+        revision read through DVC) holds up only the requests for that model, never those for loaded ones."""
+        if source.rev is None and source.path.exists() and not source.path.is_file():
+            # A pipe or device put where a model file was would block its reader for ever.
+            raise CharlmError(f"{source.path} is not a regular file")
+        with self._lock:
+            key = self._key(source)
             if key in self._models:
                 self._models.move_to_end(key)
                 return self._models[key]
-            if source.rev is not None:
-                with _DVC_LOCK:
-                    loaded = artifact.load_model(source.path, self.device, fix=FIX, rev=source.rev)
-            else:
-                loaded = artifact.load_model(source.path, self.device, fix=FIX)
-            for old in [k for k in self._models if k[0] == source.id]:
-                del self._models[old]  # the previous version of a rewritten checkpoint
-            self._models[key] = loaded
-            while len(self._models) > self.size:
-                self._models.popitem(last=False)
-            return loaded
+            loading = self._loading.setdefault(key, threading.Lock())
+        try:
+            with loading:  # a second ask for the same model waits for the first load, rather than load it again
+                with self._lock:
+                    if key in self._models:
+                        self._models.move_to_end(key)
+                        return self._models[key]
+                with self._loads:
+                    if source.rev is not None:
+                        with _DVC_LOCK:
+                            loaded = artifact.load_model(source.path, self.device, fix=FIX, rev=source.rev)
+                    else:
+                        loaded = artifact.load_model(source.path, self.device, fix=FIX)
+                with self._lock:
+                    for old in [k for k in self._models if k[0] == source.id]:
+                        del self._models[old]  # the previous version of a rewritten checkpoint
+                    self._models[key] = loaded
+                    while len(self._models) > self.size:
+                        self._models.popitem(last=False)
+                return loaded
+        finally:
+            with self._lock:
+                if self._loading.get(key) is loading and not loading.locked():
+                    del self._loading[key]
 
     def __len__(self) -> int:
         return len(self._models)
