@@ -937,3 +937,41 @@ def test_a_slow_load_holds_up_only_the_requests_for_that_model(tmp_path, monkeyp
     finally:
         release.set()
         s.close()
+
+
+def test_after_a_refresh_a_branch_serves_the_commit_it_points_to(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    p = Project(tmp_path)
+    p.git("init", "-q", "-b", "main")
+    p.git("config", "user.email", "test@example.com")
+    p.git("config", "user.name", "charlm tests")
+    p.dvc("init", "-q")
+    # The smallest pipeline with a model that DVC lists for a branch: a stage writes it, another reads it.
+    (tmp_path / "models").mkdir()
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  train: {cmd: cp src.pt models/model.pt, deps: [src.pt], outs: [models/model.pt]}\n"
+        "  evaluate: {cmd: 'true', deps: [models/model.pt]}\n"
+    )
+
+    def commit(seed: int) -> None:
+        tiny_model(tmp_path / "src.pt", seed=seed)
+        p.dvc("repro", "-q")
+        p.git("add", "-A")
+        p.git("commit", "-qm", f"model {seed}")
+
+    def bpc(model: str) -> float:
+        status, _, out = s.post("/api/score", {"models": [model], "text": "the cat sat"})
+        assert status == 200, out
+        return out["models"][0]["bpc"]
+
+    commit(1)
+    s = Running(tmp_path, [])
+    try:
+        listed = {m["id"]: m["kind"] for m in s.get("/api/models?refresh=1")[2]["models"]}
+        assert listed.get("rev:main") == "branch", listed
+        first = bpc("rev:main")
+        commit(2)
+        assert s.get("/api/models?refresh=1")[0] == 200
+        assert bpc("rev:main") == bpc("rev:HEAD") != first
+    finally:
+        s.close()

@@ -353,26 +353,39 @@ class Catalog:
 
 class ModelCache:
     """At most `size` loaded models, least recently used out first, and at most LOADS being read at once. A
-    checkpoint file is read again when its modification time changes (training rewrites it); a revision's model
-    never changes."""
+    checkpoint file is read again when its modification time changes (training rewrites it); a revision named by
+    its commit never changes, while one named by a branch, tag or experiment is read again after `forget_names`
+    (a refresh of the list), since the name may point to another commit now."""
 
     LOADS = 2  # models read at once: with `size` kept, what bounds the memory that models take
 
     def __init__(self, device, size: int = 6):
         self.device, self.size = device, size
         self._models: OrderedDict[tuple, tuple] = OrderedDict()
-        self._lock = threading.Lock()  # guards the dicts, never held across a load
+        self._lock = threading.Lock()  # guards the dicts and the epoch, never held across a load
         self._loading: dict[tuple, threading.Lock] = {}  # a lock per model being loaded: two asks, one load
         self._loads = threading.BoundedSemaphore(self.LOADS)
+        self._epoch = 0  # bumped by forget_names: a name's key before a refresh is not its key after
 
     def _key(self, source: Source) -> tuple:
+        """(what, id, ...): "commit" and "name" for a revision named by its commit or otherwise, "file"."""
         if source.rev is not None:
-            return (source.id, source.rev)
+            if re.fullmatch(r"[0-9a-f]{40}", source.rev):
+                return ("commit", source.id, source.rev)
+            return ("name", source.id, source.rev, self._epoch)
         try:
             stat = source.path.stat()
         except OSError:
-            return (source.id, str(source.path), None)
-        return (source.id, str(source.path), stat.st_mtime_ns, stat.st_size)
+            return ("file", source.id, str(source.path), None)
+        return ("file", source.id, str(source.path), stat.st_mtime_ns, stat.st_size)
+
+    def forget_names(self) -> None:
+        """Drop the models of revisions named by a branch, tag or experiment: after a refresh a name serves the
+        commit it points to now. A load still running keys its model by the old epoch, so it is never served."""
+        with self._lock:
+            self._epoch += 1
+            for key in [k for k in self._models if k[0] == "name"]:
+                del self._models[key]
 
     def get(self, source: Source):
         """(model, vocab, info); a CharlmError in one line when it cannot be loaded. A slow load (a big model, a
@@ -399,8 +412,8 @@ class ModelCache:
                     else:
                         loaded = artifact.load_model(source.path, self.device, fix=FIX)
                 with self._lock:
-                    for old in [k for k in self._models if k[0] == source.id]:
-                        del self._models[old]  # the previous version of a rewritten checkpoint
+                    for old in [k for k in self._models if k[1] == source.id]:
+                        del self._models[old]  # the previous version of a rewritten checkpoint or a moved name
                     self._models[key] = loaded
                     while len(self._models) > self.size:
                         self._models.popitem(last=False)

@@ -209,7 +209,10 @@ class App:
     # ---------------------------------------------------------------- endpoints
 
     def list_models(self, query: dict) -> dict:
-        return self.catalog.listing(refresh=_refresh(query))
+        listing = self.catalog.listing(refresh=_refresh(query))
+        if _refresh(query):
+            self.models.forget_names()  # a branch, tag or experiment may point to another commit now
+        return listing
 
     def model_row(self, query: dict) -> dict:
         model_id = query.get("id", [""])[-1]
