@@ -5,6 +5,7 @@ one in a throw-away git + DVC repository with a trained workspace model and a `d
 """
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
 import json
@@ -794,3 +795,183 @@ def test_a_revision_that_names_no_commit_is_404_everywhere(committed, monkeypatc
         assert status == 404 and model in out["error"], (path, out)
     status, _, out = s.post("/api/score", {"models": ["rev:main"], "text": "abc"})  # a commit, without a model
     assert status == 404 and "models/model.pt at revision" in out["error"]
+
+
+# --------------------------------------------------------------------------- what the hostile review found
+
+
+def test_a_bad_checkpoint_is_left_out_and_the_other_models_keep_working(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".dvc").mkdir()
+    tiny_model(tmp_path / "models" / "model.pt", seed=0)
+    keyed = tmp_path / ".dvc/tmp/charlm-checkpoints"
+    artifact.save(keyed / "aaa.pt", named(1, None) | {"exp_name": ["x"]})  # a name that is no string
+    nan = checkpoint_record(2, exp_name=None, live={"metrics.json": '{"val": {"bpc": NaN}}'})
+    artifact.save(keyed / "bbb.pt", nan)  # a val bpc that JSON cannot carry
+    s = Running(tmp_path, [])
+    try:
+        status, _, out = s.get("/api/models?refresh=1")
+        assert status == 200, out
+        rows = {m["id"]: m for m in out["models"]}
+        assert rows.keys() == {"workspace", "checkpoint:bbb"} and rows["checkpoint:bbb"]["val_bpc"] is None
+        for model in ("workspace", "checkpoint:bbb"):
+            status, _, out = s.post("/api/score", {"models": [model], "text": "abc"})
+            assert status == 200, out
+    finally:
+        s.close()
+
+
+def test_the_list_is_free_to_ask_for_cross_site_only_once_computed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".dvc").mkdir()  # a repository: computing the list runs DVC
+    s = Running(tmp_path, [])
+    img = {"Content-Type": "", "Sec-Fetch-Site": "cross-site"}  # what an <img> on another site sends
+    try:
+        status, _, out = s.get("/api/models", headers=img)
+        assert status == 403 and "cross-site" in out["error"]
+        assert s.app.catalog.free() is False  # DVC did not run for it
+        assert s.get("/api/models")[0] == 200
+        assert s.get("/api/models", headers=img)[0] == 200  # now it costs nothing
+    finally:
+        s.close()
+
+
+def test_a_model_files_info_a_seed_and_a_curve_row_are_never_a_500(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".dvc").mkdir()
+    tiny_model(tmp_path / "models" / "model.pt", seed=0)
+    files = []
+    for k, info in enumerate(({"val_bpc": float("nan")}, "str", {"val_bpc": 10**400}, {"val_bpc": 1.5})):
+        torch.manual_seed(k)
+        model = CharRNN(len(VOCAB), cell="gru", hidden=8, layers=1, embedding=4)
+        files.append(str(tmp_path / f"m{k}.pt"))
+        artifact.save(files[-1], {**artifact.model_record(model, VOCAB, {}), "info": info})
+    curve = tmp_path / "dvclive/plots/metrics/train/bpc.tsv"
+    curve.parent.mkdir(parents=True)
+    curve.write_text("step\tbpc\n1e400\t4.0\n10\t3.5\n")
+    s = Running(tmp_path, files)
+    try:
+        for k, val in enumerate((None, None, None, 1.5)):
+            status, _, out = s.get(f"/api/model?id=file:{k}")
+            assert status == 200 and out["val_bpc"] == val, out
+        status, _, out = s.get("/api/curves?models=workspace")
+        assert status == 200 and out["curves"][0]["train"] == [[10, 3.5]], out
+        for seed in ("%C2%B2", "%D9%A1", "-1", "1e3"):  # '²' and Arabic-Indic one pass str.isdigit()
+            status, _, out = s.get(f"/api/test-item?seed={seed}")
+            assert status == 400 and "seed" in out["error"], (seed, out)
+    finally:
+        s.close()
+
+
+def raw_status(port: int, request: bytes) -> int | None:
+    """The status a raw request gets, or None when the server closes without an answer within 5 s."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(request)
+        received = b""
+        with contextlib.suppress(TimeoutError):
+            while b"\r\n" not in received and (chunk := sock.recv(4096)):
+                received += chunk
+    return int(received.split()[1]) if received.startswith(b"HTTP/") else None
+
+
+def test_content_length_is_ascii_digits_and_host_and_content_length_come_once(in_plain):
+    s = in_plain
+    body = b'{"models": ["file:0"], "text": "ab"}'
+    host = f"Host: 127.0.0.1:{s.port}\r\n"
+
+    def post(headers: str) -> bytes:
+        return f"POST /api/score HTTP/1.1\r\n{headers}Content-Type: application/json\r\n\r\n".encode() + body
+
+    assert raw_status(s.port, post(f"{host}Content-Length: {len(body)}\r\n")) == 200
+    for length in (f"+{len(body)}", f"{len(body)}_0", "".join(chr(0x660 + int(d)) for d in str(len(body)))):
+        assert raw_status(s.port, post(f"{host}Content-Length: {length}\r\n")) == 400, length
+    twice = f"{host}Content-Length: {len(body)}\r\nContent-Length: {len(body)}\r\n"
+    assert raw_status(s.port, post(twice)) == 400
+    assert raw_status(s.port, post(f"{host}Host: evil.example\r\nContent-Length: {len(body)}\r\n")) == 400
+    assert raw_status(s.port, f"GET /api/models HTTP/1.1\r\n{host}Host: evil.example\r\n\r\n".encode()) == 400
+
+
+def test_a_model_that_is_a_folder_or_a_pipe_is_named_so_at_start_up(tmp_path):
+    (tmp_path / "folder.pt").mkdir()
+    os.mkfifo(tmp_path / "pipe.pt")
+    for name in ("folder.pt", "pipe.pt"):
+        command = [sys.executable, "-m", "charlm.apps.cli", "serve", "--port", "0", "--model", name]
+        proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and proc.stdout == ""
+        assert proc.stderr == f"charlm: error: --model {name}: not a regular file (a folder, a pipe or a device)\n"
+
+
+def test_a_slow_load_holds_up_only_the_requests_for_that_model(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    files = [str(tiny_model(tmp_path / f"{name}.pt", seed=k)) for k, name in enumerate(("m", "slow", "other"))]
+    started, release = threading.Event(), threading.Event()
+    load_model = artifact.load_model
+
+    def slow_load(path, *args, **kw):  # a load that takes its time, as a big model or a slow disk does
+        if Path(path).name == "slow.pt":
+            started.set()
+            release.wait(20)  # without a per-model lock, every request waits this long
+        return load_model(path, *args, **kw)
+
+    monkeypatch.setattr(artifact, "load_model", slow_load)
+    s = Running(tmp_path, files)
+    slow: list = []
+    waiting = threading.Thread(target=lambda: slow.append(s.post("/api/score", {"models": ["file:1"], "text": "a"})))
+    try:
+        assert s.post("/api/score", {"models": ["file:0"], "text": "abc"})[0] == 200  # loaded
+        waiting.start()
+        assert started.wait(30)
+        began = time.monotonic()
+        assert s.post("/api/score", {"models": ["file:0"], "text": "abc"})[0] == 200  # a loaded model answers
+        assert s.post("/api/score", {"models": ["file:2"], "text": "abc"})[0] == 200  # another model loads
+        assert time.monotonic() - began < 5 and not slow
+        release.set()
+        waiting.join(30)
+        assert slow[0][0] == 200, slow
+        # A pipe put where a model file was would block its reader for ever: refused at once.
+        os.remove(files[2])
+        os.mkfifo(files[2])
+        os.utime(files[2], ns=(time.time_ns() + 10**9,) * 2)
+        status, _, out = s.post("/api/score", {"models": ["file:2"], "text": "abc"})
+        assert status == 404 and "not a regular file" in out["error"]
+    finally:
+        release.set()
+        s.close()
+
+
+def test_after_a_refresh_a_branch_serves_the_commit_it_points_to(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    p = Project(tmp_path)
+    p.git("init", "-q", "-b", "main")
+    p.git("config", "user.email", "test@example.com")
+    p.git("config", "user.name", "charlm tests")
+    p.dvc("init", "-q")
+    # The smallest pipeline with a model that DVC lists for a branch: a stage writes it, another reads it.
+    (tmp_path / "models").mkdir()
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  train: {cmd: cp src.pt models/model.pt, deps: [src.pt], outs: [models/model.pt]}\n"
+        "  evaluate: {cmd: 'true', deps: [models/model.pt]}\n"
+    )
+
+    def commit(seed: int) -> None:
+        tiny_model(tmp_path / "src.pt", seed=seed)
+        p.dvc("repro", "-q")
+        p.git("add", "-A")
+        p.git("commit", "-qm", f"model {seed}")
+
+    def bpc(model: str) -> float:
+        status, _, out = s.post("/api/score", {"models": [model], "text": "the cat sat"})
+        assert status == 200, out
+        return out["models"][0]["bpc"]
+
+    commit(1)
+    s = Running(tmp_path, [])
+    try:
+        listed = {m["id"]: m["kind"] for m in s.get("/api/models?refresh=1")[2]["models"]}
+        assert listed.get("rev:main") == "branch", listed
+        first = bpc("rev:main")
+        commit(2)
+        assert s.get("/api/models?refresh=1")[0] == 200
+        assert bpc("rev:main") == bpc("rev:HEAD") != first
+    finally:
+        s.close()

@@ -98,13 +98,17 @@ def _checkpoint(model_id: str, path: Path, what: str, experiments: dict[str, Sou
     if "exp_name" not in record or not isinstance(record.get("step"), int):
         return None
     name = record["exp_name"]
+    if name is not None and not isinstance(name, str):
+        return None  # a run is named by a string: anything else is no checkpoint this pipeline wrote
     live = record.get("live")
     live = live if isinstance(live, dict) else {}
     val, precision = None, None
-    with contextlib.suppress(ValueError, KeyError, TypeError):
+    with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
         metrics = json.loads(live.get("metrics.json") or "{}")
         precision = _text(metrics.get("precision"))
         val = float(metrics["val"]["bpc"])
+    if val is not None and not math.isfinite(val):
+        val = None  # JSON has no NaN: the list could not be sent
     run = f"experiment {name}" if name else "dvc repro"
     params = experiments[name].params if name in experiments else {}
     label = f"{what} of {run}, step {record['step']:,}"
@@ -284,7 +288,13 @@ def list_sources(files: list[str]) -> tuple[bool, list[Source], str | None]:
             for f in sorted(paths.KEYED_CHECKPOINTS.glob("*.pt")):
                 checkpoints.append((f"checkpoint:{f.stem}", f, f"queued/temp checkpoint {f.stem[:12]}"))
         named = {s.label: s for s in found if s.kind == "experiment"}
-        sources += [c for i, f, what in checkpoints if f.is_file() and (c := _checkpoint(i, f, what, named))]
+        for model_id, f, what in checkpoints:
+            try:
+                checkpoint = _checkpoint(model_id, f, what, named) if f.is_file() else None
+            except Exception:  # a checkpoint is a file anyone may have written: a bad one is left out, not the list
+                checkpoint = None
+            if checkpoint is not None:
+                sources.append(checkpoint)
         sources += found
     for k, name in enumerate(files):
         sources.append(Source(f"file:{k}", str(name), "file", Path(name)))
@@ -299,6 +309,11 @@ class Catalog:
         self._lock = threading.Lock()
         self._listing: tuple[bool, list[Source], str | None] | None = None
         self._revisions: dict[str, Source] = {}  # revisions asked for by name, resolved to a commit
+
+    def free(self) -> bool:
+        """Whether the list (not refreshed) costs nothing to ask for: it has been computed, or there is no
+        repository, whose listing would run git and DVC."""
+        return self._listing is not None or not in_repo()
 
     def listing(self, refresh: bool = False) -> dict:
         with self._lock:
@@ -337,41 +352,76 @@ class Catalog:
 
 
 class ModelCache:
-    """At most `size` loaded models, least recently used out first. A checkpoint file is read again when its
-    modification time changes (training rewrites it); a revision's model never changes."""
+    """At most `size` loaded models, least recently used out first, and at most LOADS being read at once. A
+    checkpoint file is read again when its modification time changes (training rewrites it); a revision named by
+    its commit never changes, while one named by a branch, tag or experiment is read again after `forget_names`
+    (a refresh of the list), since the name may point to another commit now."""
+
+    LOADS = 2  # models read at once: with `size` kept, what bounds the memory that models take
 
     def __init__(self, device, size: int = 6):
         self.device, self.size = device, size
         self._models: OrderedDict[tuple, tuple] = OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the dicts and the epoch, never held across a load
+        self._loading: dict[tuple, threading.Lock] = {}  # a lock per model being loaded: two asks, one load
+        self._loads = threading.BoundedSemaphore(self.LOADS)
+        self._epoch = 0  # bumped by forget_names: a name's key before a refresh is not its key after
 
     def _key(self, source: Source) -> tuple:
+        """(what, id, ...): "commit" and "name" for a revision named by its commit or otherwise, "file"."""
         if source.rev is not None:
-            return (source.id, source.rev)
+            if re.fullmatch(r"[0-9a-f]{40}", source.rev):
+                return ("commit", source.id, source.rev)
+            return ("name", source.id, source.rev, self._epoch)
         try:
             stat = source.path.stat()
         except OSError:
-            return (source.id, str(source.path), None)
-        return (source.id, str(source.path), stat.st_mtime_ns, stat.st_size)
+            return ("file", source.id, str(source.path), None)
+        return ("file", source.id, str(source.path), stat.st_mtime_ns, stat.st_size)
+
+    def forget_names(self) -> None:
+        """Drop the models of revisions named by a branch, tag or experiment: after a refresh a name serves the
+        commit it points to now. A load still running keys its model by the old epoch, so it is never served."""
+        with self._lock:
+            self._epoch += 1
+            for key in [k for k in self._models if k[0] == "name"]:
+                del self._models[key]
 
     def get(self, source: Source):
-        """(model, vocab, info); a CharlmError in one line when it cannot be loaded."""
-        key = self._key(source)
-        with self._lock:  # one load at a time: loads are rare, and two of the same model would both be kept
+        """(model, vocab, info); a CharlmError in one line when it cannot be loaded. A slow load (a big model, a
+        revision read through DVC) holds up only the requests for that model, never those for loaded ones."""
+        if source.rev is None and source.path.exists() and not source.path.is_file():
+            # A pipe or device put where a model file was would block its reader for ever.
+            raise CharlmError(f"{source.path} is not a regular file")
+        with self._lock:
+            key = self._key(source)
             if key in self._models:
                 self._models.move_to_end(key)
                 return self._models[key]
-            if source.rev is not None:
-                with _DVC_LOCK:
-                    loaded = artifact.load_model(source.path, self.device, fix=FIX, rev=source.rev)
-            else:
-                loaded = artifact.load_model(source.path, self.device, fix=FIX)
-            for old in [k for k in self._models if k[0] == source.id]:
-                del self._models[old]  # the previous version of a rewritten checkpoint
-            self._models[key] = loaded
-            while len(self._models) > self.size:
-                self._models.popitem(last=False)
-            return loaded
+            loading = self._loading.setdefault(key, threading.Lock())
+        try:
+            with loading:  # a second ask for the same model waits for the first load, rather than load it again
+                with self._lock:
+                    if key in self._models:
+                        self._models.move_to_end(key)
+                        return self._models[key]
+                with self._loads:
+                    if source.rev is not None:
+                        with _DVC_LOCK:
+                            loaded = artifact.load_model(source.path, self.device, fix=FIX, rev=source.rev)
+                    else:
+                        loaded = artifact.load_model(source.path, self.device, fix=FIX)
+                with self._lock:
+                    for old in [k for k in self._models if k[1] == source.id]:
+                        del self._models[old]  # the previous version of a rewritten checkpoint or a moved name
+                    self._models[key] = loaded
+                    while len(self._models) > self.size:
+                        self._models.popitem(last=False)
+                return loaded
+        finally:
+            with self._lock:
+                if self._loading.get(key) is loading and not loading.locked():
+                    del self._loading[key]
 
     def __len__(self) -> int:
         return len(self._models)
@@ -382,7 +432,7 @@ def _read_curve(text: str) -> list[list[float]]:
     for row in csv.DictReader(io.StringIO(text), delimiter="\t"):
         try:
             step, bpc = int(float(row["step"])), float(row["bpc"])
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: a step of inf (1e400)
             continue
         if math.isfinite(bpc):
             points.append([step, bpc])

@@ -209,7 +209,10 @@ class App:
     # ---------------------------------------------------------------- endpoints
 
     def list_models(self, query: dict) -> dict:
-        return self.catalog.listing(refresh=_refresh(query))
+        listing = self.catalog.listing(refresh=_refresh(query))
+        if _refresh(query):
+            self.models.forget_names()  # a branch, tag or experiment may point to another commit now
+        return listing
 
     def model_row(self, query: dict) -> dict:
         model_id = query.get("id", [""])[-1]
@@ -217,8 +220,11 @@ class App:
             raise HTTPError(400, "id must name a model, such as rev:main")
         _, _, info = self.load(model_id)
         row = self.catalog.resolve(model_id).row()
-        if row["val_bpc"] is None and isinstance(info.get("val_bpc"), (int, float)):
-            row["val_bpc"] = info["val_bpc"]  # a model file records the val bpc of its weights
+        # A model file records the val bpc of its weights; the file may come from anywhere, so its info may not
+        # be a dict, nor the number a finite one (JSON has no NaN).
+        val: Any = info.get("val_bpc") if isinstance(info, dict) else None
+        if row["val_bpc"] is None and _is_number(val):
+            row["val_bpc"] = float(val)
         return row
 
     def generate(self, body: dict) -> dict:
@@ -393,12 +399,13 @@ class App:
         from charlm.core.data import item_bounds, load_packed
         from charlm.core.vocab import EOS_ID, Vocab
 
+        seed_text = query.get("seed", [None])[-1]
+        # ASCII digits only: str.isdigit() also takes '²' and other digits that int() refuses.
+        if seed_text is not None and not re.fullmatch(r"[0-9]{1,18}", seed_text):
+            raise HTTPError(400, "seed must be a whole number >= 0")
         missing = f"no packed test data here; run `dvc repro pack` (it writes {paths.PACKED} and {paths.VOCAB})"
         if not (paths.PACKED / "meta.json").is_file() or not paths.VOCAB.is_file():
             raise HTTPError(404, missing)
-        seed_text = query.get("seed", [None])[-1]
-        if seed_text is not None and not (seed_text.isdigit() and len(seed_text) <= 18):
-            raise HTTPError(400, "seed must be a whole number >= 0")
         try:
             stream = load_packed(paths.PACKED).streams["test"]
             vocab = Vocab.load(paths.VOCAB)
@@ -485,6 +492,10 @@ class Handler(BaseHTTPRequestHandler):
     def _checked(self) -> tuple[str, dict]:
         """(path, query) of an allowed request; an HTTPError otherwise."""
         app = self.server.app
+        for name in ("Host", "Content-Length"):
+            # Two of them may be read differently by a proxy in front: which one was meant is not for us to guess.
+            if len(self.headers.get_all(name, [])) > 1:
+                raise HTTPError(400, f"more than one {name} header")
         host = self.headers.get("Host", "")
         if app.allowed_hosts and host.lower() not in app.allowed_hosts:
             raise HTTPError(403, f"Host {host!r} is not served here; open the URL that `charlm serve` printed")
@@ -514,12 +525,11 @@ class Handler(BaseHTTPRequestHandler):
         length_text = self.headers.get("Content-Length")
         if self.headers.get("Transfer-Encoding") is not None or length_text is None:
             raise HTTPError(411, "a request body needs a Content-Length (chunked bodies are not read)")
-        try:
-            length = int(length_text)
-        except ValueError:
-            raise HTTPError(400, "Content-Length is not a number") from None
-        if length < 0:
-            raise HTTPError(400, "Content-Length is negative")
+        # ASCII digits and nothing else: int() also reads "+48", "48_0" and "١٢", which a proxy in front may read
+        # otherwise (or not at all).
+        if not re.fullmatch(r"[0-9]{1,18}", length_text.strip(" \t")):
+            raise HTTPError(400, "Content-Length is not a whole number of bytes in ASCII digits")
+        length = int(length_text)
         limit = self.server.app.limits.body
         if length > limit:
             # A client that is still sending would see the connection reset before the answer: a body of up to
@@ -589,7 +599,8 @@ class Handler(BaseHTTPRequestHandler):
                     raise HTTPError(405, f"{path} takes GET, not {method}")
                 return self._page({"/": "index.html", "/favicon.ico": "icon.svg"}.get(path, path[len("/page/") :]))
             handler = self._route(method, path, query)
-            if not (path == "/api/models" and not _refresh(query)):  # the model list as computed costs nothing
+            # The model list as computed costs nothing; in a repository, computing it runs git and DVC.
+            if not (path == "/api/models" and not _refresh(query) and self.server.app.catalog.free()):
                 self._same_origin(stream=path.endswith("/events"))
             body = self._body() if method == "POST" else {}
             self.server.deadlines.done(self.connection)  # the request is in: what follows may take its time
@@ -766,8 +777,10 @@ def make_server(
 ) -> Server:
     """Bind the server (not yet serving); a port in use, or a --model file that is not there, is a CharlmError."""
     for name in files:
-        if not Path(name).is_file():
+        if not Path(name).exists():
             raise CharlmError(f"--model {name}: no such file")
+        if not Path(name).is_file():  # a folder, or a pipe that would block the first request for ever
+            raise CharlmError(f"--model {name}: not a regular file (a folder, a pipe or a device)")
     token = None if is_loopback(host) else secrets.token_urlsafe(24)
     app = App(files, pick_device(device, "--device"), limits, token)
     try:

@@ -57,8 +57,20 @@ async function api(path, body) {
   return data;
 }
 
+// Bidirectional controls (U+202E and the like) reorder the text around them: a label holding one could pass for
+// another model's name. They are shown by their code, as <U+202E>.
+const BIDI = /[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]/g;
+
+function visible(text) {
+  return String(text).replace(BIDI, (c) => "<U+" + c.codePointAt(0).toString(16).toUpperCase().padStart(4, "0") + ">");
+}
+
+function withVisibleLabel(m) {
+  return typeof m.label === "string" ? { ...m, label: visible(m.label) } : m;
+}
+
 function showError(message) {
-  $("message").textContent = message;
+  $("message").textContent = visible(message);
   $("message-bar").hidden = false;
 }
 
@@ -86,7 +98,7 @@ function modelById(id) {
 }
 
 function label(id) {
-  return modelById(id).label || id;
+  return visible(modelById(id).label || id);
 }
 
 function fmt(x, digits = 4) {
@@ -110,7 +122,7 @@ function differingParams(models) {
 
 async function loadModels(refresh) {
   const data = await api("/api/models" + (refresh ? "?refresh=1" : ""));
-  state.models = data.models || [];
+  state.models = (data.models || []).map(withVisibleLabel);
   const hint = $("models-hint");
   hint.textContent = data.hint || "";
   hint.hidden = !data.hint;
@@ -131,14 +143,14 @@ function renderModels() {
   const keys = differingParams(state.models);
   for (const m of models) {
     const index = state.chosen.indexOf(m.id);
-    const box = el("input", { type: "checkbox", "aria-label": "use " + (m.label || m.id) });
+    const box = el("input", { type: "checkbox", "aria-label": "use " + label(m.id) });
     box.checked = index >= 0;
     box.addEventListener("change", () => toggleModel(m.id, box));
     const name = el("td", { class: "name" });
     if (index >= 0) name.append(el("span", { class: "swatch-dot m" + index, "aria-hidden": "true" }));
-    name.append(...breakable(m.label || m.id));
+    name.append(...breakable(label(m.id)));
     if (state.extra.includes(m)) {
-      const remove = el("button", { type: "button", class: "remove", "aria-label": "remove " + (m.label || m.id),
+      const remove = el("button", { type: "button", class: "remove", "aria-label": "remove " + label(m.id),
         title: "remove this row", text: "×" });
       remove.addEventListener("click", () => removeRevision(m.id));
       name.append(remove);
@@ -180,9 +192,9 @@ async function addRevision(event) {
   if (!allModels().some((m) => m.id === id)) {
     $("rev-add").disabled = true;
     try {
-      state.extra.push(await api("/api/model?id=" + encodeURIComponent(id)));
+      state.extra.push(withVisibleLabel(await api("/api/model?id=" + encodeURIComponent(id))));
     } catch (e) {
-      error.textContent = e.message;
+      error.textContent = visible(e.message);
       error.hidden = false;
       field.setAttribute("aria-invalid", "true");
       return;
@@ -591,7 +603,7 @@ async function loadCurves() {
   const ids = state.chosen.slice();
   const data = await api("/api/curves?models=" + ids.map(encodeURIComponent).join(","));
   if (ids.join(",") !== state.chosen.join(",")) return;  // the choice changed meanwhile
-  state.curves = data.curves || [];
+  state.curves = (data.curves || []).map(withVisibleLabel);
   drawCurves(state.curves);
 }
 
@@ -605,7 +617,7 @@ function drawCurves(curves) {
     empty.hidden = false;
     return;
   }
-  const missing = curves.filter((c) => !withData.includes(c)).map((c) => c.label || c.id);
+  const missing = curves.filter((c) => !withData.includes(c)).map((c) => visible(c.label || c.id));
   empty.textContent = missing.length ? "No training logs for " + missing.join(", ") + "." : "";
   empty.hidden = !missing.length;
   // Drawn at the width it is shown at, so that its text keeps its size on a narrow screen; the legend is HTML
@@ -660,7 +672,7 @@ function drawCurves(curves) {
       const sample = svg("svg", { width: 26, height: 10, "aria-hidden": "true" });
       sample.append(svg("line", { class: "series " + kind, x1: 1, x2: 25, y1: 5, y2: 5, stroke: colour }));
       const last = points[points.length - 1][1];
-      legend.append(el("li", {}, sample, `${c.label || c.id} · ${kind} ${last.toFixed(3)}`));
+      legend.append(el("li", {}, sample, `${visible(c.label || c.id)} · ${kind} ${last.toFixed(3)}`));
     }
   });
   plot.append(root, legend);
