@@ -39,7 +39,7 @@ def load(path: str | Path, fix: str, map_location="cpu", data: bytes | None = No
     """torch.load with weights_only=True and a one-line error for each way a file can be bad. With `data`, the
     file's bytes come from there (a revision read through DVC) and `path` only names it in errors."""
     path = Path(path) if data is None else path
-    _refuse_compressed(path if data is None else io.BytesIO(data), path, fix)
+    _refuse_compressed(Path(path) if data is None else io.BytesIO(data), path, fix)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's notes on odd pickle protocols: a damaged file gets the error
