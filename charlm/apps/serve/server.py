@@ -798,10 +798,8 @@ def few_malloc_arenas() -> None:
     Linux with glibc only; elsewhere a no-op."""
     import ctypes
 
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX, before the first request thread starts
-    except (OSError, AttributeError):
-        pass
 
 
 def serve(files: list[str], host: str, port: int, device: str) -> None:
