@@ -412,6 +412,27 @@ def test_curves_draw_the_workspace_logs(browser, workspace_server, requests_seen
 
 
 @pytest.mark.parametrize("width", [420, 1280])
+def test_curves_read_out_each_line_under_the_pointer(browser, workspace_server, requests_seen, width):
+    """The fixture logs train 4.0 - step/1000 and val 3.5 - step/1000 every 100 steps from 100 to 1,000."""
+    with workspace_page(browser, workspace_server, requests_seen, width) as (page, problems):
+        page.wait_for_selector("#curves-plot svg path.series.val")
+        hint = page.text_content("#curves-readout")
+        assert hint.startswith("Point at the plot")
+        page.locator("#curves-plot circle").nth(4).hover()  # the val point of step 500
+        text = page.text_content("#curves-readout")
+        assert "workspace (models/model.pt): train 3.500 at step 500, val 3.000 at step 500" in text, text
+        guide = page.locator("#curves-plot line.guide")
+        circle = page.locator("#curves-plot circle").nth(4)
+        assert guide.get_attribute("visibility") == "visible"
+        assert float(guide.get_attribute("x1")) == pytest.approx(float(circle.get_attribute("cx")), abs=0.01)
+        page.locator("#curves-plot circle").nth(9).hover()
+        assert "val 2.500 at step 1,000" in page.text_content("#curves-readout")
+        page.mouse.move(1, 1)  # off the plot
+        assert page.text_content("#curves-readout") == hint and guide.get_attribute("visibility") == "hidden"
+    assert not problems, problems
+
+
+@pytest.mark.parametrize("width", [420, 1280])
 def test_the_curves_legend_shows_each_line_whole(browser, workspace_server, requests_seen, width):
     with workspace_page(browser, workspace_server, requests_seen, width) as (page, problems):
         page.wait_for_selector("#curves-plot svg path.series.val")

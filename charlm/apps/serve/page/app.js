@@ -675,7 +675,40 @@ function drawCurves(curves) {
       legend.append(el("li", {}, sample, `${visible(c.label || c.id)} · ${kind} ${last.toFixed(3)}`));
     }
   });
-  plot.append(root, legend);
+  plot.append(root, curvesReadout(root, withData, { W, L, R, x0, x1, sx, top: T, bottom: H - B }), legend);
+}
+
+// Under the pointer, each line's bpc at its logged step nearest to it: a guide line in the plot, and below it a line
+// of HTML per chosen model (where a long name wraps).
+const READOUT_HINT = "Point at the plot to read each line's bits per character at that step.";
+
+function curvesReadout(root, curves, { W, L, R, x0, x1, sx, top, bottom }) {
+  const readout = el("p", { id: "curves-readout", class: "note", "aria-live": "polite", text: READOUT_HINT });
+  const guide = svg("line", { class: "guide", y1: top, y2: bottom, visibility: "hidden" });
+  root.append(guide);
+  root.addEventListener("pointermove", (e) => {
+    const box = root.getBoundingClientRect();
+    const x = (e.clientX - box.left) * W / box.width;  // the viewBox's units
+    const step = x0 + (Math.min(W - R, Math.max(L, x)) - L) / (W - L - R) * (x1 - x0);
+    let shown = null;
+    const parts = curves.map((c) => {
+      const values = ["train", "val"].filter((kind) => (c[kind] || []).length).map((kind) => {
+        const [s, v] = c[kind].reduce((best, p) => (Math.abs(p[0] - step) < Math.abs(best[0] - step) ? p : best));
+        if (shown === null || Math.abs(s - step) < Math.abs(shown - step)) shown = s;
+        return `${kind} ${v.toFixed(3)} at step ${s.toLocaleString("en")}`;
+      });
+      return `${visible(c.label || c.id)}: ${values.join(", ")}`;
+    });
+    guide.setAttribute("x1", sx(shown));
+    guide.setAttribute("x2", sx(shown));
+    guide.setAttribute("visibility", "visible");
+    readout.replaceChildren(...parts.map((text) => el("span", { class: "line", text })));
+  });
+  root.addEventListener("pointerleave", () => {
+    guide.setAttribute("visibility", "hidden");
+    readout.textContent = READOUT_HINT;
+  });
+  return readout;
 }
 
 function ids() {
