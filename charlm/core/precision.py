@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from charlm.base.errors import CharlmError
+from charlm.core.model import CharRNN
 
 NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 DTYPES = {name: dtype for dtype, name in NAMES.items()}
@@ -156,8 +157,6 @@ def probe(model_config: dict, device: torch.device, step: str) -> str:
     """One tiny forward and backward of a model of `model_config`'s shape under the step's autocast; returns the
     dtype the recurrent layer's output had. Raises what torch raises when that cannot run here. The global RNGs
     are left as they were, so the run's own initialisation does not depend on it."""
-    from charlm.core.model import CharRNN  # the model imports nothing of this module; kept local all the same
-
     seen: list[torch.dtype] = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         model = CharRNN(**model_config).to(device).train()

@@ -209,8 +209,9 @@ class App:
     # ---------------------------------------------------------------- endpoints
 
     def list_models(self, query: dict) -> dict:
-        listing = self.catalog.listing(refresh=_refresh(query))
-        if _refresh(query):
+        refresh = _refresh(query)
+        listing = self.catalog.listing(refresh=refresh)
+        if refresh:
             self.models.forget_names()  # a branch, tag or experiment may point to another commit now
         return listing
 
@@ -631,7 +632,7 @@ class Handler(BaseHTTPRequestHandler):
         if name == "index.html" and token:
             # The page's own script and style are requests too, and CSP allows no inline script that could add the
             # token to them: it goes into their URLs here (a URL-safe string, so safe in an attribute).
-            for asset in (f"/page/{name}" for name in PAGE_FILES):
+            for asset in (f"/page/{file}" for file in PAGE_FILES):
                 data = data.replace(f'"{asset}"'.encode(), f'"{asset}?token={token}"'.encode())
         self._headers(200, content_type, len(data))
         self.wfile.write(data)
