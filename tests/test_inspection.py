@@ -220,26 +220,138 @@ def capital_tracker(hidden: int = 6) -> CharRNN:
 
 
 def test_rank_units_finds_a_planted_capital_letter_unit():
-    items = ["aXb cY", "XX a", "abc"]
-    ranked = inspection.rank_units(capital_tracker(), VOCAB, items, 0, "output", top=20)
-    assert ranked[0]["unit"] == 2 and ranked[0]["feature"] == "capital letter" and ranked[0]["r"] > 0.999
-    assert len(ranked) == 6 and sorted(u["unit"] for u in ranked) == list(range(6))  # each unit once
-    assert [abs(u["r"]) for u in ranked] == sorted((abs(u["r"]) for u in ranked), reverse=True)
-    assert inspection.rank_units(capital_tracker(), VOCAB, items, 0, "output", top=2) == ranked[:2]
+    items = ["aXb cY", "XX a", "abc (d) 1"]
+    ranked = inspection.rank_units(capital_tracker(), VOCAB, items, 0, "output", per_feature=3, explained=0.3)
+    capital = next(f for f in ranked["features"] if f["feature"] == "capital letter")
+    assert capital["units"][0]["unit"] == 2 and capital["units"][0]["r"] > 0.999
+    assert ranked["features"][0] is capital  # the best explained feature comes first
+    # No quote in the text: that feature is constant, not unexplained.
+    assert "inside quotes" in ranked["constant"] and "inside quotes" not in ranked["unexplained"]
+    named = [f["feature"] for f in ranked["features"]] + ranked["unexplained"] + ranked["constant"]
+    assert sorted(named) == sorted(inspection.FEATURES)  # every feature accounted for, once
 
 
-def test_rank_units_gives_each_unit_its_best_feature_over_all_items():
+def test_rank_units_lists_the_best_units_of_every_feature_and_names_those_none_explains():
     m = model("lstm", 2, 6)
     items = ['a "b(c)" XY1', "", "de (f (g))", 'h "a" b.']
-    for kind in ("cell", "output"):
-        ranked = inspection.rank_units(m, VOCAB, items, 1, kind, top=5)
-        assert len(ranked) == 5
-        acts = np.concatenate([inspection.activations(m, VOCAB, item, 1, kind) for item in items])
-        feats = np.column_stack([np.concatenate([f(item) for item in items]) for f in inspection.FEATURES.values()])
+    acts_of = {kind: np.concatenate([inspection.activations(m, VOCAB, item, 1, kind) for item in items]) for kind in ("cell", "output")}
+    feats = np.column_stack([np.concatenate([f(item) for item in items]) for f in inspection.FEATURES.values()])
+    for kind, acts in acts_of.items():
         r = inspection.correlations(acts, feats)
-        for u in ranked:
-            best = int(np.abs(r[u["unit"]]).argmax())
-            assert u["feature"] == list(inspection.FEATURES)[best]
-            assert u["r"] == pytest.approx(r[u["unit"], best])
-    # Nothing varies over one character: no unit correlates with anything, and none is listed.
-    assert inspection.rank_units(m, VOCAB, [""], 0, "output") == inspection.rank_units(m, VOCAB, ["a"], 0, "cell") == []
+        for threshold in (0.0, 0.3, 0.6, 1.01):
+            ranked = inspection.rank_units(m, VOCAB, items, 1, kind, per_feature=2, explained=threshold)
+            names = list(inspection.FEATURES)
+            listed = {f["feature"]: f["units"] for f in ranked["features"]}
+            for name, units in listed.items():
+                f = names.index(name)
+                best = np.argsort(-np.abs(r[:, f]), kind="stable")[: len(units)]
+                assert [u["unit"] for u in units] == best.tolist() and 1 <= len(units) <= 2
+                assert [u["r"] for u in units] == pytest.approx(r[best, f].tolist())
+                assert all(abs(u["r"]) >= threshold for u in units)
+            for name in ranked["unexplained"]:
+                assert np.abs(r[:, names.index(name)]).max() < threshold
+            best_r = [abs(f["units"][0]["r"]) for f in ranked["features"]]
+            assert best_r == sorted(best_r, reverse=True)
+            assert ranked["constant"] == []  # every feature varies over these items
+            assert len(listed) + len(ranked["unexplained"]) == len(names)
+    # Nothing varies over one character: every feature is constant, and no unit is listed.
+    one = inspection.rank_units(m, VOCAB, ["a"], 0, "cell")
+    assert one["features"] == one["unexplained"] == [] and one["constant"] == list(inspection.FEATURES)
+    assert inspection.rank_units(m, VOCAB, [""], 0, "output")["constant"] == list(inspection.FEATURES)
+
+
+# --------------------------------------------------------------------------- Read's summary
+
+
+def test_rank_buckets_sum_to_one_and_agree_with_the_top_five():
+    m = model("lstm", 1, 6, seed=4)
+    scores = inspection.char_scores(m, VOCAB, ITEMS, top=5)
+    buckets = inspection.rank_buckets(scores)
+    assert [name for name, _ in buckets] == ["top 1", "top 3", "top 10", "beyond"]
+    assert math.fsum(share for _, share in buckets) == pytest.approx(1)
+    chars = [(c, actual) for item, sc in zip(ITEMS, scores, strict=True) for actual, c in zip(item, sc, strict=True)]
+    named = [(c, actual if actual in VOCAB.chars else "<unk>") for c, actual in chars]
+    first = sum(c["top"][0][0] == actual for c, actual in named)
+    in_three = sum(actual in [n for n, _ in c["top"][:3]] for c, actual in named)
+    assert buckets[0][1] == pytest.approx(first / len(chars))
+    assert buckets[0][1] + buckets[1][1] == pytest.approx(in_three / len(chars))
+    assert buckets[3][1] == pytest.approx(sum(c["rank"] > 10 for c, _ in named) / len(chars))
+    # A hand-made case: ranks 1, 1, 2, 3, 4, 10, 11, 90.
+    made = [[{"rank": r} for r in (1, 1, 2, 3)], [], [{"rank": r} for r in (4, 10, 11, 90)]]
+    assert inspection.rank_buckets(made) == [["top 1", 0.25], ["top 3", 0.25], ["top 10", 0.25], ["beyond", 0.25]]
+    assert inspection.rank_buckets([[], []]) == [["top 1", 0.0], ["top 3", 0.0], ["top 10", 0.0], ["beyond", 0.0]]
+
+
+@pytest.mark.parametrize("cell,layers,embedding", MODELS[:2])
+def test_item_bpc_weighted_by_characters_averages_to_the_texts_bpc(cell, layers, embedding):
+    m = model(cell, layers, embedding)
+    scores = inspection.char_scores(m, VOCAB, ITEMS)
+    per_item = inspection.item_bpc(scores)
+    assert per_item[2] is None  # the empty item
+    weighted = math.fsum(b * len(item) for b, item in zip(per_item, ITEMS, strict=True) if b is not None)
+    assert weighted / sum(map(len, ITEMS)) == pytest.approx(inspection.bits_per_char(scores), rel=1e-12)
+    alone = inspection.char_scores(m, VOCAB, [ITEMS[0]])
+    assert per_item[0] == pytest.approx(inspection.bits_per_char(alone), abs=1e-5)
+
+
+def test_hardest_items_are_ordered_by_bpc_and_agree_with_read():
+    m = model("lstm", 2, 6, seed=2)
+    items = ["abc de", "XY1 (", "a", "", "hh" * 300, "b e", "\"XY\" 1."]
+    stream = encode_items(VOCAB, "\n".join(items))
+    hardest = inspection.hardest_items(m, stream, batch_size=2, device="cpu")
+    bpcs = [h["bpc"] for h in hardest]
+    assert bpcs == sorted(bpcs, reverse=True)
+    items = [item for item in items if item]  # the empty item is no item of the split
+    assert sorted(h["index"] for h in hardest) == list(range(len(items)))
+    read = inspection.item_bpc(inspection.char_scores(m, VOCAB, items))
+    for h in hardest:
+        assert h["chars"] == len(items[h["index"]])
+        assert h["bpc"] == pytest.approx(read[h["index"]], abs=1e-4)
+    # Their bits, weighted by characters, are the split's bpc by the protocol.
+    total = math.fsum(h["bpc"] * h["chars"] for h in hardest) / sum(h["chars"] for h in hardest)
+    assert total == pytest.approx(protocol_bpc(m, items), abs=1e-5)
+    first_three = inspection.hardest_items(m, stream, batch_size=64, device="cpu", items=3)
+    assert sorted(h["index"] for h in first_three) == [0, 1, 2]
+
+
+def test_step_scores_are_char_scores_for_a_drawn_character():
+    m = model("lstm", 1, 6, seed=5)
+    text = "abc (de)"
+    logits, _ = m.prime([[EOS_ID] + VOCAB.ids(text[:j]) for j in range(len(text))])
+    steps = inspection.step_scores(logits, VOCAB.ids(text), list(VOCAB.itos), top=5)
+    read = inspection.char_scores(m, VOCAB, [text], top=5)[0]
+    for s, r in zip(steps, read, strict=True):
+        assert s["bits"] == pytest.approx(r["bits"], abs=1e-5) and s["rank"] == r["rank"]
+        assert [n for n, _ in s["top"]] == [n for n, _ in r["top"]]
+        assert [p for _, p in s["top"]] == pytest.approx([p for _, p in r["top"]], abs=1e-6)
+
+
+# --------------------------------------------------------------------------- Inside: a chosen span
+
+
+def test_span_search_finds_a_unit_planted_in_a_small_model():
+    items = ["ab XY cd", "hh X a", "abc"]
+    states = inspection.layer_states(capital_tracker(), VOCAB, items, 0, "output")
+    spans = [np.array([c.isupper() for c in item]) for item in items]
+    found = inspection.span_units(states, spans, top=3)
+    assert found[0]["unit"] == 2 and found[0]["score"] > 0
+    assert found[0]["inside"] == pytest.approx(math.tanh(4), abs=1e-5)
+    assert found[0]["outside"] == pytest.approx(-math.tanh(4), abs=1e-5)
+    assert [abs(u["score"]) for u in found] == sorted((abs(u["score"]) for u in found), reverse=True)
+    # The complement selects the same unit, now off in the span and on elsewhere.
+    against = inspection.span_units(states, [~m for m in spans], top=1)[0]
+    assert against["unit"] == 2 and against["score"] == pytest.approx(-found[0]["score"])
+
+
+def test_span_search_scores_by_hand_and_refuses_an_empty_or_whole_span():
+    states = [np.array([[0.0, 1.0, 5.0], [2.0, 1.0, 5.0]]), np.array([[0.0, 1.0, 5.0], [0.0, 1.0, 5.0]])]
+    spans = [np.array([False, True]), np.array([False, False])]
+    found = inspection.span_units(states, spans)
+    assert [u["unit"] for u in found] == [0]  # units 1 and 2 never move
+    acts = np.array([0.0, 2.0, 0.0, 0.0])
+    assert found[0]["score"] == pytest.approx((2.0 - 0.0) / acts.std())
+    for bad in ([np.zeros(2, bool), np.zeros(2, bool)], [np.ones(2, bool), np.ones(2, bool)]):
+        with pytest.raises(CharlmError, match="span"):
+            inspection.span_units(states, bad)
+    with pytest.raises(CharlmError, match="one mask per item"):
+        inspection.span_units(states, [np.ones(3, bool), np.ones(2, bool)])

@@ -3,6 +3,7 @@
 Two servers per module: one outside any repository, serving tiny model files given with --model, and (slow)
 one in a throw-away git + DVC repository with a trained workspace model and a `dvc exp run --temp` experiment.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,6 +22,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import Project, ag_news_rows, csv_bytes, git_project, md5
@@ -28,6 +30,7 @@ from conftest import Project, ag_news_rows, csv_bytes, git_project, md5
 from charlm.apps.cli import main
 from charlm.apps.serve import server as srv
 from charlm.base.errors import CharlmError
+from charlm.core import inspection
 from charlm.core.model import CharRNN
 from charlm.core.vocab import Vocab
 from charlm.pipeline import artifact
@@ -169,14 +172,47 @@ def test_one_stream_carries_two_models_each_equal_to_charlm_generate(in_plain, c
     assert served[0] != served[1]
 
 
+def test_each_streamed_character_comes_with_the_score_read_gives_it(in_plain):
+    # Write's colours are Read's bits: the score streamed with each character is what Read computes for the
+    # prompt and the text as one item, in the same model.
+    s = in_plain
+    for request in ({**GEN, "length": 80}, {**GEN, "temperature": 1.5, "top_k": 0, "top_p": 1.0, "seed": 3}):
+        events = s.events(s.job(models=["file:0", "file:2"], **request))
+        pieces = [d for e, d in events if e == "piece"]
+        for column, model_id in enumerate(["file:0", "file:2"]):
+            model, vocab, _ = s.app.load(model_id)
+            text = "".join(d["pieces"][column] for d in pieces if d["pieces"][column] is not None)
+            scores = [d["scores"][column] for d in pieces if d["pieces"][column] is not None]
+            assert all(d["scores"][column] is None for d in pieces if d["pieces"][column] is None)
+            assert len(scores) == len(text) > 10
+            read = inspection.char_scores(model, vocab, [request["prompt"] + text], top=5)[0][len(request["prompt"]) :]
+            for streamed, scored in zip(scores, read, strict=True):
+                assert streamed["bits"] == pytest.approx(scored["bits"], abs=1e-4)
+                assert streamed["rank"] == scored["rank"]
+                assert [n for n, _ in streamed["top"]] == [n for n, _ in scored["top"]]
+                assert [p for _, p in streamed["top"]] == pytest.approx([p for _, p in scored["top"]], abs=1e-5)
+
+
 def test_greedy_without_stop_at_eos_and_a_random_seed_reported(in_plain, capsys):
     s = in_plain
     events = s.events(s.job(models=["file:2"], prompt="ab", temperature=0, length=30, stop_at_eos=False))
     seed = events[0][1]["seed"]
     assert isinstance(seed, int) and seed >= 0
     assert len([e for e, _ in events if e == "piece"]) == 30
-    expected = cli_text(capsys, "--prompt", "ab", "--temperature", 0, "--length", 30, "--no-stop-at-eos",
-                        "--seed", seed, "--model", s.app.catalog.resolve("file:2").path)
+    expected = cli_text(
+        capsys,
+        "--prompt",
+        "ab",
+        "--temperature",
+        0,
+        "--length",
+        30,
+        "--no-stop-at-eos",
+        "--seed",
+        seed,
+        "--model",
+        s.app.catalog.resolve("file:2").path,
+    )
     assert texts(events, "ab", 1)[0] + "\n" == expected
 
 
@@ -257,11 +293,34 @@ def test_score_activations_units_and_curves_on_files(in_plain):
     again = s.post("/api/activations", {**body, "unit": 4})[2]
     assert again["values"] != out["values"]
     status, _, out = s.post("/api/units", {"model": "file:0", "layer": 0, "kind": "output"})
-    assert status == 200 and out["units"] == [] and "no validation data" in out["note"]
+    assert status == 200 and out["features"] == [] and "no validation data" in out["note"]
     assert s.get("/api/curves?models=file:0")[2] == {
-        "curves": [{"id": "file:0", "label": s.app.catalog.resolve("file:0").label, "train": [], "val": []}]}
+        "curves": [{"id": "file:0", "label": s.app.catalog.resolve("file:0").label, "train": [], "val": []}]
+    }
     status, _, out = s.get("/api/test-item")
     assert status == 404 and "no packed test data" in out["error"]
+
+
+def test_span_units_name_the_units_that_set_a_span_apart_with_their_states_for_the_heatmap(in_plain):
+    s = in_plain
+    text = "the Cat sat\non THE mat"
+    body = {"model": "file:0", "text": text, "layer": 0, "kind": "output", "spans": [[0, 4, 7], [1, 3, 7]]}
+    status, _, out = s.post("/api/span-units", body)
+    assert status == 200, out
+    assert out["items"] == ["the Cat sat", "on THE mat"] and 0 < len(out["units"]) <= 10
+    model, vocab, _ = s.app.load("file:0")
+    states = inspection.layer_states(model, vocab, out["items"], 0, "output")
+    masks = [np.zeros(11, bool), np.zeros(10, bool)]
+    masks[0][4:7] = masks[1][3:7] = True
+    expected = inspection.span_units(states, masks, top=10)
+    assert [u["unit"] for u in out["units"]] == [u["unit"] for u in expected]
+    chosen = [u["unit"] for u in expected]
+    np.testing.assert_allclose(np.array(out["values"][1]), states[1][:, chosen], atol=1e-6)
+    for spans in ([[0, 5, 4]], [[2, 0, 1]], [[0, 0, 12]], [], [[0, 1]], [[0, 1, 2.5]], "0-3"):
+        status, _, out = s.post("/api/span-units", {**body, "spans": spans})
+        assert status == 400 and "\n" not in out["error"], (spans, out)
+    status, _, out = s.post("/api/span-units", {**body, "spans": [[0, 0, 11], [1, 0, 10]]})
+    assert status == 400 and "span" in out["error"]
 
 
 # --------------------------------------------------------------------------- hostile requests
@@ -488,8 +547,22 @@ def test_repo_models_experiment_params_metrics_generation_curves_and_a_clean_wor
     status, _, first = s.get("/api/test-item?seed=3")
     assert status == 200 and first["text"] and s.get("/api/test-item?seed=3")[2] == first
     status, _, out = s.post("/api/units", {"model": "rev:wide", "layer": 0, "kind": "cell"})
-    assert status == 200 and out["note"] is None and 0 < len(out["units"]) <= 20
-    assert {"unit", "feature", "r"} == set(out["units"][0])
+    assert status == 200 and out["note"] is None
+    named = [f["feature"] for f in out["features"]] + out["unexplained"] + out["constant"]
+    assert sorted(named) == sorted(inspection.FEATURES)
+    assert all(1 <= len(f["units"]) <= 3 and {"unit", "r"} == set(f["units"][0]) for f in out["features"])
+
+    # The hardest test items: ordered by bpc, each scored by Read as listed, and together the split's test bpc.
+    status, _, out = s.get("/api/hardest?model=workspace")
+    assert status == 200 and out["searched"] == out["total"] == len(out["items"]) > 1, out
+    bpcs = [h["bpc"] for h in out["items"]]
+    assert bpcs == sorted(bpcs, reverse=True)
+    for h in out["items"][:3]:
+        read = s.post("/api/score", {"models": ["workspace"], "text": h["text"]})[2]["models"][0]
+        assert read["item_bpc"] == [pytest.approx(h["bpc"], abs=1e-4)] and read["chars"] == h["chars"]
+    chars = sum(h["chars"] for h in out["items"])
+    assert sum(h["bpc"] * h["chars"] for h in out["items"]) / chars == pytest.approx(metrics["test_bpc"], abs=1e-4)
+    assert s.get("/api/hardest?model=rev:nope")[0] == 404
     status, _, out = s.post("/api/score", {"models": ["workspace", "rev:wide"], "text": first["text"]})
     assert status == 200 and len(out["models"]) == 2
     assert p.git("status", "--porcelain").stdout == before

@@ -17,11 +17,13 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from charlm.base.errors import CharlmError
 from charlm.core.corpus import normalise_space
+from charlm.core.data import item_bounds
 from charlm.core.model import evaluating
-from charlm.core.scoring import CHUNK
+from charlm.core.scoring import CHUNK, protocol_windows
 from charlm.core.vocab import EOS_ID, PAD_ID, Vocab
 
 BATCH = 64  # items per forward call; sorted by length first, so a batch pads little
@@ -122,6 +124,83 @@ def bits_per_char(scores: list[list[dict]]) -> float:
     return math.fsum(bits) / max(len(bits), 1)
 
 
+# Rank buckets (GLTR's summary, with edges for a vocabulary of ~100 symbols rather than 50,000 tokens): the share
+# of characters that were the model's first guess, in its top 3 (but not first), top 10, and further down.
+RANK_BUCKETS = (("top 1", 1), ("top 3", 3), ("top 10", 10), ("beyond", None))
+
+
+def rank_buckets(scores: list[list[dict]]) -> list[list]:
+    """[[name, share], ...] in RANK_BUCKETS' order: the share of all characters whose rank falls in each bucket.
+    The buckets do not overlap ("top 3" is ranks 2 and 3), so the shares sum to 1; all 0 for no characters."""
+    ranks = np.array([c["rank"] for item in scores for c in item], dtype=np.int64)
+    out, below = [], 0
+    for name, edge in RANK_BUCKETS:
+        count = int((ranks > below).sum() if edge is None else ((ranks > below) & (ranks <= edge)).sum())
+        out.append([name, count / len(ranks) if len(ranks) else 0.0])
+        below = edge if edge is not None else below
+    return out
+
+
+def item_bpc(scores: list[list[dict]]) -> list[float | None]:
+    """Bits per character of each item (None for an empty one). Weighted by the items' lengths, they average to
+    `bits_per_char` of the whole text."""
+    return [math.fsum(c["bits"] for c in item) / len(item) if item else None for item in scores]
+
+
+@torch.no_grad()
+def hardest_items(model, stream: np.ndarray, batch_size: int, device, items: int | None = None) -> list[dict]:
+    """The items of a packed split by bits per character, most surprising first: [{"index", "bpc", "chars"}].
+
+    Scored by the evaluation protocol (`scoring.protocol_windows`, as evaluate scores the split), each item's
+    bits summed on its own. index: the item's place among the split's non-empty items (`data.item_bounds`).
+    `items` keeps only the split's first so many items (all when None). Ties keep the split's order.
+    """
+    stream = np.asarray(stream)
+    starts, lengths = item_bounds(stream, EOS_ID)  # the split's non-empty items, as every view numbers them
+    if items is not None:
+        starts, lengths = starts[:items], lengths[:items]
+    nats = np.zeros(len(starts))
+    state = None
+    with evaluating(model):
+        for idx, _, valid, x, targets, new_batch in protocol_windows(stream, starts, lengths, batch_size):
+            state = None if new_batch else state
+            logits, state = model(torch.from_numpy(x).to(device), state)
+            per_char = F.cross_entropy(
+                logits.float().flatten(0, 1), torch.from_numpy(targets).to(device).flatten(), reduction="none"
+            )
+            per_item = (per_char.view(valid.shape).double().cpu().numpy() * valid).sum(1)
+            np.add.at(nats, idx, per_item)
+    bpc = nats / np.maximum(lengths, 1) / math.log(2)
+    order = np.argsort(-bpc, kind="stable")
+    return [{"index": i, "bpc": float(bpc[i]), "chars": int(lengths[i])} for i in order.tolist()]
+
+
+def step_scores(logits: torch.Tensor, tokens: list[int], names: list[str], top: int = 5) -> list[dict]:
+    """`char_scores` for one generation step: each row's {"bits", "top", "rank"} of the token drawn there, from
+    the model's own next-character distribution (temperature 1, nothing filtered), as Read scores the same text.
+
+    In numpy: a row holds one score per symbol (about a hundred), where each torch call would cost more in
+    dispatch than in arithmetic, and the playground scores every character it streams.
+    """
+    z = logits.float().cpu().numpy().astype(np.float64)
+    z_max = z.max(-1, keepdims=True)
+    log_total = z_max + np.log(np.exp(z - z_max).sum(-1, keepdims=True))
+    k = min(top, z.shape[-1])
+    out = []
+    for row, token in enumerate(tokens):
+        picked = z[row, token]
+        best = np.argpartition(-z[row], k - 1)[:k] if k else np.zeros(0, dtype=np.int64)
+        best = best[np.argsort(-z[row, best], kind="stable")]
+        out.append(
+            {
+                "bits": float((log_total[row, 0] - picked) / math.log(2)),
+                "top": [[names[s], float(np.exp(z[row, s] - log_total[row, 0]))] for s in best.tolist()],
+                "rank": int((z[row] > picked).sum()) + 1,
+            }
+        )
+    return out
+
+
 # --------------------------------------------------------------------------- Inside: hidden units
 
 
@@ -170,7 +249,7 @@ def _lstm_cells(rnn, layer: int, x: torch.Tensor, h: torch.Tensor) -> torch.Tens
     return cells
 
 
-def _layer_states(model, vocab: Vocab, items: list[str], layer: int, kind: str) -> list[np.ndarray]:
+def layer_states(model, vocab: Vocab, items: list[str], layer: int, kind: str) -> list[np.ndarray]:
     """`activations` of several items, batched; one (len(item), hidden) array each."""
     _check(model, layer, kind)
     encoded = _encoded(vocab, items)
@@ -205,7 +284,7 @@ def activations(model, vocab: Vocab, item: str, layer: int, kind: str) -> np.nda
     Row j is the state after character j, the one the model predicts character j + 1 from. kind "output" is
     the layer's h (what the next layer, or the head, reads); "cell" is an LSTM's cell state c.
     """
-    return _layer_states(model, vocab, [item], layer, kind)[0]
+    return layer_states(model, vocab, [item], layer, kind)[0]
 
 
 # --------------------------------------------------------------------------- features and correlations
@@ -302,24 +381,84 @@ def correlations(acts: np.ndarray, feats: np.ndarray) -> np.ndarray:
     return r
 
 
-def rank_units(model, vocab: Vocab, items: list[str], layer: int, kind: str, top: int = 20) -> list[dict]:
-    """The units of `layer` that track a feature best: [{"unit", "feature", "r"}], by |r| descending.
+# A unit "explains" a feature when |r| reaches this; below it, a feature is listed as one no unit explains.
+EXPLAINED_R = 0.3
+
+
+def _features(items: list[str]) -> np.ndarray:
+    """(characters of all items, len(FEATURES)): every feature, computed per item, items one after another."""
+    columns = [np.concatenate([np.zeros(0), *(FEATURES[name](item) for item in items)]) for name in FEATURES]
+    return np.column_stack(columns) if columns else np.zeros((0, 0))
+
+
+def rank_units(
+    model, vocab: Vocab, items: list[str], layer: int, kind: str, per_feature: int = 3, explained: float = EXPLAINED_R
+) -> dict:
+    """The units of `layer` that track each feature best.
 
     r is the Pearson correlation, over every character of `items`, of a unit's state after the character
-    (`activations`) with a feature's value there (FEATURES, computed per item). Each unit appears once, with its
-    best feature; at most `top` units. A unit with r = 0 for every feature (it, or every feature, is constant over
-    the text, e.g. a text of one character) is left out, so the list may be short or empty.
+    (`activations`) with a feature's value there (FEATURES, computed per item). Ranking units by their one best
+    feature let the commonest signal fill the list (position in word took nearly every place), so each feature
+    gets its own list instead:
+
+    {"features": [{"feature", "units": [{"unit", "r"}]}], "unexplained": [...], "constant": [...]}
+
+    features: those some unit explains (|r| >= `explained`), the best explained first, each with up to
+    `per_feature` units by |r|; a unit may serve several features. unexplained: features that vary over the
+    text but that no unit reaches `explained` on. constant: features that do not vary over the text (no quote
+    in it, say), about which the text says nothing.
+    """
+    if isinstance(per_feature, bool) or not isinstance(per_feature, int) or per_feature < 0:
+        raise CharlmError(f"per_feature must be a whole number >= 0, got {per_feature!r}")
+    states = layer_states(model, vocab, items, layer, kind)
+    acts = np.concatenate([np.zeros((0, model.rnn.hidden_size), dtype=np.float32), *states])
+    feats = _features(items).reshape(len(acts), len(FEATURES))
+    r = correlations(acts, feats)
+    varies = np.ptp(feats, axis=0) > 0 if len(feats) else np.zeros(len(FEATURES), dtype=bool)
+    found: list[dict] = []
+    unexplained: list[str] = []
+    constant: list[str] = []
+    for f, name in enumerate(FEATURES):
+        order = np.argsort(-np.abs(r[:, f]), kind="stable")
+        units = [u for u in order.tolist() if abs(r[u, f]) >= explained][:per_feature]
+        if not varies[f]:
+            constant.append(name)
+        elif not units:
+            unexplained.append(name)
+        else:
+            found.append({"feature": name, "units": [{"unit": u, "r": float(r[u, f])} for u in units]})
+    found.sort(key=lambda entry: -abs(entry["units"][0]["r"]))
+    return {"features": found, "unexplained": unexplained, "constant": constant}
+
+
+# --------------------------------------------------------------------------- Inside: units of a chosen span
+
+
+def span_units(states: list[np.ndarray], spans: list[np.ndarray], top: int = 10) -> list[dict]:
+    """The units whose state sets a chosen span of text apart from the rest (LSTMVis's selection):
+    [{"unit", "score", "inside", "outside"}], by |score| descending.
+
+    states: per item, (characters, units), as `activations` gives; spans: per item, a boolean mask of the chosen
+    characters. inside/outside: a unit's mean state over the chosen characters and over all others; score:
+    their difference over the unit's standard deviation over all characters, so a unit that is on in the span and
+    off elsewhere scores high (positive), one that is off there and on elsewhere scores low (negative), and units
+    with large and small ranges compare. A unit that does not vary scores 0 and is left out.
     """
     if isinstance(top, bool) or not isinstance(top, int) or top < 0:
         raise CharlmError(f"top must be a whole number >= 0, got {top!r}")
-    states = _layer_states(model, vocab, items, layer, kind)
-    names = list(FEATURES)
-    acts = np.concatenate([np.zeros((0, model.rnn.hidden_size), dtype=np.float32), *states])
-    feats = np.array([np.concatenate([np.zeros(0), *(FEATURES[n](item) for item in items)]) for n in names]).T
-    feats = feats.reshape(len(acts), len(names))
-    r = correlations(acts, feats)
-    best = np.abs(r).argmax(1)
-    r_best = r[np.arange(len(r)), best]
-    order = np.argsort(-np.abs(r_best), kind="stable")
-    order = order[r_best[order] != 0][:top]
-    return [{"unit": int(u), "feature": names[best[u]], "r": float(r_best[u])} for u in order.tolist()]
+    if len(states) != len(spans) or any(len(a) != len(m) for a, m in zip(states, spans, strict=False)):
+        raise CharlmError("spans must give one mask per item, as long as the item")
+    acts = np.concatenate([np.zeros((0, states[0].shape[1] if states else 0)), *states]).astype(np.float64)
+    mask = np.concatenate([np.zeros(0, dtype=bool), *(np.asarray(m, dtype=bool) for m in spans)])
+    if not mask.any() or mask.all():
+        raise CharlmError("choose a span that holds some characters of the text but not all of them")
+    inside, outside = acts[mask].mean(0), acts[~mask].mean(0)
+    spread = acts.std(0)
+    varies = np.ptp(acts, axis=0) > 0
+    score = np.where(varies, (inside - outside) / np.where(varies, spread, 1.0), 0.0)
+    order = np.argsort(-np.abs(score), kind="stable")
+    order = order[score[order] != 0][:top]
+    return [
+        {"unit": int(u), "score": float(score[u]), "inside": float(inside[u]), "outside": float(outside[u])}
+        for u in order.tolist()
+    ]

@@ -11,7 +11,7 @@ import functools
 import re
 import threading
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
@@ -134,10 +134,14 @@ def token_steps(
     top_p: float = 1.0,
     seed: int = 0,
     stop_at_eos: bool = True,
+    observe: Callable[[torch.Tensor, list[int]], None] | None = None,
 ) -> Iterator[list[int | None]]:
     """Yield, for each generated position, one token id per row (None once a row has stopped).
 
     Rows are the pairs prompt x temperature, in that order. Memory is O(batch), whatever the length.
+    observe(logits, tokens), if given, sees each position's next-token logits (the model's own, before any
+    temperature or filter) and the tokens drawn from them, just before they are yielded: the playground colours
+    what it streams by them.
     """
     device = model.head.weight.device
     pairs = [(p, t) for p in prompts for t in temperatures]
@@ -155,6 +159,8 @@ def token_steps(
             # The stopped rows are tracked on the host, from the one copy of the tokens that is made anyway:
             # on CUDA each device-side check would be one more sync per character.
             drawn = token.tolist()
+            if observe is not None:
+                observe(logits, drawn)
             yield [t if on else None for t, on in zip(drawn, alive, strict=True)]
             if stop_at_eos:
                 alive = [on and t != EOS_ID for t, on in zip(drawn, alive, strict=True)]

@@ -13,9 +13,10 @@ import itertools
 import secrets
 import threading
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 
+from charlm.core.inspection import step_scores
 from charlm.core.sampling import text_pieces, token_steps
 
 
@@ -41,23 +42,41 @@ class Job:
     claimed: bool = False
     sent: int = 0  # positions streamed so far
 
-    def pieces(self) -> Generator[list[str | None], None, None]:
-        """Per position, the text each model adds (None once it has stopped): the decoding `charlm generate`
-        prints, one model at a time with the same seed, so a model's text matches the CLI's byte for byte."""
-        r = self.request
-        generators = [
-            text_pieces(
-                token_steps(
-                    model, vocab, [r.prompt], [r.temperature], r.length, r.top_k, r.top_p, r.seed, r.stop_at_eos
-                ),
-                vocab,
-                r.stop_at_eos,
-            )
-            for model, vocab, _ in self.loaded
-        ]
+    def pieces(self) -> Generator[tuple[list[str | None], list[dict | None]], None, None]:
+        """Per position, the text each model adds (None once it has stopped) and how that model scores it
+        (`inspection.step_scores`: bits, rank, top 5, as Read would score the text; None where it adds none).
+        The decoding is the one `charlm generate` prints, one model at a time with the same seed, so a model's
+        text matches the CLI's byte for byte."""
+        generators, seen = [], []
+        for model, vocab, _ in self.loaded:
+            steps, box = self._steps(model, vocab)
+            generators.append(text_pieces(steps, vocab, self.request.stop_at_eos))
+            seen.append((box, list(vocab.itos)))
         none: list[str | None] = [None]
         for step in itertools.zip_longest(*generators, fillvalue=none):
-            yield [row[0] for row in step]
+            pieces = [row[0] for row in step]
+            scores: list[dict | None] = []
+            for piece, (box, names) in zip(pieces, seen, strict=True):
+                drawn = box.pop() if box else None
+                scores.append(None if piece is None or drawn is None else step_scores(drawn[0], drawn[1], names)[0])
+            yield pieces, scores
+
+    def _steps(self, model, vocab) -> tuple[Iterator[list[int | None]], list[tuple]]:
+        """The model's token steps, and a list that receives each step's logits and drawn tokens."""
+        r, box = self.request, []
+        steps = token_steps(
+            model,
+            vocab,
+            [r.prompt],
+            [r.temperature],
+            r.length,
+            r.top_k,
+            r.top_p,
+            r.seed,
+            r.stop_at_eos,
+            observe=lambda logits, tokens: box.append((logits, tokens)),
+        )
+        return steps, box
 
 
 class TooMany(Exception):
@@ -121,7 +140,7 @@ def run(job: Job, send: Callable[[str, dict], None]) -> str:
         for step in pieces:
             if job.stop.is_set():
                 break
-            send("piece", {"pieces": step})
+            send("piece", {"pieces": step[0], "scores": step[1]})
             job.sent += 1
     reason = "stopped" if job.stop.is_set() else "finished"
     send("done", {"reason": reason})

@@ -99,6 +99,9 @@ class Limits:
     body: int = 1 << 20  # bytes of a request body
     loaded: int = 6  # models kept loaded
     val_items: int = 200  # validation items that units are ranked on
+    test_items: int = 2_000  # test items searched for the hardest ones (evaluate scores ~50k chars/s on 2 cores)
+    hardest: int = 20  # hardest items listed
+    span_units: int = 10  # units a span search lists, and the heatmap shows
     request_s: float = 10.0  # to send a whole request (line, headers, body), and the socket timeout
 
 
@@ -303,6 +306,8 @@ class App:
                         "id": model_id,
                         "bpc": inspection.bits_per_char(scores),
                         "chars": sum(len(s) for s in scores),
+                        "buckets": inspection.rank_buckets(scores),
+                        "item_bpc": inspection.item_bpc(scores),
                         "scores": scores,
                     }
                 )
@@ -330,23 +335,69 @@ class App:
         layer, kind = self._layer_kind(body, model)
         units = model.rnn.hidden_size
         unit = _field(body, "unit", lambda v: _is_int(v) and 0 <= v < units, f"a whole number from 0 to {units - 1}")
-        key = (model_id, id(model), tuple(items), layer, kind)
 
         def compute() -> dict:
-            with self._cache_lock:
-                cached = self._last_acts
-            if cached is not None and cached[0] == key:
-                acts = cached[1]
-            else:
-                acts = [inspection.activations(model, vocab, item, layer, kind) for item in items]
-                with self._cache_lock:
-                    self._last_acts = (key, acts)
+            acts = self._states(model_id, model, vocab, items, layer, kind)
             return {
                 "items": items,
                 "layers": model.rnn.num_layers,
                 "units": units,
                 "kinds": inspection.unit_kinds(model),
                 "values": [[float(v) for v in a[:, unit]] for a in acts],
+            }
+
+        return self._analysis(compute)
+
+    def _states(self, model_id: str, model, vocab, items: list[str], layer: int, kind: str) -> list:
+        """Every unit's states over the items; the last ones are kept, as stepping units reads them again."""
+        from charlm.core import inspection
+
+        key = (model_id, id(model), tuple(items), layer, kind)
+        with self._cache_lock:
+            cached = self._last_acts
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        acts = inspection.layer_states(model, vocab, items, layer, kind)
+        with self._cache_lock:
+            self._last_acts = (key, acts)
+        return acts
+
+    def span_units(self, body: dict) -> dict:
+        """The units that set a chosen span of the text apart (`inspection.span_units`), with each one's states
+        over the whole text for the heatmap."""
+        import numpy as np
+
+        from charlm.core import inspection
+
+        _only(body, {"model", "text", "layer", "kind", "spans"})
+        model_id = _field(body, "model", lambda v: isinstance(v, str) and 0 < len(v) <= 300, "a model id")
+        items = self._items(body)
+        spans = _field(
+            body,
+            "spans",
+            lambda v: (
+                isinstance(v, list)
+                and 0 < len(v) <= 1000
+                and all(isinstance(x, list) and len(x) == 3 and all(_is_int(i) for i in x) for x in v)
+            ),
+            "a list of [item, start, end] character ranges",
+        )
+        masks = [np.zeros(len(item), dtype=bool) for item in items]
+        for item, start, end in spans:
+            if not (0 <= item < len(items) and 0 <= start < end <= len(items[item])):
+                raise HTTPError(400, f"span {[item, start, end]} is not a range of characters of the text")
+            masks[item][start:end] = True
+        model, vocab, _ = self.load(model_id)
+        layer, kind = self._layer_kind(body, model)
+
+        def compute() -> dict:
+            acts = self._states(model_id, model, vocab, items, layer, kind)
+            found = inspection.span_units(acts, masks, top=self.limits.span_units)
+            chosen = [u["unit"] for u in found]
+            return {
+                "items": items,
+                "units": found,
+                "values": [[[float(v) for v in row] for row in a[:, chosen]] for a in acts],
             }
 
         return self._analysis(compute)
@@ -382,12 +433,66 @@ class App:
             items = self._val_items()
             if not items:
                 return {
-                    "units": [],
+                    "features": [],
+                    "unexplained": [],
+                    "constant": [],
                     "note": f"no validation data here ({paths.PACKED} and {paths.VOCAB}; run `dvc repro pack`); "
                     "the other views work on pasted text",
                 }
-            ranked = inspection.rank_units(model, vocab, items, layer, kind, top=20)
-            return {"units": ranked, "note": None}
+            return {**inspection.rank_units(model, vocab, items, layer, kind), "note": None}
+
+        result = self._analysis(compute)
+        with self._cache_lock:
+            self._units[key] = result
+            while len(self._units) > UNITS_KEPT:
+                del self._units[next(iter(self._units))]
+        return result
+
+    def _test_split(self):
+        """(the packed test stream, the vocabulary), or a 404 that says how to make them."""
+        from charlm.core.data import load_packed
+        from charlm.core.vocab import Vocab
+
+        missing = f"no packed test data here; run `dvc repro pack` (it writes {paths.PACKED} and {paths.VOCAB})"
+        if not (paths.PACKED / "meta.json").is_file() or not paths.VOCAB.is_file():
+            raise HTTPError(404, missing)
+        try:
+            return load_packed(paths.PACKED).streams["test"], Vocab.load(paths.VOCAB)
+        except CharlmError as e:
+            raise HTTPError(404, f"{e}") from None
+
+    def hardest(self, query: dict) -> dict:
+        """The workspace's test items that a model finds most surprising, by the evaluation protocol."""
+        from charlm.core import inspection
+        from charlm.core.data import item_bounds
+        from charlm.core.vocab import EOS_ID
+
+        model_id = query.get("model", [""])[-1]
+        if not 0 < len(model_id) <= 300:
+            raise HTTPError(400, "model must name a model, such as workspace")
+        model, model_vocab, _ = self.load(model_id)
+        stream, vocab = self._test_split()
+        if list(vocab.itos) != list(model_vocab.itos):
+            raise HTTPError(
+                409, f"model {model_id!r} was trained on another vocabulary than the workspace's test split"
+            )
+        key = ("hardest", model_id, id(model))
+        with self._cache_lock:
+            if key in self._units:
+                return self._units[key]
+        starts, lengths = item_bounds(stream, EOS_ID)
+        n = self.limits.test_items
+
+        def compute() -> dict:
+            ranked = inspection.hardest_items(model, stream, 64, self.device, items=n)[: self.limits.hardest]
+            return {
+                "items": [
+                    {**h, "text": vocab.decode(stream[starts[h["index"]] : starts[h["index"]] + h["chars"]].tolist())}
+                    for h in ranked
+                ],
+                "searched": min(n, len(starts)),
+                "total": len(starts),
+            }
 
         result = self._analysis(compute)
         with self._cache_lock:
@@ -397,24 +502,17 @@ class App:
         return result
 
     def test_item(self, query: dict) -> dict:
-        from charlm.core.data import item_bounds, load_packed
-        from charlm.core.vocab import EOS_ID, Vocab
+        from charlm.core.data import item_bounds
+        from charlm.core.vocab import EOS_ID
 
         seed_text = query.get("seed", [None])[-1]
         # ASCII digits only: str.isdigit() also takes '²' and other digits that int() refuses.
         if seed_text is not None and not re.fullmatch(r"[0-9]{1,18}", seed_text):
             raise HTTPError(400, "seed must be a whole number >= 0")
-        missing = f"no packed test data here; run `dvc repro pack` (it writes {paths.PACKED} and {paths.VOCAB})"
-        if not (paths.PACKED / "meta.json").is_file() or not paths.VOCAB.is_file():
-            raise HTTPError(404, missing)
-        try:
-            stream = load_packed(paths.PACKED).streams["test"]
-            vocab = Vocab.load(paths.VOCAB)
-        except CharlmError as e:
-            raise HTTPError(404, f"{e}") from None
+        stream, vocab = self._test_split()
         starts, lengths = item_bounds(stream, EOS_ID)
         if not len(starts):
-            raise HTTPError(404, missing)
+            raise HTTPError(404, f"the packed test split in {paths.PACKED} holds no item; run `dvc repro pack`")
         rng = random.Random(int(seed_text)) if seed_text is not None else random.SystemRandom()
         k = rng.randrange(len(starts))
         return {"text": vocab.decode(stream[starts[k] : starts[k] + lengths[k]].tolist())}
@@ -575,10 +673,12 @@ class Handler(BaseHTTPRequestHandler):
             ("GET", "/api/model"): lambda _: app.model_row(query),
             ("GET", "/api/test-item"): lambda _: app.test_item(query),
             ("GET", "/api/curves"): lambda _: app.curves(query),
+            ("GET", "/api/hardest"): lambda _: app.hardest(query),
             ("POST", "/api/generate"): app.generate,
             ("POST", "/api/score"): app.score,
             ("POST", "/api/activations"): app.activations,
             ("POST", "/api/units"): app.units,
+            ("POST", "/api/span-units"): app.span_units,
         }
         if job is not None:
             routes[("GET", f"/api/jobs/{job}/events")] = lambda _: self._events(job)
