@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import shlex
 import subprocess
 import sys
 import threading
@@ -27,6 +28,7 @@ import pytest
 import torch
 from conftest import Project
 
+from charlm.core import inspection
 from charlm.core.model import CharRNN
 from charlm.core.scoring import score_items
 from charlm.core.vocab import EOS_ID, Vocab
@@ -143,9 +145,32 @@ def workspace_server(model_files, tmp_path_factory):
         folder.mkdir(parents=True)
         rows = [f"{step}\t{start - step / 1000:.4f}" for step in range(100, 1100, 100)]
         (folder / "bpc.tsv").write_text("step\tbpc\n" + "\n".join(rows) + "\n")
+    write_packed(root)
     proc, info = start_server(root, [model_files["gru"]])
     yield info
     stop_server(proc)
+
+
+# The workspace's packed splits: what Test item, the hardest items and the ranked units read.
+SPLIT_ITEMS = [
+    "The cat sat on a mat.", "Stocks rose on Monday, and bonds fell.", "A dog (a big one) ate it.",
+    "qzx jjq zzv qxq vvz", "Hello world, said the man.", "It was the best of times.", "she said 'no' twice",
+    "Oil prices rose again.", "ZZZ QQQ XXX", "The team won the game.", "a b c d e f g", "Rain is due on Tuesday.",
+]  # fmt: skip
+
+
+def write_packed(root: Path) -> None:
+    from charlm.core.data import FORMAT, encode_items
+
+    packed = root / "data" / "packed"
+    packed.mkdir(parents=True)
+    VOCAB.save(root / "data" / "vocab.json", {}, {})
+    splits = {}
+    for split in ("train", "val", "test"):
+        stream = encode_items(VOCAB, "\n".join(SPLIT_ITEMS))
+        np.save(packed / f"{split}.npy", stream)
+        splits[split] = {"tokens": len(stream)}
+    (packed / "meta.json").write_text(json.dumps({"format": FORMAT, "splits": splits}))
 
 
 def api(server, path, body=None):
@@ -476,10 +501,16 @@ def test_each_view_fits_the_width_with_two_models_chosen(browser, workspace_serv
         page.wait_for_selector("#read-out .ch")
         page.select_option("#read-colour", "diff")
         page.locator("#read-out .ch").nth(4).hover()
+        page.locator("#columns .ch").nth(3).hover()
+        page.click("#hard-go")
+        page.wait_for_selector("#hard-items li")
         page.click("#in-go")
         page.wait_for_selector("#in-out .ch")
+        page.fill("#span-text", "the")
+        page.click("#span-go")
+        page.wait_for_selector("#heat .hc i")
         page.click("#in-rank")
-        page.wait_for_selector("#in-note", state="visible")
+        page.wait_for_selector("#in-units li")
         page.wait_for_selector("#curves-plot svg path.series.val")
         for view in ("models", "write", "read", "inside", "curves"):
             page.locator("#" + view).scroll_into_view_if_needed()
@@ -591,4 +622,149 @@ def test_long_names_wrap_and_a_bidi_control_is_shown(browser, long_names_server,
         page.locator("#rev-error").wait_for()
         fits("rev-error", "#rev-error")
         problems.clear()  # the refused revision's 404, which Chromium reports in the console
+    assert not problems, problems
+
+
+# --------------------------------------------------------------------------- the model's reasons (issue 25)
+
+
+def expect(locator):
+    from playwright.sync_api import expect as playwright_expect  # imported late: the module skips without Chromium
+
+    return playwright_expect(locator)
+
+
+def test_write_colours_each_character_by_reads_bits_and_its_command_writes_the_same_text(page, models, model_files):
+    choose(page, models, "small")
+    page.fill("#prompt", "the ")
+    page.fill("#temperature", "1.2")
+    page.fill("#length", "150")
+    page.fill("#seed", "11")
+    page.check("#stop-eos")
+    page.click("#write-go")
+    page.wait_for_selector("#write-status[data-done=finished]", state="attached")
+    chars = page.locator("#columns pre .ch")
+    text = "".join(chars.all_text_contents())
+    assert written(page) == "the " + text and len(text) > 20
+    # Read's bits for the prompt and the text as one item, by the same model: each character's colour is its bin.
+    model, vocab, _ = artifact.load_model(model_files["small"])
+    read = inspection.char_scores(model, vocab, ["the " + text], top=5)[0][4:]
+    classes = chars.evaluate_all("(spans) => spans.map((s) => s.className)")
+    checked = 0
+    for cls, scored in zip(classes, read, strict=True):
+        if abs(scored["bits"] - round(scored["bits"])) > 1e-3:  # not on a bin's edge, where rounding may differ
+            assert cls == f"ch s{min(7, int(scored['bits']))}", (cls, scored["bits"])
+            checked += 1
+    assert checked > 0.9 * len(read)
+    assert "bits of surprisal" in page.text_content("#write-legend")
+    # The tip: on focus, and moved with the arrow keys, the character's bits, rank and the model's five guesses.
+    chars.first.focus()
+    page.keyboard.press("ArrowRight")
+    tip = page.text_content("#write-tip")
+    assert "written character 2" in tip and f"{read[1]['bits']:.2f} bits, rank {read[1]['rank']}" in tip
+    assert page.locator("#write-tip tr").count() == 5
+    page.uncheck("#write-colour")
+    assert page.locator("#columns.plain").count() == 1 and page.text_content("#write-legend") == ""
+    # Copy as command: the line, run, writes the same text.
+    command = page.text_content("#write-command-text")
+    argv = shlex.split(command)
+    assert argv[:2] == ["charlm", "generate"] and "--seed" in argv and str(model_files["small"]) in argv
+    assert run_cli([*argv[1:], "--device", "cpu"]) == written(page) + "\n"
+    page.click("#write-copy")
+    expect(page.locator("#write-copied")).not_to_have_text("")
+
+
+def test_read_shows_rank_buckets_and_each_items_bpc(page, server, models):
+    choose(page, models, "small", "gru")
+    page.fill("#read-text", TEXT)
+    page.click("#read-go")
+    page.wait_for_selector("#read-out .ch")
+    answer = api(server, "/api/score", {"models": [models["small"]["id"], models["gru"]["id"]], "text": TEXT})
+    words = page.locator("#read-bpc .bucket-words").all_text_contents()
+    for shown, m in zip(words, answer["models"], strict=True):
+        assert shown == "".join(f"{name} {100 * share:.1f}%" for name, share in m["buckets"])
+        widths = page.locator("#read-bpc .bucket-bar").nth(answer["models"].index(m)).locator("span")
+        assert widths.count() == 4
+    figures = page.locator("#read-out .item-bpc").all_text_contents()
+    assert figures == [
+        " · ".join(f"{m['item_bpc'][i]:.2f}" for m in answer["models"]) for i in range(len(answer["items"]))
+    ]
+    assert page.locator("#read-out .ch").count() == sum(map(len, answer["items"]))  # the figures are no characters
+
+
+def test_hardest_items_are_listed_by_bpc_and_open_in_read_with_one_click(browser, workspace_server, requests_seen):
+    with workspace_page(browser, workspace_server, requests_seen) as (page, problems):
+        page.click("#hard-go")
+        page.wait_for_selector("#hard-items li")
+        answer = api(workspace_server, "/api/hardest?model=workspace")
+        shown = page.locator("#hard-items .hard-item strong").all_text_contents()
+        assert shown == [f"{h['bpc']:.2f} bpc" for h in answer["items"]]
+        assert len(shown) == len(SPLIT_ITEMS) and "all 12 test items" in page.text_content("#hard-status")
+        page.locator("#hard-items .hard-item").nth(1).click()
+        page.wait_for_selector("#read-out .ch")
+        assert page.input_value("#read-text") == answer["items"][1]["text"]
+        assert page.text_content("#read-out .item-bpc") == f"{answer['items'][1]['bpc']:.2f}"
+    assert not problems, problems
+
+
+def select_characters(page, selector: str, first: int, last: int) -> None:
+    """Select characters first..last (inclusive) of an element's .ch spans, as a mouse drag does."""
+    page.evaluate(
+        """([selector, first, last]) => {
+            const chars = document.querySelectorAll(selector + " .ch");
+            const range = document.createRange();
+            range.setStart(chars[first].firstChild, 0);
+            range.setEnd(chars[last].firstChild, chars[last].textContent.length);
+            getSelection().removeAllRanges();
+            getSelection().addRange(range);
+        }""",
+        [selector, first, last],
+    )
+
+
+def test_a_span_selected_in_inside_finds_its_units_and_draws_their_heatmap(page, server, models):
+    choose(page, models, "small")
+    page.fill("#read-text", TEXT)
+    page.click("#in-go")
+    page.wait_for_selector("#in-out .ch")
+    select_characters(page, "#in-out", 4, 6)  # "cat"
+    expect(page.locator("#span-status")).to_have_text("3 selected characters")
+    page.click("#span-go")
+    page.wait_for_selector("#heat .hc")
+    body = {"model": models["small"]["id"], "text": TEXT, "layer": 0, "kind": "output", "spans": [[0, 4, 7]]}
+    answer = api(server, "/api/span-units", body)
+    buttons = page.locator("#span-units button.unit")
+    assert [int(b) for b in buttons.evaluate_all("(bs) => bs.map((b) => b.dataset.unit)")] == [
+        u["unit"] for u in answer["units"]
+    ]
+    columns = page.locator("#heat .hc")
+    assert columns.count() == sum(map(len, answer["items"]))
+    assert columns.first.locator("i").count() == len(answer["units"])
+    assert page.locator("#heat .hc.picked").all_text_contents() == ["c", "a", "t"]
+    # A unit of the list opens in the coloured text; a typed piece takes every place it occurs.
+    buttons.nth(2).click()
+    page.wait_for_selector(f"#in-shown[data-unit='{answer['units'][2]['unit']}']", state="attached")
+    page.fill("#span-text", "at")
+    page.click("#span-go")
+    expect(page.locator("#span-status")).to_have_text("8 characters in 4 spans")
+    assert page.locator("#heat .hc.picked").all_text_contents() == list("at" * 4)  # cat, sat, mat, ate
+    page.fill("#span-text", "nowhere")
+    page.click("#span-go")
+    expect(page.get_by_role("alert")).to_contain_text("does not occur")
+
+
+def test_ranked_units_list_each_features_best_units_and_what_none_explains(browser, workspace_server, requests_seen):
+    with workspace_page(browser, workspace_server, requests_seen) as (page, problems):
+        page.click("#in-rank")
+        page.wait_for_selector("#in-units li")
+        body = {"model": "workspace", "layer": 0, "kind": "output"}
+        answer = api(workspace_server, "/api/units", body)
+        rows = page.locator("#in-units li").all_text_contents()
+        assert rows == [
+            f"{f['feature']}: " + " ".join(f"unit {u['unit']} (r = {u['r']:.2f})" for u in f["units"])
+            for f in answer["features"]
+        ]
+        said = page.text_content("#in-unexplained") if page.is_visible("#in-unexplained") else ""
+        for name in answer["unexplained"] + answer["constant"]:
+            assert name in said
     assert not problems, problems

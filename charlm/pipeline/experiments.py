@@ -56,7 +56,17 @@ class Source:
             "test_bpc": self.test_bpc,
             "params": self.params,
             "precision": self.precision,
+            "cli": self.cli_args(),
         }
+
+    def cli_args(self) -> list[str]:
+        """The `charlm generate` arguments that load this model, so the playground can show a command that writes
+        what it wrote: none for the workspace's model (the default), a revision by its name, a file by its path."""
+        if self.kind == "workspace":
+            return []
+        if self.id.startswith("rev:"):
+            return ["--rev", self.id[4:]]
+        return ["--checkpoint" if self.kind == "checkpoint" else "--model", str(self.path)]
 
 
 def check_rev(name: str) -> str:

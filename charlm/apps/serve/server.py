@@ -14,7 +14,8 @@ When the server has a token (a non-loopback --host), every request carries `?tok
 
 GET  /                      the page (page/index.html); GET /page/<index.html|app.js|style.css|icon.svg> its files
 GET  /api/models[?refresh=1]
-     -> {"repo": bool, "hint": str|null, "models": [{"id", "label", "kind", "val_bpc", "test_bpc", "params"}]}
+     -> {"repo": bool, "hint": str|null, "models": [{"id", "label", "kind", "val_bpc", "test_bpc", "params",
+        "precision", "cli"}]}; cli: the `charlm generate` arguments that load the model
      kind: workspace | checkpoint | experiment | branch | tag | commit | file. ids: "workspace" (models/model.pt),
      "checkpoint" (checkpoints/train.pt, read again when it changes), "checkpoint:<stem>" (a queued or temp
      experiment's checkpoint), "rev:<name>" (a DVC experiment, branch or tag with a model; any other revision
@@ -27,18 +28,25 @@ POST /api/generate  {"models": [id, ...] (1..4), "prompt": str, "temperature": f
      -> {"job": "<hex>"}; 400 names the bad field, 404 for a model that cannot be found or loaded,
      429 when 16 generations are already admitted.
 GET  /api/jobs/<job>/events -> text/event-stream, read once; one stream for every model of the job:
-     event: start {"seed": int, "models": [ids]}; per position event: piece {"pieces": [str|null per model]}
-     (null: that model has stopped); last event: done {"reason": "finished"|"stopped"}, or event: error
-     {"error": str}. The client shows prompt + pieces. Closing the stream cancels the generation.
+     event: start {"seed": int, "models": [ids]}; per position event: piece {"pieces": [str|null per model],
+     "scores": [{"bits", "top", "rank"}|null per model]} (null: that model has stopped; a score is Read's for the
+     character, at temperature 1: inspection.step_scores); last event: done {"reason": "finished"|"stopped"}, or
+     event: error {"error": str}. The client shows prompt + pieces. Closing the stream cancels the generation.
 POST /api/jobs/<job>/stop   -> {"stopped": true}; the stream ends with done {"reason": "stopped"}
 POST /api/score     {"models": [ids 1..4], "text": str}
-     -> {"items": [str], "models": [{"id", "bpc", "chars", "scores": [[{"bits", "top": [[char, p] x5], "rank"}
-        per char] per item]}]}
+     -> {"items": [str], "models": [{"id", "bpc", "chars", "buckets": [[name, share] x4], "item_bpc": [float per
+        item], "scores": [[{"bits", "top": [[char, p] x5], "rank"} per char] per item]}]}
+GET  /api/hardest?model=<id> -> {"items": [{"index", "bpc", "chars", "text"}], "searched": int, "total": int}: the
+     20 items of the workspace's packed test split (its first 2,000) the model finds hardest, by bpc
 GET  /api/test-item[?seed=N] -> {"text": str}: an item of the workspace's packed test split (404 without one)
 POST /api/activations {"model": id, "text": str, "layer": int, "kind": "cell"|"output", "unit": int}
      -> {"items": [str], "layers": int, "units": int, "kinds": [str], "values": [[float per char] per item]}
+POST /api/span-units {"model": id, "text": str, "layer": int, "kind": str, "spans": [[item, start, end], ...]}
+     -> {"items": [str], "units": [{"unit", "score", "inside", "outside"}] (10), "values": [[[float per unit
+        listed] per char] per item]}: the units that set the spans apart (inspection.span_units)
 POST /api/units     {"model": id, "layer": int, "kind": str}
-     -> {"units": [{"unit", "feature", "r"}], "note": str|null}, ranked on the workspace's validation items
+     -> {"features": [{"feature", "units": [{"unit", "r"}]}], "unexplained": [str], "constant": [str],
+        "explained": float, "note": str|null}, ranked on the workspace's validation items (inspection.rank_units)
 GET  /api/curves?models=id,id -> {"curves": [{"id", "label", "train": [[step, bpc]], "val": [[step, bpc]]}]}
 
 Safety: binds 127.0.0.1 unless told otherwise; another address needs the random token printed in the URL. The
@@ -436,10 +444,12 @@ class App:
                     "features": [],
                     "unexplained": [],
                     "constant": [],
+                    "explained": inspection.EXPLAINED_R,
                     "note": f"no validation data here ({paths.PACKED} and {paths.VOCAB}; run `dvc repro pack`); "
                     "the other views work on pasted text",
                 }
-            return {**inspection.rank_units(model, vocab, items, layer, kind), "note": None}
+            ranked = inspection.rank_units(model, vocab, items, layer, kind)
+            return {**ranked, "explained": inspection.EXPLAINED_R, "note": None}
 
         result = self._analysis(compute)
         with self._cache_lock:

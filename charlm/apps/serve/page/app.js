@@ -14,7 +14,8 @@ const state = {
   job: null,         // current generation: {id, source}
   read: null,        // last /api/score answer
   readChars: [],     // spans of the Read view, in order
-  inside: { values: null, layers: 1, units: 0, kinds: ["output"] },
+  inside: { values: null, layers: 1, units: 0, kinds: ["output"] },  // last /api/activations answer
+  write: null,       // the last writing: {models, outs: [{pre, chars: [span], scores: [score]}]}
 };
 
 const $ = (id) => document.getElementById(id);
@@ -219,6 +220,7 @@ function removeRevision(id) {
 function chosenChanged() {
   renderColourChoices();
   renderInsideModels();
+  renderHardModels();
   guard(loadCurves);
 }
 
@@ -260,15 +262,23 @@ async function write(event) {
   };
   const columns = $("columns");
   columns.replaceChildren();
+  $("write-tip").replaceChildren();
+  $("write-command").hidden = true;
+  // Each written character is a span coloured by the bits the model gave it (Read's scale), with its score kept
+  // for the tip: the model's five guesses there and the character's rank.
   const outs = models.map((id, i) => {
-    const text = document.createTextNode("");
     const ended = el("span", { class: "ended" });
-    const pre = el("pre", { "aria-label": "written by " + label(id) }, el("span", { class: "prompt", text: prompt }), text);
+    const pre = el("pre", { class: "text-out", role: "group",
+      "aria-label": `written by ${label(id)}: use the arrow keys to move between characters` },
+      el("span", { class: "prompt", text: prompt }));
     pre.dataset.model = id;
+    pre.dataset.column = i;
     columns.append(el("div", { class: "column" },
       el("h3", {}, el("span", { class: "swatch-dot m" + i, "aria-hidden": "true" }), label(id), ended), pre));
-    return { text, ended };
+    return { pre, ended, scores: [], chars: [] };
   });
+  state.write = { models, outs };
+  writeLegend();
   $("write-go").disabled = true;
   $("write-status").textContent = "starting…";
   let job;
@@ -285,13 +295,21 @@ async function write(event) {
     const data = JSON.parse(e.data);
     $("write-status").textContent = `writing… seed ${data.seed}`;
     $("write-status").dataset.seed = data.seed;
+    showCommand(body, data.seed);
   });
   source.addEventListener("piece", (e) => {
-    const pieces = JSON.parse(e.data).pieces;
-    pieces.forEach((piece, i) => {
-      if (!outs[i]) return;
-      if (piece === null) outs[i].ended.textContent = "ended";
-      else outs[i].text.appendData(piece);
+    const data = JSON.parse(e.data);
+    data.pieces.forEach((piece, i) => {
+      const out = outs[i];
+      if (!out) return;
+      if (piece === null) { out.ended.textContent = "ended"; return; }
+      const score = data.scores[i];
+      const span = el("span", { class: "ch " + (score ? surprisalClass(score.bits) : ""), tabindex: "-1", text: piece });
+      span.dataset.index = out.chars.length;
+      if (!out.chars.length) span.tabIndex = 0;
+      out.chars.push(span);
+      out.scores.push(score);
+      out.pre.append(span);
     });
   });
   source.addEventListener("done", (e) => {
@@ -311,6 +329,74 @@ async function write(event) {
     $("write-status").dataset.done = "error";
     showError(message);
   });
+}
+
+function shellWord(word) {
+  // POSIX single quotes keep every character as it is; a quote inside is closed, escaped and reopened.
+  return /^[A-Za-z0-9_.,:\/=+-]+$/.test(word) ? word : "'" + word.replace(/'/g, "'\\''") + "'";
+}
+
+function showCommand(body, seed) {
+  // The `charlm generate` line that writes the same text: one per model, since the command takes one model.
+  const lines = body.models.map((id) => {
+    const args = ["charlm", "generate", "--prompt", body.prompt, "--temperature", String(body.temperature),
+      "--top-k", String(body.top_k), "--top-p", String(body.top_p), "--length", String(body.length),
+      "--seed", String(seed)];
+    if (!body.stop_at_eos) args.push("--no-stop-at-eos");
+    args.push(...(modelById(id).cli || []));
+    return args.map(shellWord).join(" ");
+  });
+  $("write-command-text").textContent = lines.join("\n");
+  $("write-copied").textContent = "";
+  $("write-command").hidden = false;
+}
+
+async function copyCommand() {
+  const text = $("write-command-text").textContent;
+  try {
+    await navigator.clipboard.writeText(text);
+    $("write-copied").textContent = "copied";
+  } catch (e) {
+    // No clipboard (a page not served from localhost, or permission refused): select it for Ctrl+C instead.
+    const range = document.createRange();
+    range.selectNodeContents($("write-command-text"));
+    getSelection().removeAllRanges();
+    getSelection().addRange(range);
+    $("write-copied").textContent = "selected: press Ctrl+C to copy";
+  }
+}
+
+function writeLegend() {
+  const on = $("write-colour").checked;
+  $("columns").classList.toggle("plain", !on);
+  if (on && state.write) renderLegend($("write-legend"), "bits of surprisal (at temperature 1, as Read scores it)", surprisalEntries());
+  else $("write-legend").replaceChildren();
+}
+
+function writeTip(span) {
+  const column = +span.closest("pre").dataset.column;
+  const out = state.write && state.write.outs[column];
+  if (!out) return;
+  const score = out.scores[+span.dataset.index];
+  const tip = $("write-tip");
+  tip.replaceChildren(el("div", {}, "character ", el("code", { text: shownChar(span.textContent) }),
+    ` (written character ${+span.dataset.index + 1})`));
+  if (score) tip.append(...scoreTip(label(state.write.models[column]), column, score, span.textContent));
+}
+
+function writeKeys(e) {
+  const span = e.target.closest(".ch");
+  if (!span) return;
+  const out = state.write.outs[+span.closest("pre").dataset.column];
+  const i = +span.dataset.index;
+  let next = null;
+  if (e.key === "ArrowRight") next = i + 1;
+  else if (e.key === "ArrowLeft") next = i - 1;
+  else if (e.key === "Home") next = 0;
+  else if (e.key === "End") next = out.chars.length - 1;
+  else return;
+  e.preventDefault();
+  moveFocus(out.chars, next);
 }
 
 async function stop() {
@@ -367,10 +453,14 @@ function readLegend() {
     const names = ["≤ −2", "−2…−1", "−1…−¼", "±¼", "¼…1", "1…2", "> 2"];
     renderLegend(box, "A − B bits (blue: A better, orange: B better)", names.map((t, i) => ["d" + i, t]));
   } else {
-    const entries = [];
-    for (let i = 0; i < SURPRISAL_BINS; i++) entries.push(["s" + i, i === SURPRISAL_BINS - 1 ? `${i}+` : `${i}–${i + 1}`]);
-    renderLegend(box, "bits of surprisal", entries);
+    renderLegend(box, "bits of surprisal", surprisalEntries());
   }
+}
+
+function surprisalEntries() {
+  const entries = [];
+  for (let i = 0; i < SURPRISAL_BINS; i++) entries.push(["s" + i, i === SURPRISAL_BINS - 1 ? `${i}+` : `${i}–${i + 1}`]);
+  return entries;
 }
 
 function colourRead() {
@@ -405,14 +495,19 @@ function renderRead(data) {
       state.readChars.push(span);
       line.append(span);
     });
+    // Each item's bits per character, per model, after its text (not part of it: never selected or copied).
+    const figures = data.models.map((m) => fmt(m.item_bpc[item], 2)).join(" · ");
+    line.append(el("span", { class: "item-bpc", title: "bits per character of this item, per model",
+      "aria-label": `item ${item + 1}: ${figures} bits per character`, text: figures }));
     out.append(line);
   });
   if (state.readChars.length) state.readChars[0].tabIndex = 0;
   const list = $("read-bpc");
   list.replaceChildren();
   data.models.forEach((m, i) => list.append(el("li", {},
-    el("span", { class: "swatch-dot m" + i, "aria-hidden": "true" }), label(m.id) + ": ",
-    el("strong", { class: "bpc-value", text: fmt(m.bpc) }), ` bits per character over ${m.chars} characters`)));
+    el("div", {}, el("span", { class: "swatch-dot m" + i, "aria-hidden": "true" }), label(m.id) + ": ",
+      el("strong", { class: "bpc-value", text: fmt(m.bpc) }), ` bits per character over ${m.chars} characters`),
+    bucketBar(m.buckets))));
   renderColourChoices();
   colourRead();
   $("read-tip").replaceChildren();
@@ -426,21 +521,43 @@ function showTip(span) {
   const tip = $("read-tip");
   tip.replaceChildren(el("div", {}, "character ", el("code", { text: shownChar(actual) }),
     ` (item ${item + 1}, position ${pos + 1})`));
-  data.models.forEach((m, i) => {
-    const s = m.scores[item][pos];
-    tip.append(el("h4", {}, el("span", { class: "swatch-dot m" + i, "aria-hidden": "true" }),
-      `${label(m.id)}: ${s.bits.toFixed(2)} bits, rank ${s.rank}`));
-    const table = el("table", {});
-    for (const [ch, p] of s.top) {
-      table.append(el("tr", { class: ch === actual ? "actual" : "" },
-        el("td", {}, el("code", { text: shownChar(ch) })), el("td", { class: "num", text: (100 * p).toFixed(1) + "%" })));
-    }
-    tip.append(table);
+  data.models.forEach((m, i) => tip.append(...scoreTip(label(m.id), i, m.scores[item][pos], actual)));
+}
+
+function scoreTip(name, index, score, actual) {
+  // A model's bits and rank for the character, and its five most likely characters there (the actual one bold).
+  const heading = el("h4", {}, el("span", { class: "swatch-dot m" + index, "aria-hidden": "true" }),
+    `${name}: ${score.bits.toFixed(2)} bits, rank ${score.rank}`);
+  const table = el("table", {});
+  for (const [ch, p] of score.top) {
+    table.append(el("tr", { class: ch === actual ? "actual" : "" },
+      el("td", {}, el("code", { text: shownChar(ch) })), el("td", { class: "num", text: (100 * p).toFixed(1) + "%" })));
+  }
+  return [heading, table];
+}
+
+// GLTR's summary: how often the character was the model's first guess, in its top 3, its top 10, or further down.
+function bucketBar(buckets) {
+  const bar = el("div", { class: "buckets" });
+  const parts = el("div", { class: "bucket-bar", "aria-hidden": "true" });
+  buckets.forEach(([name, share], i) => {
+    const part = el("span", { class: "b" + i, title: `${name}: ${(100 * share).toFixed(1)}%` });
+    part.style.width = (100 * share).toFixed(2) + "%";
+    parts.append(part);
   });
+  const words = el("div", { class: "bucket-words" });
+  buckets.forEach(([name, share], i) => words.append(el("span", {},
+    el("span", { class: "key b" + i, "aria-hidden": "true" }), `${name} ${(100 * share).toFixed(1)}%`)));
+  bar.append(parts, words);
+  return bar;
 }
 
 function focusChar(index) {
-  const chars = state.readChars;
+  moveFocus(state.readChars, index);
+}
+
+function moveFocus(chars, index) {
+  // One character of a text is in the tab order at a time (a roving tabindex): the one last moved to.
   if (!chars.length) return;
   index = Math.max(0, Math.min(chars.length - 1, index));
   for (const s of chars) if (s.tabIndex === 0) s.tabIndex = -1;
@@ -484,6 +601,47 @@ async function testItem() {
   clearError();
   const data = await api("/api/test-item");
   $("read-text").value = data.text;
+}
+
+async function hardest() {
+  clearError();
+  const id = $("hard-model").value;
+  if (!id) return showError("Choose a model first (Models).");
+  $("hard-go").disabled = true;
+  $("hard-status").textContent = "scoring the test split…";
+  const list = $("hard-items");
+  list.replaceChildren();
+  let data;
+  try {
+    data = await api("/api/hardest?model=" + encodeURIComponent(id));
+  } catch (e) {
+    $("hard-status").textContent = "";
+    throw e;
+  } finally {
+    $("hard-go").disabled = false;
+  }
+  const of = data.searched < data.total ? `the first ${data.searched.toLocaleString("en")} of ${data.total.toLocaleString("en")}`
+    : `all ${data.total.toLocaleString("en")}`;
+  $("hard-status").textContent = `${label(id)}: the ${data.items.length} hardest of ${of} test items`;
+  for (const h of data.items) {
+    // One click scores the item in Read, where its colours show what the model found surprising in it.
+    const button = el("button", { type: "button", class: "hard-item" },
+      el("strong", { text: `${h.bpc.toFixed(2)} bpc` }), ` · ${h.chars} chars · `, el("span", { class: "excerpt", text: visible(h.text) }));
+    button.addEventListener("click", () => guard(async () => {
+      $("read-text").value = h.text;
+      await score();
+      $("read").scrollIntoView({ block: "start" });
+    }));
+    list.append(el("li", {}, button));
+  }
+}
+
+function renderHardModels() {
+  const select = $("hard-model");
+  const previous = select.value;
+  select.replaceChildren();
+  for (const id of state.chosen) select.append(el("option", { value: id, text: label(id) }));
+  if (state.chosen.includes(previous)) select.value = previous;
 }
 
 // ---------- Inside ----------
@@ -536,13 +694,117 @@ async function showUnit() {
     const line = el("div", { class: "item" });
     [...text].forEach((ch, pos) => {
       const v = data.values[item][pos];
-      line.append(el("span", { class: "ch " + bin(v), title: v.toFixed(3), text: ch }));
+      const span = el("span", { class: "ch " + bin(v), title: v.toFixed(3), text: ch });
+      span.dataset.item = item;
+      span.dataset.pos = pos;
+      line.append(span);
     });
     out.append(line);
   });
+  state.inside.selection = [];
   const s = scale.toPrecision(2);
   renderLegend($("in-legend"), "activation", [["d0", "−" + s], ["d1", "\u00a0"], ["d2", "\u00a0"], ["d3", "0"], ["d4", "\u00a0"], ["d5", "\u00a0"], ["d6", "+" + s]]);
-  for (const li of $("in-units").children) li.classList.toggle("current", li.dataset.unit === String(unit));
+  for (const b of document.querySelectorAll("#in-units button, #span-units button")) {
+    b.classList.toggle("current", b.dataset.unit === String(unit));
+  }
+}
+
+function unitButton(unit, text) {
+  // Shows the unit in the coloured text above, as the unit field would.
+  const button = el("button", { type: "button", class: "unit", text });
+  button.dataset.unit = String(unit);
+  button.addEventListener("click", () => { $("in-unit").value = String(unit); guard(showUnit); });
+  return button;
+}
+
+// ---------- Inside: the units of a span (LSTMVis's selection) and their heatmap ----------
+
+function rememberSelection() {
+  // The span chosen with the mouse in the coloured text, as [item, start, end] ranges; read when it changes,
+  // since a click on a button may clear the selection before its handler runs.
+  const sel = getSelection();
+  if (!sel.rangeCount || sel.isCollapsed || !$("in-out").contains(sel.anchorNode)) return;
+  const range = sel.getRangeAt(0);
+  const spans = [];
+  for (const c of $("in-out").querySelectorAll(".ch")) {
+    if (!range.intersectsNode(c)) continue;
+    const item = +c.dataset.item, pos = +c.dataset.pos;
+    const last = spans[spans.length - 1];
+    if (last && last[0] === item && last[2] === pos) last[2] = pos + 1;
+    else spans.push([item, pos, pos + 1]);
+  }
+  state.inside.selection = spans;
+  const n = spans.reduce((sum, [, a, b]) => sum + b - a, 0);
+  $("span-text").value = "";
+  $("span-status").textContent = `${n} selected character${n === 1 ? "" : "s"}`;
+}
+
+function occurrences(items, piece) {
+  const spans = [];
+  items.forEach((text, item) => {
+    for (let at = text.indexOf(piece); at >= 0; at = text.indexOf(piece, at + piece.length)) {
+      spans.push([item, at, at + piece.length]);
+    }
+  });
+  return spans;
+}
+
+async function spanUnits() {
+  clearError();
+  if (!state.inside.items) await showUnit();
+  if (!state.inside.items) return;
+  const piece = $("span-text").value;
+  const spans = piece ? occurrences(state.inside.items, piece) : state.inside.selection || [];
+  if (!spans.length) {
+    return showError(piece ? `"${visible(piece)}" does not occur in the text.` : "Select a span of the coloured text, or type a piece of it.");
+  }
+  const body = { ...insideRequest(), text: $("read-text").value, spans };
+  $("span-go").disabled = true;
+  let data;
+  try {
+    data = await api("/api/span-units", body);
+  } finally {
+    $("span-go").disabled = false;
+  }
+  const list = $("span-units");
+  list.replaceChildren();
+  for (const u of data.units) {
+    const where = u.score > 0 ? "on in the span" : "off in the span";
+    list.append(el("li", {}, unitButton(u.unit,
+      `unit ${u.unit}: ${where} (${u.score > 0 ? "+" : "−"}${Math.abs(u.score).toFixed(2)} sd; mean ${fmt(u.inside, 2)} there, ${fmt(u.outside, 2)} elsewhere)`)));
+  }
+  const n = spans.reduce((sum, [, a, b]) => sum + b - a, 0);
+  $("span-status").textContent = `${n} character${n === 1 ? "" : "s"} in ${spans.length} span${spans.length === 1 ? "" : "s"}`;
+  renderHeat(data, spans);
+}
+
+function renderHeat(data, spans) {
+  // The text once, each character over a column of cells: one row per unit found, in the list's order, each row
+  // scaled to its unit's largest |state| over the text, so every unit uses the whole palette.
+  const box = $("heat");
+  box.replaceChildren();
+  const legend = $("heat-legend");
+  const units = data.units.map((u) => u.unit);
+  if (!units.length) {
+    legend.hidden = true;
+    return;
+  }
+  const scale = units.map((_, k) => Math.max(1e-12, ...data.values.flatMap((item) => item.map((row) => Math.abs(row[k])))));
+  const picked = new Set(spans.flatMap(([item, a, b]) => Array.from({ length: b - a }, (_, j) => `${item}:${a + j}`)));
+  data.items.forEach((text, item) => {
+    const line = el("div", { class: "item" });
+    [...text].forEach((ch, pos) => {
+      const column = el("span", { class: "hc" + (picked.has(`${item}:${pos}`) ? " picked" : "") }, el("span", { class: "c", text: ch }));
+      data.values[item][pos].forEach((v, k) => {
+        column.append(el("i", { class: "d" + Math.max(0, Math.min(6, Math.floor((v / scale[k] + 1) / 2 * 7))) }));
+      });
+      line.append(column);
+    });
+    box.append(line);
+  });
+  renderLegend(legend, `rows, top to bottom: units ${units.join(", ")}; each row from its unit's −max (blue) to +max (orange); the span underlined`,
+    [["d0", "−max"], ["d3", "0"], ["d6", "+max"]]);
+  legend.hidden = false;
 }
 
 function stepUnit(delta) {
@@ -561,13 +823,16 @@ async function rankUnits() {
   note.hidden = !data.note;
   const list = $("in-units");
   list.replaceChildren();
-  for (const u of data.units) {
-    const button = el("button", { type: "button", text: `unit ${u.unit}: ${u.feature} (r = ${fmt(u.r, 2)})` });
-    button.addEventListener("click", () => { $("in-unit").value = String(u.unit); guard(showUnit); });
-    const li = el("li", {}, button);
-    li.dataset.unit = String(u.unit);
+  for (const f of data.features) {
+    const li = el("li", {}, el("span", { class: "feature", text: f.feature + ":" }));
+    for (const u of f.units) li.append(" ", unitButton(u.unit, `unit ${u.unit} (r = ${fmt(u.r, 2)})`));
     list.append(li);
   }
+  const said = [];
+  if (data.unexplained.length) said.push(`No unit explains ${data.unexplained.join(", ")} (none reaches |r| ≥ ${data.explained}).`);
+  if (data.constant.length) said.push(`Not in the validation text, so not ranked: ${data.constant.join(", ")}.`);
+  $("in-unexplained").textContent = said.join(" ");
+  $("in-unexplained").hidden = !said.length;
 }
 
 // ---------- Curves ----------
@@ -735,6 +1000,21 @@ function init() {
   $("in-prev").addEventListener("click", () => stepUnit(-1));
   $("in-next").addEventListener("click", () => stepUnit(1));
   $("in-rank").addEventListener("click", () => guard(rankUnits));
+  $("span-go").addEventListener("click", () => guard(spanUnits));
+  $("span-text").addEventListener("keydown", (e) => { if (e.key === "Enter") { e.preventDefault(); guard(spanUnits); } });
+  document.addEventListener("selectionchange", rememberSelection);
+  $("hard-go").addEventListener("click", () => guard(hardest));
+  $("write-colour").addEventListener("change", writeLegend);
+  $("write-copy").addEventListener("click", () => guard(copyCommand));
+  const columns = $("columns");
+  columns.addEventListener("keydown", writeKeys);
+  columns.addEventListener("focusin", (e) => { if (e.target.classList.contains("ch")) writeTip(e.target); });
+  columns.addEventListener("mouseover", (e) => { if (e.target.classList && e.target.classList.contains("ch")) writeTip(e.target); });
+  columns.addEventListener("click", (e) => {
+    if (!e.target.classList || !e.target.classList.contains("ch")) return;
+    const out = state.write.outs[+e.target.closest("pre").dataset.column];
+    moveFocus(out.chars, +e.target.dataset.index);
+  });
   $("in-unit").addEventListener("change", () => guard(showUnit));
   for (const id of ["in-model", "in-layer", "in-kind"]) $(id).addEventListener("change", () => guard(showUnit));
   $("inside").addEventListener("keydown", (e) => {
