@@ -2,10 +2,10 @@
 
     python docs/screenshots.py REPO OUT_DIR
 
-REPO is a charlm repository with trained models (ideally two experiments, so that the comparison, the
-difference colouring and the curves have something to show); `charlm serve` runs there on a free port and
-Chromium (/usr/bin/chromium, or CHARLM_CHROMIUM) renders the page. The Read and Inside views use the text below,
-not a corpus item, so no corpus text ends up in the images.
+REPO is a charlm repository with trained models (with two experiments, the comparison and the difference
+colouring have something to show too); `charlm serve` runs there on a free port and Chromium (/usr/bin/chromium,
+or CHARLM_CHROMIUM) renders the page. The Read and Inside views use the text below, not a corpus item, and the
+hardest test items are not shot, so no corpus text ends up in the images.
 """
 
 from __future__ import annotations
@@ -20,8 +20,13 @@ from pathlib import Path
 
 from playwright.sync_api import sync_playwright
 
-TEXT = "Shares of the chip maker rose 4% on Tuesday after it said profit would beat forecasts."
+TEXT = (
+    "Shares of the chip maker rose 4% on Tuesday after it said profit would beat forecasts.\n"
+    'The team (led by "Smith") won 3-1 in London on Sunday.'
+)
 PROMPT = "Stocks "
+WRITE_TIP = 12  # the written character whose tip (top 5) the Write shot shows
+SPAN = '"Smith"'  # Inside: the units that are on in this quotation and off elsewhere (or the other way round)
 WIDTH = 900
 
 
@@ -83,6 +88,7 @@ def main() -> None:
             page.fill("#seed", "7")
             page.click("#write-go")
             page.wait_for_selector("#write-status[data-done]", state="attached")
+            page.locator("#columns .ch").nth(WRITE_TIP).focus()
             shoot(page, "#write", args.out / "write.png")
 
             page.fill("#read-text", TEXT)
@@ -95,14 +101,14 @@ def main() -> None:
                 page.locator("#read-out .ch").nth(TEXT.index("forecasts")).focus()
                 shoot(page, "#read", args.out / "read-diff.png")
 
+            page.click("#in-go")
+            page.wait_for_selector("#in-out .ch")
+            page.fill("#span-text", SPAN)
+            page.click("#span-go")
+            page.wait_for_selector("#span-units li")
+            page.locator("#span-units button").first.click()  # the unit that sets the span apart most, above
             page.click("#in-rank")
             page.wait_for_selector("#in-units li, #in-note:not([hidden])")
-            first = page.locator("#in-units li button").first
-            if first.count():
-                first.click()
-            else:
-                page.click("#in-go")
-            page.wait_for_selector("#in-out .ch")
             shoot(page, "#inside", args.out / "inside.png")
 
             shoot(page, "#curves", args.out / "curves.png")
