@@ -495,12 +495,12 @@ def targets(ctx: dict) -> list[str]:
 
     def rate(cfg: dict, k: int, what: str) -> str:
         r = cfg["ratio"][k]
-        what = f"stream ≥ {TARGET_RATE:.0%} of `charlm generate`'s chars/s, {what}"
+        what = f"stream with scores (colours) ≥ {TARGET_RATE:.0%} of `charlm generate`'s chars/s, {what}"
         return row(what, f"{r.median:.0%} ({len(r.values)} rounds)", r.median >= TARGET_RATE)
 
     delay = it["with"].median - it["without"].median
     return [
-        "| issue 17 and 24 target | figure | |",
+        "| issue 17, 24 and 25 target | figure | |",
         "|---|---:|---|",
         ms("first character on screen after Write, 1 model", "write1", TARGET_FIRST_MS),
         ms(f"… {n} models (every column has its first character)", "write4_all", TARGET_FIRST_MS),
@@ -508,7 +508,7 @@ def targets(ctx: dict) -> list[str]:
         rate(default, n, f"{n} models in one job against {n} runs in turn, default threads"),
         rate(single, 1, "1 model, 1 torch thread on both sides"),
         rate(single, n, f"{n} models, 1 torch thread on both sides"),
-        ms(f"Read: {READ_CHARS:,} characters scored and coloured", "read", TARGET_READ_MS),
+        ms(f"Read: {READ_CHARS:,} characters scored, coloured, with buckets and item bpc", "read", TARGET_READ_MS),
         row(f"load test: {LOAD_CLIENTS} clients, the 17th refused, streams correct, threads and memory back, "
             "still serving; a fresh server", growth(ctx["load_fresh"]), load_ok(ctx["load_fresh"])),
         row("… the server of the Write and Read rounds above", growth(ctx["load"]), load_ok(ctx["load"])),

@@ -179,23 +179,24 @@ def step_scores(logits: torch.Tensor, tokens: list[int], names: list[str], top: 
     """`char_scores` for one generation step: each row's {"bits", "top", "rank"} of the token drawn there, from
     the model's own next-character distribution (temperature 1, nothing filtered), as Read scores the same text.
 
-    In numpy: a row holds one score per symbol (about a hundred), where each torch call would cost more in
-    dispatch than in arithmetic, and the playground scores every character it streams.
+    In numpy, a row at a time: a row holds one score per symbol (about a hundred), where each torch call would
+    cost more in dispatch than in arithmetic, and the playground scores every character it streams.
     """
-    z = logits.float().cpu().numpy().astype(np.float64)
-    z_max = z.max(-1, keepdims=True)
-    log_total = z_max + np.log(np.exp(z - z_max).sum(-1, keepdims=True))
-    k = min(top, z.shape[-1])
+    z = logits.float().cpu().numpy()
     out = []
     for row, token in enumerate(tokens):
-        picked = z[row, token]
-        best = np.argpartition(-z[row], k - 1)[:k] if k else np.zeros(0, dtype=np.int64)
-        best = best[np.argsort(-z[row, best], kind="stable")]
+        scores = z[row].astype(np.float64)
+        log_total = np.logaddexp.reduce(scores)
+        k = min(top, len(scores))
+        best = np.argpartition(-scores, k - 1)[:k] if k else np.zeros(0, dtype=np.int64)
+        best = best[np.argsort(-scores[best], kind="stable")]
+        picked = scores[token]
+        probs = np.exp(scores[best] - log_total).tolist()
         out.append(
             {
-                "bits": float((log_total[row, 0] - picked) / math.log(2)),
-                "top": [[names[s], float(np.exp(z[row, s] - log_total[row, 0]))] for s in best.tolist()],
-                "rank": int((z[row] > picked).sum()) + 1,
+                "bits": float(log_total - picked) / math.log(2),
+                "top": [[names[s], p] for s, p in zip(best.tolist(), probs, strict=True)],
+                "rank": int(np.count_nonzero(scores > picked)) + 1,
             }
         )
     return out
