@@ -92,7 +92,7 @@ PAGE_FILES = {
     "style.css": "text/css; charset=utf-8",
     "icon.svg": "image/svg+xml",
 }
-UNITS_KEPT = 64  # rankings of (model, layer, kind) kept; each is a short list
+UNITS_KEPT = 64  # rankings of (model, layer, kind) and hardest-item lists kept; each is short
 SURROGATE = re.compile("[\ud800-\udfff]")  # JSON can carry one alone; it cannot be encoded as UTF-8
 CSP = "default-src 'self'; connect-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'"
 
@@ -181,7 +181,7 @@ class App:
         self.analyses = threading.BoundedSemaphore(limits.analyses)
         self._cache_lock = threading.Lock()
         self._last_acts: tuple[tuple, Any] | None = None
-        self._units: dict[tuple, dict] = {}
+        self._kept_results: dict[tuple, dict] = {}
         self.allowed_hosts: set[str] = set()  # Host header values; empty: any (a wildcard bind with a token)
 
     # ---------------------------------------------------------------- models
@@ -288,6 +288,19 @@ class App:
             raise HTTPError(400, str(e)) from None
         finally:
             self.analyses.release()
+
+    def _kept(self, key: tuple, compute: Callable[[], dict]) -> dict:
+        """An analysis that depends only on its model and key (ranked units, hardest items): computed once, the
+        last UNITS_KEPT answers kept."""
+        with self._cache_lock:
+            if key in self._kept_results:
+                return self._kept_results[key]
+        result = self._analysis(compute)
+        with self._cache_lock:
+            self._kept_results[key] = result
+            while len(self._kept_results) > UNITS_KEPT:
+                del self._kept_results[next(iter(self._kept_results))]
+        return result
 
     def _items(self, body: dict) -> list[str]:
         from charlm.core import inspection
@@ -433,9 +446,6 @@ class App:
         model, vocab, _ = self.load(model_id)
         layer, kind = self._layer_kind(body, model)
         key = (model_id, id(model), layer, kind)
-        with self._cache_lock:
-            if key in self._units:
-                return self._units[key]
 
         def compute() -> dict:
             items = self._val_items()
@@ -451,12 +461,7 @@ class App:
             ranked = inspection.rank_units(model, vocab, items, layer, kind)
             return {**ranked, "explained": inspection.EXPLAINED_R, "note": None}
 
-        result = self._analysis(compute)
-        with self._cache_lock:
-            self._units[key] = result
-            while len(self._units) > UNITS_KEPT:
-                del self._units[next(iter(self._units))]
-        return result
+        return self._kept(key, compute)
 
     def _test_split(self):
         """(the packed test stream, the vocabulary), or a 404 that says how to make them."""
@@ -487,9 +492,6 @@ class App:
                 409, f"model {model_id!r} was trained on another vocabulary than the workspace's test split"
             )
         key = ("hardest", model_id, id(model))
-        with self._cache_lock:
-            if key in self._units:
-                return self._units[key]
         starts, lengths = item_bounds(stream, EOS_ID)
         n = self.limits.test_items
 
@@ -504,12 +506,7 @@ class App:
                 "total": len(starts),
             }
 
-        result = self._analysis(compute)
-        with self._cache_lock:
-            self._units[key] = result
-            while len(self._units) > UNITS_KEPT:
-                del self._units[next(iter(self._units))]
-        return result
+        return self._kept(key, compute)
 
     def test_item(self, query: dict) -> dict:
         from charlm.core.data import item_bounds

@@ -219,8 +219,8 @@ function removeRevision(id) {
 
 function chosenChanged() {
   renderColourChoices();
-  renderInsideModels();
-  renderHardModels();
+  renderModelChoice($("in-model"));
+  renderModelChoice($("hard-model"));
   guard(loadCurves);
 }
 
@@ -636,18 +636,10 @@ async function hardest() {
   }
 }
 
-function renderHardModels() {
-  const select = $("hard-model");
-  const previous = select.value;
-  select.replaceChildren();
-  for (const id of state.chosen) select.append(el("option", { value: id, text: label(id) }));
-  if (state.chosen.includes(previous)) select.value = previous;
-}
-
 // ---------- Inside ----------
 
-function renderInsideModels() {
-  const select = $("in-model");
+function renderModelChoice(select) {
+  // A select of the chosen models that keeps its choice while that model stays chosen.
   const previous = select.value;
   select.replaceChildren();
   for (const id of state.chosen) select.append(el("option", { value: id, text: label(id) }));
