@@ -365,3 +365,24 @@ def test_known_word_share_counts_words_of_the_training_text():
     share, n = known_word_share([record("", "The cat ate", True), record("", "the mats", True)], known)
     assert (share, n) == (pytest.approx(3 / 5), 5)  # "ate" is new and "the" is not "The"
     assert known_word_share([record("x", "x", True)], known) == (None, 0)
+
+
+def test_observe_sees_the_models_own_logits_and_the_tokens_then_yielded(model):
+    # The playground colours what it streams by these: they must be the untempered, unfiltered next-token logits
+    # of exactly the text so far, and the tokens drawn from them.
+    seen: list[tuple[torch.Tensor, list[int]]] = []
+    steps = list(
+        token_steps(
+            model, VOCAB, ["ab", "c"], [0.7], 12, top_k=3, top_p=0.9, seed=4, stop_at_eos=False,
+            observe=lambda logits, drawn: seen.append((logits.clone(), drawn)),
+        )
+    )  # fmt: skip
+    assert [drawn for _, drawn in seen] == steps and len(steps) == 12
+    texts = [[EOS_ID, *VOCAB.ids("ab")], [EOS_ID, *VOCAB.ids("c")]]
+    for logits, drawn in seen:
+        expected, _ = model.prime(texts)
+        torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+        for row, token in zip(texts, drawn, strict=True):
+            row.append(token)
+    # Observing changes nothing in what is drawn.
+    assert steps == tokens(model, ["ab", "c"], [0.7], 12, top_k=3, top_p=0.9, seed=4, stop_at_eos=False)

@@ -316,7 +316,7 @@ def test_span_units_name_the_units_that_set_a_span_apart_with_their_states_for_t
     expected = inspection.span_units(states, masks, top=10)
     assert [u["unit"] for u in out["units"]] == [u["unit"] for u in expected]
     chosen = [u["unit"] for u in expected]
-    np.testing.assert_allclose(np.array(out["values"][1]), states[1][:, chosen], atol=1e-6)
+    np.testing.assert_allclose(np.array(out["values"][1]), states[1][:, chosen], atol=1e-4)
     for spans in ([[0, 5, 4]], [[2, 0, 1]], [[0, 0, 12]], [], [[0, 1]], [[0, 1, 2.5]], "0-3"):
         status, _, out = s.post("/api/span-units", {**body, "spans": spans})
         assert status == 400 and "\n" not in out["error"], (spans, out)

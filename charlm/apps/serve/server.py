@@ -418,7 +418,8 @@ class App:
             return {
                 "items": items,
                 "units": found,
-                "values": [[[float(v) for v in row] for row in a[:, chosen]] for a in acts],
+                # 4 decimals: a heatmap cell shows one of 7 shades, and 20,000 characters x 10 units is a big answer
+                "values": [[[round(float(v), 4) for v in row] for row in a[:, chosen]] for a in acts],
             }
 
         return self._analysis(compute)

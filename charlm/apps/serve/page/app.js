@@ -669,7 +669,7 @@ async function showUnit() {
   const unit = Math.max(0, parseInt($("in-unit").value, 10) || 0);
   const req = insideRequest();
   const data = await api("/api/activations", { ...req, text, unit });
-  state.inside = data;
+  state.inside = { ...data, text };  // the text shown, which a span search must send, whatever Read holds now
   setOptions($("in-layer"), [...Array(data.layers).keys()]);
   setOptions($("in-kind"), data.kinds);
   $("in-unit").max = String(data.units - 1);
@@ -750,7 +750,7 @@ async function spanUnits() {
   if (!spans.length) {
     return showError(piece ? `"${visible(piece)}" does not occur in the text.` : "Select a span of the coloured text, or type a piece of it.");
   }
-  const body = { ...insideRequest(), text: $("read-text").value, spans };
+  const body = { ...insideRequest(), text: state.inside.text, spans };
   $("span-go").disabled = true;
   let data;
   try {
