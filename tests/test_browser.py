@@ -737,6 +737,7 @@ def test_a_span_selected_in_inside_finds_its_units_and_draws_their_heatmap(page,
     # A unit of the list opens in the coloured text; a typed piece takes every place it occurs.
     buttons.nth(2).click()
     page.wait_for_selector(f"#in-shown[data-unit='{answer['units'][2]['unit']}']", state="attached")
+    page.fill("#read-text", "nothing like it")  # Read's text changes; the search stays on the text Inside shows
     page.fill("#span-text", "at")
     page.click("#span-go")
     expect(page.locator("#span-status")).to_have_text("8 characters in 4 spans")
