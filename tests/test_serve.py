@@ -168,8 +168,10 @@ def test_one_stream_carries_two_models_each_equal_to_charlm_generate(in_plain, c
     assert all(len(d["pieces"]) == 2 for e, d in events if e == "piece")
     served = texts(events, GEN["prompt"], 2)
     flags = ["--prompt", "The ", "--temperature", 0.9, "--top-k", 5, "--top-p", 0.95, "--length", 60, "--seed", 7]
-    for text, path in zip(served, files[:2], strict=True):
-        assert text + "\n" == cli_text(capsys, *flags, "--model", path)
+    rows = {m["id"]: m for m in s.get("/api/models")[2]["models"]}
+    for text, path, model_id in zip(served, files[:2], ["file:0", "file:1"], strict=True):
+        assert rows[model_id]["cli"] == [f"--model={path}"]
+        assert text + "\n" == cli_text(capsys, *flags, *rows[model_id]["cli"])
     assert served[0] != served[1]
 
 
@@ -532,8 +534,10 @@ def test_repo_models_experiment_params_metrics_generation_curves_and_a_clean_wor
     events = s.events(s.job(models=["workspace", "rev:wide"], **GEN))
     served = texts(events, GEN["prompt"], 2)
     flags = ["--prompt", "The ", "--temperature", 0.9, "--top-k", 5, "--top-p", 0.95, "--length", 60, "--seed", 7]
-    assert served[0] + "\n" == cli_text(capsys, *flags)
-    assert served[1] + "\n" == cli_text(capsys, *flags, "--rev", "wide")
+    # The page's command line: the flags and each model's own `cli` arguments write what the server wrote.
+    assert ws["cli"] == [] and wide["cli"] == ["--rev=wide"]
+    assert served[0] + "\n" == cli_text(capsys, *flags, *ws["cli"])
+    assert served[1] + "\n" == cli_text(capsys, *flags, *wide["cli"])
 
     status, _, out = s.post("/api/generate", {"models": ["rev:nope"]})
     assert status == 404 and out["error"].startswith("unknown model 'rev:nope': ")

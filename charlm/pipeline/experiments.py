@@ -62,11 +62,12 @@ class Source:
     def cli_args(self) -> list[str]:
         """The `charlm generate` arguments that load this model, so the playground can show a command that writes
         what it wrote: none for the workspace's model (the default), a revision by its name, a file by its path."""
+        # One `--flag=value` word each: a path that starts with "-" is then a value, never read as an option.
         if self.kind == "workspace":
             return []
         if self.id.startswith("rev:"):
-            return ["--rev", self.id[4:]]
-        return ["--checkpoint" if self.kind == "checkpoint" else "--model", str(self.path)]
+            return [f"--rev={self.id[4:]}"]
+        return [f"--{'checkpoint' if self.kind == 'checkpoint' else 'model'}={self.path}"]
 
 
 def check_rev(name: str) -> str:
