@@ -679,7 +679,7 @@ def test_write_colours_each_character_by_reads_bits_and_its_command_writes_the_s
     # Copy as command: the line, run, writes the same text.
     command = page.text_content("#write-command-text")
     argv = shlex.split(command)
-    assert argv[:2] == ["charlm", "generate"] and "--seed" in argv and f"--model={model_files['small']}" in argv
+    assert argv[:2] == ["charlm", "generate"] and "--seed=11" in argv and f"--model={model_files['small']}" in argv
     assert run_cli([*argv[1:], "--device", "cpu"]) == written(page) + "\n"
     page.click("#write-copy")
     expect(page.locator("#write-copied")).not_to_have_text("")

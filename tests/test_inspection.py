@@ -310,8 +310,9 @@ def test_hardest_items_are_ordered_by_bpc_and_agree_with_read():
     # Their bits, weighted by characters, are the split's bpc by the protocol.
     total = math.fsum(h["bpc"] * h["chars"] for h in hardest) / sum(h["chars"] for h in hardest)
     assert total == pytest.approx(protocol_bpc(m, items), abs=1e-5)
-    first_three = inspection.hardest_items(m, stream, batch_size=64, device="cpu", items=3)
-    assert sorted(h["index"] for h in first_three) == [0, 1, 2]
+    some = inspection.hardest_items(m, stream, batch_size=64, device="cpu", which=np.array([5, 0, 2]))
+    assert sorted(h["index"] for h in some) == [0, 2, 5]
+    assert {h["index"]: h["bpc"] for h in some} == pytest.approx({h["index"]: h["bpc"] for h in hardest if h["index"] in (0, 2, 5)})
 
 
 def test_step_scores_are_char_scores_for_a_drawn_character():
@@ -321,9 +322,17 @@ def test_step_scores_are_char_scores_for_a_drawn_character():
     steps = inspection.step_scores(logits, VOCAB.ids(text), list(VOCAB.itos), top=5)
     read = inspection.char_scores(m, VOCAB, [text], top=5)[0]
     for s, r in zip(steps, read, strict=True):
+        assert s is not None
         assert s["bits"] == pytest.approx(r["bits"], abs=1e-5) and s["rank"] == r["rank"]
         assert [n for n, _ in s["top"]] == [n for n, _ in r["top"]]
         assert [p for _, p in s["top"]] == pytest.approx([p for _, p in r["top"]], abs=1e-6)
+
+
+def test_step_scores_of_logits_that_are_not_finite_are_none():
+    logits = torch.tensor([[0.0, 1.0, float("nan")], [float("inf"), 0.0, 1.0], [0.0, 1.0, 2.0]])
+    scores = inspection.step_scores(logits, [1, 1, 2], ["a", "b", "c"], top=2)
+    assert scores[0] is None and scores[1] is None
+    assert scores[2]["rank"] == 1 and [n for n, _ in scores[2]["top"]] == ["c", "b"]
 
 
 # --------------------------------------------------------------------------- Inside: a chosen span

@@ -180,6 +180,8 @@ def read_json(path: str | os.PathLike, what: str, fix: str) -> dict:
         raise CharlmError(f"{path}: {what} not found; {fix}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CharlmError(f"{path}: {what} is not valid JSON ({e}); {fix}") from None
+    except RecursionError:  # a file from a remote may nest arrays deeper than the parser recurses
+        raise CharlmError(f"{path}: {what} nests too deeply to be read; {fix}") from None
     if not isinstance(obj, dict):
         raise CharlmError(f"{path}: {what} must be a JSON object; {fix}")
     return obj

@@ -148,17 +148,17 @@ def item_bpc(scores: list[list[dict]]) -> list[float | None]:
 
 
 @torch.no_grad()
-def hardest_items(model, stream: np.ndarray, batch_size: int, device, items: int | None = None) -> list[dict]:
+def hardest_items(model, stream: np.ndarray, batch_size: int, device, which: np.ndarray | None = None) -> list[dict]:
     """The items of a packed split by bits per character, most surprising first: [{"index", "bpc", "chars"}].
 
     Scored by the evaluation protocol (`scoring.protocol_windows`, as evaluate scores the split), each item's
-    bits summed on its own. index: the item's place among the split's non-empty items (`data.item_bounds`).
-    `items` keeps only the split's first so many items (all when None). Ties keep the split's order.
+    bits summed on its own. index: the item's place among the split's non-empty items (`data.item_bounds`);
+    `which` scores only the items of these indices (all when None). Ties keep the split's order.
     """
     stream = np.asarray(stream)
     starts, lengths = item_bounds(stream, EOS_ID)  # the split's non-empty items, as every view numbers them
-    if items is not None:
-        starts, lengths = starts[:items], lengths[:items]
+    index = np.arange(len(starts)) if which is None else np.asarray(which, dtype=np.int64)
+    starts, lengths = starts[index], lengths[index]
     nats = np.zeros(len(starts))
     state = None
     with evaluating(model):
@@ -172,20 +172,24 @@ def hardest_items(model, stream: np.ndarray, batch_size: int, device, items: int
             np.add.at(nats, idx, per_item)
     bpc = nats / np.maximum(lengths, 1) / math.log(2)
     order = np.argsort(-bpc, kind="stable")
-    return [{"index": i, "bpc": float(bpc[i]), "chars": int(lengths[i])} for i in order.tolist()]
+    return [{"index": int(index[i]), "bpc": float(bpc[i]), "chars": int(lengths[i])} for i in order.tolist()]
 
 
-def step_scores(logits: torch.Tensor, tokens: list[int], names: list[str], top: int = 5) -> list[dict]:
+def step_scores(logits: torch.Tensor, tokens: list[int], names: list[str], top: int = 5) -> list[dict | None]:
     """`char_scores` for one generation step: each row's {"bits", "top", "rank"} of the token drawn there, from
-    the model's own next-character distribution (temperature 1, nothing filtered), as Read scores the same text.
+    the model's own next-character distribution (temperature 1, nothing filtered), as Read scores the same text;
+    None for a row whose scores are not finite (a model whose numbers overflow), which has no colour to show.
 
     In numpy, a row at a time: a row holds one score per symbol (about a hundred), where each torch call would
     cost more in dispatch than in arithmetic, and the playground scores every character it streams.
     """
     z = logits.float().cpu().numpy()
-    out = []
+    out: list[dict | None] = []
     for row, token in enumerate(tokens):
         scores = z[row].astype(np.float64)
+        if not np.isfinite(scores).all():
+            out.append(None)
+            continue
         log_total = np.logaddexp.reduce(scores)
         k = min(top, len(scores))
         best = np.argpartition(-scores, k - 1)[:k] if k else np.zeros(0, dtype=np.int64)

@@ -93,6 +93,10 @@ PAGE_FILES = {
     "icon.svg": "image/svg+xml",
 }
 UNITS_KEPT = 64  # rankings of (model, layer, kind) and hardest-item lists kept; each is short
+NOT_FINITE = (
+    "the model's outputs are not finite numbers (NaN or infinity): its weights overflow in float32; "
+    "retrain it, or choose another model"
+)
 SURROGATE = re.compile("[\ud800-\udfff]")  # JSON can carry one alone; it cannot be encoded as UTF-8
 CSP = "default-src 'self'; connect-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'"
 
@@ -108,6 +112,7 @@ class Limits:
     loaded: int = 6  # models kept loaded
     val_items: int = 200  # validation items that units are ranked on
     test_items: int = 2_000  # test items searched for the hardest ones (evaluate scores ~50k chars/s on 2 cores)
+    test_chars: int = 1_000_000  # and their characters at most: the search holds an analysis slot until done
     hardest: int = 20  # hardest items listed
     span_units: int = 10  # units a span search lists, and the heatmap shows
     request_s: float = 10.0  # to send a whole request (line, headers, body), and the socket timeout
@@ -398,10 +403,10 @@ class App:
             "spans",
             lambda v: (
                 isinstance(v, list)
-                and 0 < len(v) <= 1000
+                and 0 < len(v) <= self.limits.text
                 and all(isinstance(x, list) and len(x) == 3 and all(_is_int(i) for i in x) for x in v)
             ),
-            "a list of [item, start, end] character ranges",
+            f"a list of 1 to {self.limits.text:,} [item, start, end] character ranges",
         )
         masks = [np.zeros(len(item), dtype=bool) for item in items]
         for item, start, end in spans:
@@ -425,19 +430,18 @@ class App:
         return self._analysis(compute)
 
     def _val_items(self) -> list[str] | None:
-        from charlm.core.data import item_bounds, load_packed
-        from charlm.core.vocab import EOS_ID, Vocab
+        """The first `Limits.val_items` validation items no longer than Read takes, or None without packed data."""
+        from charlm.core.data import item_bounds
+        from charlm.core.vocab import EOS_ID
 
-        if not (paths.PACKED / "meta.json").is_file() or not paths.VOCAB.is_file():
-            return None
         try:
-            stream = load_packed(paths.PACKED).streams["val"]
-            vocab = Vocab.load(paths.VOCAB)
-        except CharlmError:
+            stream, vocab = self._split("val")
+        except HTTPError:
             return None
         starts, lengths = item_bounds(stream, EOS_ID)
-        n = min(len(starts), self.limits.val_items)
-        return [vocab.decode(stream[s : s + n_].tolist()) for s, n_ in zip(starts[:n], lengths[:n], strict=True)]
+        keep = lengths <= self.limits.text
+        starts, lengths = starts[keep][: self.limits.val_items], lengths[keep][: self.limits.val_items]
+        return [vocab.decode(stream[s : s + n_].tolist()) for s, n_ in zip(starts, lengths, strict=True)]
 
     def units(self, body: dict) -> dict:
         from charlm.core import inspection
@@ -446,7 +450,7 @@ class App:
         model_id = _field(body, "model", lambda v: isinstance(v, str) and 0 < len(v) <= 300, "a model id")
         model, vocab, _ = self.load(model_id)
         layer, kind = self._layer_kind(body, model)
-        key = (model_id, id(model), layer, kind)
+        key = (model_id, id(model), layer, kind, self._split_stamp())
 
         def compute() -> dict:
             items = self._val_items()
@@ -464,21 +468,49 @@ class App:
 
         return self._kept(key, compute)
 
-    def _test_split(self):
-        """(the packed test stream, the vocabulary), or a 404 that says how to make them."""
+    def _split(self, name: str):
+        """(a packed split of the workspace, the vocabulary), or a 404 that says how to make them. The files may
+        come from a shared remote: every id must name a symbol of the vocabulary before any model reads it (on
+        CUDA an id past the embedding is a device-side assert, which breaks every model of the process)."""
+        import numpy as np
+
         from charlm.core.data import load_packed
         from charlm.core.vocab import Vocab
 
-        missing = f"no packed test data here; run `dvc repro pack` (it writes {paths.PACKED} and {paths.VOCAB})"
+        fix = "run `dvc repro pack`"
+        missing = f"no packed data here; {fix} (it writes {paths.PACKED} and {paths.VOCAB})"
         if not (paths.PACKED / "meta.json").is_file() or not paths.VOCAB.is_file():
             raise HTTPError(404, missing)
         try:
-            return load_packed(paths.PACKED).streams["test"], Vocab.load(paths.VOCAB)
+            stream, vocab = load_packed(paths.PACKED).streams[name], Vocab.load(paths.VOCAB)
         except CharlmError as e:
             raise HTTPError(404, f"{e}") from None
+        if not np.issubdtype(stream.dtype, np.integer) or (
+            len(stream) and not 0 <= int(stream.min()) <= int(stream.max()) < len(vocab)
+        ):
+            raise HTTPError(
+                409, f"{paths.PACKED / name}.npy holds ids outside the vocabulary of {paths.VOCAB}; {fix} again"
+            )
+        return stream, vocab
+
+    def _split_stamp(self) -> tuple:
+        """What the packed data is now: a cached answer about it is stale once `dvc repro pack` or `dvc checkout`
+        rewrites it."""
+        stamp: list[tuple[int, int] | None] = []
+        for path in (paths.VOCAB, *(paths.PACKED / f for f in ("meta.json", "val.npy", "test.npy"))):
+            try:
+                st = path.stat()
+                stamp.append((st.st_mtime_ns, st.st_size))
+            except OSError:
+                stamp.append(None)
+        return tuple(stamp)
 
     def hardest(self, query: dict) -> dict:
-        """The workspace's test items that a model finds most surprising, by the evaluation protocol."""
+        """The workspace's test items that a model finds most surprising, by the evaluation protocol. Items longer
+        than Read takes are left out (a click on one could not show it), and the search stops after
+        `Limits.test_items` items or `Limits.test_chars` characters."""
+        import numpy as np
+
         from charlm.core import inspection
         from charlm.core.data import item_bounds
         from charlm.core.vocab import EOS_ID
@@ -487,27 +519,29 @@ class App:
         if not 0 < len(model_id) <= 300:
             raise HTTPError(400, "model must name a model, such as workspace")
         model, model_vocab, _ = self.load(model_id)
-        stream, vocab = self._test_split()
+        stream, vocab = self._split("test")
         if list(vocab.itos) != list(model_vocab.itos):
             raise HTTPError(
                 409, f"model {model_id!r} was trained on another vocabulary than the workspace's test split"
             )
-        key = ("hardest", model_id, id(model))
-        starts, lengths = item_bounds(stream, EOS_ID)
-        n = self.limits.test_items
+        limits = self.limits
 
         def compute() -> dict:
-            ranked = inspection.hardest_items(model, stream, 64, self.device, items=n)[: self.limits.hardest]
+            starts, lengths = item_bounds(stream, EOS_ID)
+            shown = np.flatnonzero(lengths <= limits.text)
+            within = np.cumsum(lengths[shown]) <= limits.test_chars
+            which = shown[: min(limits.test_items, int(within.sum()))]
+            ranked = inspection.hardest_items(model, stream, 64, self.device, which=which)[: limits.hardest]
             return {
                 "items": [
                     {**h, "text": vocab.decode(stream[starts[h["index"]] : starts[h["index"]] + h["chars"]].tolist())}
                     for h in ranked
                 ],
-                "searched": min(n, len(starts)),
+                "searched": len(which),
                 "total": len(starts),
             }
 
-        return self._kept(key, compute)
+        return self._kept(("hardest", model_id, id(model), self._split_stamp()), compute)
 
     def test_item(self, query: dict) -> dict:
         from charlm.core.data import item_bounds
@@ -517,7 +551,7 @@ class App:
         # ASCII digits only: str.isdigit() also takes '²' and other digits that int() refuses.
         if seed_text is not None and not re.fullmatch(r"[0-9]{1,18}", seed_text):
             raise HTTPError(400, "seed must be a whole number >= 0")
-        stream, vocab = self._test_split()
+        stream, vocab = self._split("test")
         starts, lengths = item_bounds(stream, EOS_ID)
         if not len(starts):
             raise HTTPError(404, f"the packed test split in {paths.PACKED} holds no item; run `dvc repro pack`")
@@ -581,7 +615,10 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
 
     def _json(self, status: int, obj: Any) -> None:
-        data = json.dumps(obj, ensure_ascii=False, allow_nan=False).encode("utf-8")
+        try:
+            data = json.dumps(obj, ensure_ascii=False, allow_nan=False).encode("utf-8")
+        except ValueError:  # JSON has no NaN: a model's numbers overflowed, though its file holds finite ones
+            raise HTTPError(422, NOT_FINITE) from None
         self._headers(status, "application/json", len(data))
         if self.command != "HEAD":
             self.wfile.write(data)

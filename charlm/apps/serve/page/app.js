@@ -331,17 +331,29 @@ async function write(event) {
   });
 }
 
+const CONTROL = /[\u0000-\u001f\u007f-\u009f]/;
+
 function shellWord(word) {
-  // POSIX single quotes keep every character as it is; a quote inside is closed, escaped and reopened.
-  return /^[A-Za-z0-9_.,:\/=+-]+$/.test(word) ? word : "'" + word.replace(/'/g, "'\\''") + "'";
+  // POSIX single quotes keep every character as it is; a quote inside is closed, escaped and reopened. A word
+  // holding control characters is written as $'...' with them escaped: pasted raw, ESC [201~ would end the
+  // terminal's bracketed paste and run what follows. A bare word may not start with = or ~, which zsh expands.
+  if (/^[A-Za-z0-9_.,:\/+-][A-Za-z0-9_.,:\/=+-]*$/.test(word)) return word;
+  if (!CONTROL.test(word)) return "'" + word.replace(/'/g, "'\\''") + "'";
+  return "$'" + [...word].map((c) => {
+    const code = c.codePointAt(0);
+    if (c === "\\" || c === "'") return "\\" + c;
+    if (code < 0x20 || code === 0x7f) return "\\x" + code.toString(16).padStart(2, "0");
+    if (code >= 0x80 && code <= 0x9f) return "\\u" + code.toString(16).padStart(4, "0");
+    return c;
+  }).join("") + "'";
 }
 
 function showCommand(body, seed) {
   // The `charlm generate` line that writes the same text: one per model, since the command takes one model.
+  // Every option is one --flag=value word, so a prompt that starts with "-" stays a value.
   const lines = body.models.map((id) => {
-    const args = ["charlm", "generate", "--prompt", body.prompt, "--temperature", String(body.temperature),
-      "--top-k", String(body.top_k), "--top-p", String(body.top_p), "--length", String(body.length),
-      "--seed", String(seed)];
+    const args = ["charlm", "generate", "--prompt=" + body.prompt, "--temperature=" + body.temperature,
+      "--top-k=" + body.top_k, "--top-p=" + body.top_p, "--length=" + body.length, "--seed=" + seed];
     if (!body.stop_at_eos) args.push("--no-stop-at-eos");
     args.push(...(modelById(id).cli || []));
     return args.map(shellWord).join(" ");
@@ -732,10 +744,17 @@ function rememberSelection() {
 }
 
 function occurrences(items, piece) {
+  // Positions in characters (code points), as the server and the spans count them, not in UTF-16 units.
+  const want = [...piece];
   const spans = [];
+  if (!want.length) return spans;
   items.forEach((text, item) => {
-    for (let at = text.indexOf(piece); at >= 0; at = text.indexOf(piece, at + piece.length)) {
-      spans.push([item, at, at + piece.length]);
+    const chars = [...text];
+    for (let at = 0; at + want.length <= chars.length; at++) {
+      if (want.every((c, k) => chars[at + k] === c)) {
+        spans.push([item, at, at + want.length]);
+        at += want.length - 1;
+      }
     }
   });
   return spans;
