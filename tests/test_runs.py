@@ -320,3 +320,148 @@ def test_live_reads_the_layout_of_the_installed_dvc(tmp_path):
     info.status = TaskStatus.SUCCESS
     info.dump_json(info_file)
     assert queue.live("exp-a", tmp_path / ".dvc") is None
+
+
+# --------------------------------------------------------------------------- over HTTP
+
+
+class Server:
+    """`charlm serve` in a thread, in the current directory (the repository)."""
+
+    def __init__(self, host: str = "127.0.0.1", read_only: bool = False):
+        from charlm.apps.serve import server as srv
+
+        self.server = srv.make_server([], host=host, port=0, device="cpu", read_only=read_only)
+        self.port = self.server.server_address[1]
+        self.token = self.server.app.token
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def request(self, method: str, path: str, body=None, headers: dict | None = None, token: str | None = None):
+        token = self.token if token is None else token
+        if token:
+            path += ("&" if "?" in path else "?") + "token=" + urllib.parse.quote(token)
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+        all_headers = {"Content-Type": "application/json", **(headers or {})}
+        conn.request(method, path, body=None if body is None else json.dumps(body).encode(), headers=all_headers)
+        resp = conn.getresponse()
+        data = json.loads(resp.read().decode())
+        conn.close()
+        return resp.status, data
+
+
+ACTIONS = [
+    ("/api/runs/queue", {"name": "x", "values": {"train.seed": "7"}}),
+    ("/api/runs/start", {"jobs": 1}),
+    ("/api/runs/kill", {"name": "x"}),
+    ("/api/runs/remove", {"name": "x"}),
+    ("/api/runs/logs", {"name": "x"}),
+    ("/api/runs/compare", {"names": ["x", "y"]}),
+    ("/api/runs/watch", {}),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["--read-only", "beyond loopback"])
+def test_a_read_only_server_refuses_every_run_request(repo, how):
+    """`--read-only`, and any server listening beyond loopback (with its token), refuse every request of the Run
+    part, and the form says it is read-only (the page hides the part); nothing is queued."""
+    queue.queue("waiting", {"train.seed": "1"})
+    before = (snapshot(repo), states())
+    server = Server(read_only=True) if how == "--read-only" else Server(host="0.0.0.0")
+    try:
+        assert server.request("GET", "/api/runs/form") == (
+            200, {"read_only": True, "fields": [], "base": None, "max_queued": queue.MAX_QUEUED, "cores": 0})
+        for path, body in ACTIONS + [("/api/runs/kill", {"name": "waiting"}), ("/api/runs/remove",
+                                                                              {"name": "waiting"})]:  # fmt: skip
+            status, answer = server.request("POST", path, body)
+            assert (status, answer["error"].split(" (")[0]) == (403, "this playground is read-only"), path
+        assert server.request("GET", "/api/runs/streams/0123/events")[0] == 403
+    finally:
+        server.close()
+    assert (snapshot(repo), states()) == before
+
+
+@pytest.mark.slow
+def test_run_requests_pass_the_server_s_cross_site_checks(repo):
+    """A queueing request without JSON, from another origin, from a cross-site page, for another host, or without
+    the token is refused, and queues nothing; the same request from the page queues."""
+    before = (snapshot(repo), states())
+    server = Server()
+    body = {"name": "ok", "values": {"train.seed": "7"}}
+    try:
+        for headers, status in [
+            ({"Content-Type": "text/plain"}, 415),
+            ({"Origin": "http://evil.example"}, 403),
+            ({"Sec-Fetch-Site": "cross-site"}, 403),
+            ({"Host": "evil.example"}, 403),
+        ]:
+            assert server.request("POST", "/api/runs/queue", body, headers=headers)[0] == status, headers
+        assert server.request("GET", "/api/runs/form", headers={"Content-Type": "text/plain"})[0] == 403
+        assert (snapshot(repo), states()) == before
+        status, answer = server.request("POST", "/api/runs/queue", body, headers={"Origin": f"http://127.0.0.1:{server.port}"})
+        assert (status, answer) == (200, {"queued": ["ok"]})
+    finally:
+        server.close()
+    tokened = Server(host="0.0.0.0")
+    try:
+        status, answer = tokened.request("GET", "/api/runs/form", token="wrong")
+        assert status == 403 and "token" in answer["error"]
+    finally:
+        tokened.close()
+
+
+@pytest.mark.slow
+def test_the_form_queue_and_stream_over_http(repo):
+    """The form holds every declared key with params.yaml's value, a bad value is the stage's own line with
+    nothing queued, a sweep queues one experiment per value, and the watched stream pushes the new state."""
+    server = Server()
+    try:
+        status, answer = server.request("GET", "/api/runs/form")
+        assert status == 200 and not answer["read_only"]
+        fields = {f["key"]: f for f in answer["fields"]}
+        assert fields["model.hidden"]["value"] == "32" and fields["model.hidden"]["ge"] == 1
+        status, answer = server.request("POST", "/api/runs/queue", {"name": "b", "values": {"train.lr": "yes"}})
+        assert (status, answer["error"]) == (400, "train: error: params.yaml: train.lr = 'yes' (a string): "
+                                                  "expected a number")  # fmt: skip
+        assert "b" not in states()
+        status, answer = server.request("POST", "/api/runs/queue", {"name": "s", "values": {"model.hidden": "8,12"}})
+        assert (status, answer) == (200, {"queued": ["s-1", "s-2"]})
+        status, answer = server.request("POST", "/api/runs/queue", {"name": "s-1", "values": {"train.seed": "3"}})
+        assert status == 400 and "already used" in answer["error"]
+        stream = server.request("POST", "/api/runs/watch", {})[1]["stream"]
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        conn.request("GET", f"/api/runs/streams/{stream}/events")
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.getheader("Content-Type").startswith("text/event-stream")
+        event = resp.fp.readline().decode() + resp.fp.readline().decode()
+        conn.close()
+        assert event.startswith("event: state\ndata: ")
+        rows = {r["name"]: r for r in json.loads(event.split("data: ", 1)[1])["experiments"]}
+        assert rows["s-1"]["state"] == rows["s-2"]["state"] == "Queued"
+        assert rows["s-2"]["params"] == {"model.hidden": 12}
+    finally:
+        server.close()
+
+
+@pytest.mark.slow
+def test_compare_marks_what_differs(repo):
+    from charlm.apps.serve import runs
+
+    for name, seed in (("a", "1"), ("b", "2")):
+        subprocess.run([str(Path(sys.executable).parent / "dvc"), "exp", "run", "-q", "-n", name, "-S",
+                        f"train.seed={seed}", "-S", "train.max_steps=5"], check=True, env=queue.env(),
+                       capture_output=True, timeout=600)  # fmt: skip
+    out = runs.compare(["a", "b"])
+    rows = {r["key"]: r for r in out["rows"]}
+    assert rows["train.seed"] == {"key": "train.seed", "kind": "param", "values": [1, 2], "differs": True}
+    assert rows["model.hidden"]["differs"] is False
+    assert rows["test_bpc"]["kind"] == "metric" and rows["test_bpc"]["differs"]
+    shown = json.loads(subprocess.run([str(Path(sys.executable).parent / "dvc"), "exp", "show", "--json"],
+                                      capture_output=True, text=True, check=True).stdout)  # fmt: skip
+    assert rows["test_bpc"]["values"] == [pytest.approx(test_bpc_of(shown, n), abs=1e-9) for n in ("a", "b")]
+    assert out["rows"][0]["differs"] and out["rows"][0]["kind"] == "param"  # what differs comes first
+    assert not any("/" in r["key"] and r["kind"] == "metric" and ":" not in r["key"] for r in out["rows"])
