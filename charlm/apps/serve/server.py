@@ -84,6 +84,7 @@ PAGE_FILES = {
     "app.js": "text/javascript; charset=utf-8",
     "style.css": "text/css; charset=utf-8",
     "icon.svg": "image/svg+xml",
+    "run.js": "text/javascript; charset=utf-8",  # the Run part (runs.py)
 }
 UNITS_KEPT = 64  # rankings of (model, layer, kind) kept; each is a short list
 SURROGATE = re.compile("[\ud800-\udfff]")  # JSON can carry one alone; it cannot be encoded as UTF-8
