@@ -124,10 +124,10 @@ def test_queue_watch_kill_finish_and_compare_in_the_page(browser, served):
         time.sleep(0.3)
         fits(page, width)
         if keep:  # the form's end, the queue and the running experiment's curve
-            top, bottom = (page.locator(s).bounding_box() for s in ("#run-queue", "#run-live"))
+            top, bottom = page.evaluate("""() => [document.querySelector('#run-queue').getBoundingClientRect().top,
+                document.querySelector('#run-live').getBoundingClientRect().bottom].map((y) => y + window.scrollY)""")
             page.screenshot(path=str(Path(keep) / f"run-live-{width}.png"), full_page=True,
-                            clip={"x": 0, "y": top["y"] - 10, "width": width,
-                                  "height": bottom["y"] + bottom["height"] - top["y"] + 20})  # fmt: skip
+                            clip={"x": 0, "y": top - 10, "width": width, "height": bottom - top + 20})
     page.set_viewport_size({"width": 1280, "height": 900})
 
     row(page, "long").get_by_role("button", name="Kill long").click()

@@ -255,10 +255,10 @@ def test_the_queue_runs_with_threads_shared_is_watched_live_and_killed(repo):
 
     queue.kill("long")
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and states().get("long") == "Running" or states().get("short") != "Success":
-        assert time.monotonic() < deadline, states()
+    while (now_states := states()).get("long") == "Running" or now_states.get("short") != "Success":
+        assert time.monotonic() < deadline, now_states
         time.sleep(1)
-    assert states()["long"] == "Failed"
+    assert now_states["long"] == "Failed"
     assert queue.live("long") is None
     assert "train: interrupted; checkpoint saved" in queue.logs("long")
     row = next(r for r in queue.experiments() if r["name"] == "short")
@@ -402,7 +402,8 @@ def test_run_requests_pass_the_server_s_cross_site_checks(repo):
             assert server.request("POST", "/api/runs/queue", body, headers=headers)[0] == status, headers
         assert server.request("GET", "/api/runs/form", headers={"Content-Type": "text/plain"})[0] == 403
         assert (snapshot(repo), states()) == before
-        status, answer = server.request("POST", "/api/runs/queue", body, headers={"Origin": f"http://127.0.0.1:{server.port}"})
+        origin = {"Origin": f"http://127.0.0.1:{server.port}"}
+        status, answer = server.request("POST", "/api/runs/queue", body, headers=origin)
         assert (status, answer) == (200, {"queued": ["ok"]})
     finally:
         server.close()
@@ -465,3 +466,34 @@ def test_compare_marks_what_differs(repo):
     assert rows["test_bpc"]["values"] == [pytest.approx(test_bpc_of(shown, n), abs=1e-9) for n in ("a", "b")]
     assert out["rows"][0]["differs"] and out["rows"][0]["kind"] == "param"  # what differs comes first
     assert not any("/" in r["key"] and r["kind"] == "metric" and ":" not in r["key"] for r in out["rows"])
+
+
+@pytest.mark.slow
+def test_a_run_can_start_from_a_finished_experiment_s_params(repo):
+    """Starting from an experiment: its params that differ from the workspace's are applied with -S over HEAD's
+    code, and the form's changes on top of them."""
+    # --temp: a plain `dvc exp run` would leave its params in the workspace, and then nothing would differ.
+    subprocess.run([str(Path(sys.executable).parent / "dvc"), "exp", "run", "--temp", "-q", "-n", "a", "-S",
+                    "train.seed=1", "-S", "train.max_steps=5"], check=True, env=queue.env(), capture_output=True,
+                   timeout=600)  # fmt: skip
+    assert queue.base_values("a") == {"train.seed": "1", "train.max_steps": "5"}
+    assert queue.base_values(None) == {}
+    before = snapshot(repo)
+    assert queue.queue("from-a", {"train.max_steps": "7", "model.hidden": "8"}, base="a") == ["from-a"]
+    row = next(r for r in queue.experiments() if r["name"] == "from-a")
+    assert row["params"] == {"train.seed": 1, "train.max_steps": 7, "model.hidden": 8}
+    assert snapshot(repo) == before
+    with pytest.raises(CharlmError, match="cannot read the params of 'nope'"):
+        queue.base_values("nope")
+
+
+def test_outside_a_repository_the_form_is_empty_and_not_an_error(tmp_path, monkeypatch):
+    """Model files served from a folder that is no charlm repository: nothing to queue, so the page hides the part
+    without an error."""
+    monkeypatch.chdir(tmp_path)
+    server = Server()
+    try:
+        assert server.request("GET", "/api/runs/form") == (
+            200, {"read_only": False, "fields": [], "base": None, "max_queued": queue.MAX_QUEUED, "cores": 0})
+    finally:
+        server.close()

@@ -20,20 +20,22 @@ import re
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from charlm.base.errors import CharlmError
 from charlm.pipeline import form, params, paths
+from charlm.pipeline.experiments import _DVC_LOCK, check_rev
 
 MAX_QUEUED = 16  # experiments waiting in the queue at once, all requests together
 LOG_LINES = 40  # last lines of a log shown
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
 PREPARING_STATUS, RUNNING_STATUS = 1, 2  # DVC's TaskStatus in an executor's info file (private layout: live())
 STATES = ("Queued", "Running", "Success", "Failed")
-_LOCK = threading.Lock()  # one DVC command at a time from this process
+# One DVC call at a time in this process, in-process (the Models list's) or a `dvc` command: DVC's repository lock
+# would refuse the second, and its in-process state is not safe to share between threads.
+_LOCK = _DVC_LOCK
 _BIN = Path(sys.executable).parent
 
 
@@ -93,14 +95,35 @@ def _plain(value: Any) -> Any:
     return value
 
 
+# dvc.api.exp_show() in a child process: in-process, it hung for good once (reading a git blob of a run that was
+# ending), and a hung call here would hold the lock and freeze the Run part; a child can be given up on.
+_EXP_SHOW = "import dvc.api, json, sys; json.dump(dvc.api.exp_show(force=True), sys.stdout, default=str)"
+
+
+def exp_show(timeout: float = 60) -> list[dict]:
+    """`dvc.api.exp_show()`: one flat row per revision and experiment, DVC's documented table."""
+    with _LOCK:
+        for attempt in range(2):
+            try:
+                proc = subprocess.run([sys.executable, "-c", _EXP_SHOW], capture_output=True, text=True,
+                                      timeout=timeout, env=env())  # fmt: skip
+            except subprocess.TimeoutExpired:
+                if attempt == 1:
+                    raise CharlmError(f"reading the experiments took over {timeout:.0f} s twice; try again") from None
+                continue
+            if proc.returncode == 0:
+                return json.loads(proc.stdout)
+            if attempt == 1 or "lock" not in proc.stderr.lower():
+                raise CharlmError(f"the experiments could not be read ({_first_error(proc.stderr)})")
+            time.sleep(0.5)
+    raise AssertionError("unreachable")
+
+
 def experiments() -> list[dict]:
     """Every experiment of `dvc.api.exp_show()` (queued, running, failed or finished) as {name, rev, state,
     executor, created, val_bpc, test_bpc, params}: state from its State column (a finished one has none: Success),
     params those that differ from the workspace's (as exp_show gives them)."""
-    import dvc.api
-
-    with _LOCK:
-        rows = dvc.api.exp_show(force=True)
+    rows = exp_show()
     workspace: dict = next((r for r in rows if r.get("rev") == "workspace"), {})
     # exp_show names a column by its key alone unless two files share it: params.yaml's keys, in either spelling
     ours = form.flat(params.read_yaml())
@@ -118,8 +141,9 @@ def experiments() -> list[dict]:
                 "state": state if state in STATES else str(state),
                 "executor": row.get("Executor"),
                 "created": row.get("Created"),
-                "val_bpc": _number(row, "val.bpc"),
-                "test_bpc": _number(row, "test_bpc"),
+                # A running experiment's row holds its live val bpc but the baseline's test bpc: that one is left out.
+                "val_bpc": _number(row, "val.bpc") if state in ("Running", "Success") else None,
+                "test_bpc": _number(row, "test_bpc") if state == "Success" else None,
                 "params": {k: _plain(row.get(c)) for k, c in param_keys.items() if row.get(c) != workspace.get(c)},
             }
         )
@@ -155,8 +179,6 @@ def base_values(rev: str | None) -> dict[str, str]:
     if rev is None:
         return {}
     import dvc.api
-
-    from charlm.pipeline.experiments import check_rev
 
     try:
         with _LOCK:

@@ -2,7 +2,8 @@
 as Server-Sent Events, and a comparison of finished experiments. The work is `charlm.pipeline.form` and
 `charlm.pipeline.queue`; this module only carries it over HTTP.
 
-GET  /api/runs/form[?base=<experiment>] -> {"read_only", "fields": [...], "base", "max_queued", "cores"}
+GET  /api/runs/form[?base=<experiment>] -> {"read_only", "fields": [...], "base", "max_queued", "cores"}; no
+     fields outside a DVC repository with a params.yaml (the page then hides the Run part, as when read-only)
 POST /api/runs/queue   {"name": str, "values": {key: -S text}, "base": experiment|null} -> {"queued": [names]}
 POST /api/runs/start   {"jobs": int} -> {"jobs": int}
 POST /api/runs/kill    {"name": str} -> {"killed": name};  POST /api/runs/remove {"name": str} -> {"removed": name}
@@ -23,6 +24,7 @@ import secrets
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from charlm.base.errors import CharlmError
@@ -83,6 +85,9 @@ class Runs:
     def form(self, query: dict) -> dict:
         if self.read_only:
             return {"read_only": True, "fields": [], "base": None, "max_queued": queue.MAX_QUEUED, "cores": 0}
+        if not (Path(".dvc").is_dir() and Path(params.PARAMS_FILE).is_file()):
+            # Model files served outside a charlm repository: there is nothing to queue, and nothing is wrong.
+            return {"read_only": False, "fields": [], "base": None, "max_queued": queue.MAX_QUEUED, "cores": 0}
         base = query.get("base", [""])[-1] or None
 
         def build() -> dict:
@@ -202,12 +207,9 @@ class Runs:
 def compare(names: list[str]) -> dict:
     """Params and metrics of experiments side by side, as `dvc exp diff` shows them, each row marked when the
     experiments differ on it; deps' hashes are left out."""
-    import dvc.api
-
     for name in names:
         queue.check_name(name)
-    with queue._LOCK:
-        rows = dvc.api.exp_show(force=True)
+    rows = queue.exp_show()
     by_name = {r.get("Experiment"): r for r in rows if r.get("Experiment")}
     missing = [n for n in names if n not in by_name]
     if missing:

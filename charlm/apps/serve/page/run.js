@@ -11,6 +11,7 @@ const run = {
   states: {},        // name -> last state seen, to notice one that finishes
   source: null,      // the EventSource
   ticked: [],        // names ticked for comparison, in the order they were ticked
+  compared: null,    // the comparison's curves, drawn again when the width changes
 };
 
 const RUN_COLOURS = ["#0072b2", "#e69f00", "#009e73", "#cc79a7"];
@@ -18,7 +19,7 @@ const RUN_COLOURS = ["#0072b2", "#e69f00", "#009e73", "#cc79a7"];
 async function runForm() {
   const q = run.base ? "?base=" + encodeURIComponent(run.base) : "";
   const data = await api("/api/runs/form" + q);
-  if (data.read_only) {  // --read-only, or a server beyond loopback: no Run part at all
+  if (data.read_only || !data.fields.length) {  // --read-only, beyond loopback, or no repository: no Run part
     $("run").hidden = true;
     $("run-link").hidden = true;
     return false;
@@ -218,7 +219,9 @@ function plot(series, width) {
   add("line", { x1: L, y1: H - B, x2: W - R, y2: H - B, class: "axis" });
   add("line", { x1: L, y1: T, x2: L, y2: H - B, class: "axis" });
   for (const y of [y0, (y0 + y1) / 2, y1]) add("text", { x: L - 4, y: sy(y) + 4, "text-anchor": "end" }, y.toFixed(2));
-  for (const x of [x0, x1]) add("text", { x: sx(x), y: H - B + 16, "text-anchor": "middle" }, String(Math.round(x)));
+  // The first step's label starts at the axis and the last one ends at the plot's edge, so neither is cut.
+  add("text", { x: sx(x0), y: H - B + 16, "text-anchor": "start" }, String(Math.round(x0)));
+  add("text", { x: sx(x1), y: H - B + 16, "text-anchor": "end" }, String(Math.round(x1)));
   add("text", { x: (L + W - R) / 2, y: H - 2, "text-anchor": "middle" }, "step");
   for (const s of series) {
     if (!s.points.length) continue;
@@ -255,10 +258,17 @@ async function compareRuns() {
     series.push({ label: c.label + " val", colour: RUN_COLOURS[i], points: c.val || [] });
   });
   out.replaceChildren();
-  if (series.some((s) => s.points.length)) out.append(plot(series, out.clientWidth));
+  run.compared = series.some((s) => s.points.length) ? series : null;
+  out.append(el("div", { id: "run-compare-plot" }));
+  drawCompared();
   out.append(el("p", { class: "note", text: "Dashed: train; solid: validation. ≠ marks what differs." }),
     table(differ, `${differ.length} params and metrics differ`),
     el("details", {}, el("summary", { text: `${same.length} are the same` }), table(same, "the same in each")));
+}
+
+function drawCompared() {
+  const box = $("run-compare-plot");
+  if (box && run.compared) box.replaceChildren(plot(run.compared, box.clientWidth));
 }
 
 function initRun() {
@@ -268,6 +278,13 @@ function initRun() {
     (d) => { $("run-status").textContent = `queue started with ${d.jobs} job${d.jobs > 1 ? "s" : ""}`; })));
   $("run-compare").addEventListener("click", () => guard(compareRuns));
   window.addEventListener("pagehide", () => { if (run.source) run.source.close(); });
+  let width = $("run").clientWidth;
+  window.addEventListener("resize", () => {  // plots are drawn at the width shown, so their text keeps its size
+    if ($("run").clientWidth === width) return;
+    width = $("run").clientWidth;
+    renderLive();
+    drawCompared();
+  });
   guard(async () => { if (await runForm()) await watchRuns(); });
 }
 
