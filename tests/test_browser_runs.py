@@ -51,7 +51,7 @@ def open_page(browser, url: str, width: int):
     page = context.new_page()
     problems: list[str] = []
     page.on("console", lambda m: m.type == "error" and problems.append(m.text))
-    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.on("pageerror", lambda e: problems.append(f"{e}: {e.stack}"))
     page.set_default_timeout(TIMEOUT_MS)
     page.goto(url)
     page.wait_for_selector("#run:not([hidden]) #run-fields input[data-key='model.hidden']")

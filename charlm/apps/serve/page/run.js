@@ -185,9 +185,11 @@ function renderLive() {
     } else {
       card.append(plot([{ label: "train", colour: RUN_COLOURS[0], points: live.train, dashed: true },
         { label: "val", colour: RUN_COLOURS[0], points: live.val }], box.clientWidth));
-      const last = live.train[live.train.length - 1];
-      card.append(el("p", { class: "note", text: `step ${last[0]}: train ${fmt(last[1])} bpc`
-        + (live.val.length ? `, val ${fmt(live.val[live.val.length - 1][1])} bpc` : "") }));
+      // Validation can come before the first train log (a fine-tune scores val at step 0): either may be empty.
+      const train = live.train[live.train.length - 1], val = live.val[live.val.length - 1];
+      const step = Math.max(train ? train[0] : -Infinity, val ? val[0] : -Infinity);
+      card.append(el("p", { class: "note", text: `step ${step}: `
+        + [train ? `train ${fmt(train[1])} bpc` : "", val ? `val ${fmt(val[1])} bpc` : ""].filter(Boolean).join(", ") }));
     }
     if (live && live.sample) card.append(el("pre", { class: "run-sample", text: `sample at step ${live.step}:\n` + visible(live.sample) }));
     box.append(card);
