@@ -80,6 +80,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from charlm.apps.serve import runs
 from charlm.apps.serve.jobs import Jobs, Request, TooMany, run
 from charlm.base.errors import CharlmError
 from charlm.core.device import pick_device
@@ -91,6 +92,7 @@ PAGE_FILES = {
     "app.js": "text/javascript; charset=utf-8",
     "style.css": "text/css; charset=utf-8",
     "icon.svg": "image/svg+xml",
+    "run.js": "text/javascript; charset=utf-8",  # the Run part (runs.py)
 }
 UNITS_KEPT = 64  # rankings of (model, layer, kind) and hardest-item lists kept; each is short
 NOT_FINITE = (
@@ -178,8 +180,11 @@ def _only(body: dict, allowed: set[str]) -> None:
 class App:
     """What the handlers share: the catalog of models, the loaded ones, jobs and caches of inspection results."""
 
-    def __init__(self, files: list[str], device, limits: Limits = Limits(), token: str | None = None):
+    def __init__(
+        self, files: list[str], device, limits: Limits = Limits(), token: str | None = None, read_only: bool = True
+    ):
         self.limits, self.token, self.device = limits, token, device
+        self.runs = runs.Runs(read_only)  # the Run part (runs.py): refuses every request when read-only
         self.catalog = experiments.Catalog(files)
         self.models = experiments.ModelCache(device, limits.loaded)
         self.jobs = Jobs(limits.generations)
@@ -725,6 +730,7 @@ class Handler(BaseHTTPRequestHandler):
             ("POST", "/api/units"): app.units,
             ("POST", "/api/span-units"): app.span_units,
         }
+        routes.update(runs.routes(app.runs, self, path, query))  # the Run part: charlm/apps/serve/runs.py
         if job is not None:
             routes[("GET", f"/api/jobs/{job}/events")] = lambda _: self._events(job)
             routes[("POST", f"/api/jobs/{job}/stop")] = lambda _: app.stop(job)
@@ -920,6 +926,7 @@ def make_server(
     port: int = 8000,
     device: str = "auto",
     limits: Limits = Limits(),
+    read_only: bool = False,
 ) -> Server:
     """Bind the server (not yet serving); a port in use, or a --model file that is not there, is a CharlmError."""
     for name in files:
@@ -928,7 +935,8 @@ def make_server(
         if not Path(name).is_file():  # a folder, or a pipe that would block the first request for ever
             raise CharlmError(f"--model {name}: not a regular file (a folder, a pipe or a device)")
     token = None if is_loopback(host) else secrets.token_urlsafe(24)
-    app = App(files, pick_device(device, "--device"), limits, token)
+    # Beyond loopback the Run part is always read-only: the token guards reading, not queueing work on this machine.
+    app = App(files, pick_device(device, "--device"), limits, token, read_only or token is not None)
     try:
         return Server((host, port), app)
     except OSError as e:
@@ -948,14 +956,14 @@ def few_malloc_arenas() -> None:
         ctypes.CDLL("libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX, before the first request thread starts
 
 
-def serve(files: list[str], host: str, port: int, device: str) -> None:
+def serve(files: list[str], host: str, port: int, device: str, read_only: bool = False) -> None:
     """`charlm serve`: print the URL, serve until Ctrl-C."""
     import warnings
 
     # A prompt's unseen characters read as <unk>, which the page can show; the warning would only fill the log.
     warnings.filterwarnings("ignore", message=r"prompt .* not in the vocabulary")
     few_malloc_arenas()
-    server = make_server(files, host, port, device)
+    server = make_server(files, host, port, device, read_only=read_only)
     if server.app.token:
         print(
             f"charlm: warning: serving on {host}, reachable from other machines; every request needs the token "
