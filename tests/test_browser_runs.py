@@ -16,22 +16,11 @@ import time
 from pathlib import Path
 
 import pytest
-from test_browser import _browser_or_skip, start_server, stop_server
+from test_browser import browser, start_server, stop_server  # noqa: F401  # browser: the module's Chromium, a fixture
 from test_runs import make_repo, snapshot, stop_workers, test_bpc_of
 
 pytestmark = pytest.mark.slow
 TIMEOUT_MS = 300_000  # a tiny experiment trains in seconds, but two jobs share two busy cores
-
-
-@pytest.fixture(scope="module")
-def browser():
-    executable = _browser_or_skip()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        instance = p.chromium.launch(executable_path=executable)
-        yield instance
-        instance.close()
 
 
 @pytest.fixture

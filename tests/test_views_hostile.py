@@ -15,19 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_serve import VOCAB, Running, tiny_model
+from test_browser import browser  # noqa: F401  # the module's Chromium, a fixture
+from test_serve import VOCAB, Running, one_thread_module, tiny_model  # noqa: F401  # one_thread_module: autouse
 
 from charlm.core.data import FORMAT, encode_items
 from charlm.core.model import CharRNN
 from charlm.pipeline import artifact
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread_module():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def write_split(root: Path, test: np.ndarray, vocab=VOCAB) -> None:
@@ -213,22 +206,9 @@ def page_server(tmp_path_factory):
     stop_server(proc)
 
 
-@pytest.fixture(scope="module")
-def chromium():
-    from test_browser import _browser_or_skip
-
-    executable = _browser_or_skip()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        instance = p.chromium.launch(executable_path=executable)
-        yield instance
-        instance.close()
-
-
 @pytest.fixture
-def page(chromium, page_server):
-    context = chromium.new_context(viewport={"width": 1000, "height": 900})
+def page(browser, page_server):
+    context = browser.new_context(viewport={"width": 1000, "height": 900})
     pg = context.new_page()
     errors: list[str] = []
     pg.on("pageerror", lambda e: errors.append(str(e)))
