@@ -72,9 +72,10 @@ def model_files(tmp_path_factory):
     return files
 
 
-def start_server(cwd: Path, models: list[Path]):
-    """`charlm serve --port 0` in `cwd`; returns (process, {"url", "origin", "token"}) once it prints its URL."""
-    cmd = [sys.executable, "-m", "charlm.apps.cli", "serve", "--port", "0", "--device", "cpu"]
+def start_server(cwd: Path, models: list[Path], *options: str):
+    """`charlm serve --port 0 [options]` in `cwd`; returns (process, {"url", "origin", "token"}) once it prints its
+    URL."""
+    cmd = [sys.executable, "-m", "charlm.apps.cli", "serve", "--port", "0", "--device", "cpu", *options]
     for path in models:
         cmd += ["--model", str(path)]
     env = dict(os.environ, PYTHONUNBUFFERED="1")

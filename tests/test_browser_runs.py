@@ -29,7 +29,7 @@ def served(tmp_path, monkeypatch):
     must still run this environment's `dvc`)."""
     repo = make_repo(tmp_path)
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
-    proc, info = start_server(repo, [])
+    proc, info = start_server(repo, [], "--run")
     yield repo, info
     stop_server(proc)
     stop_workers(repo)
@@ -154,10 +154,11 @@ def test_queue_watch_kill_finish_and_compare_in_the_page(browser, served):
 
 
 def test_a_read_only_page_has_no_run_part(browser, tmp_path):
-    """`--read-only`: the form answers that it is read-only, and the page hides the Run part and its link."""
+    """Without `--run` (the default): the form answers that it is read-only, and the page hides the Run part and its
+    link."""
     repo = make_repo(tmp_path)
-    proc = subprocess.Popen([sys.executable, "-m", "charlm.apps.cli", "serve", "--port", "0", "--device", "cpu",
-                             "--read-only"], cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "charlm.apps.cli", "serve", "--port", "0", "--device", "cpu"],
+                            cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:
         url = None
         while url is None:

@@ -365,13 +365,13 @@ ACTIONS = [
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["--read-only", "beyond loopback"])
+@pytest.mark.parametrize("how", ["without --run", "beyond loopback"])
 def test_a_read_only_server_refuses_every_run_request(repo, how):
-    """`--read-only`, and any server listening beyond loopback (with its token), refuse every request of the Run
-    part, and the form says it is read-only (the page hides the part); nothing is queued."""
+    """A server started without `--run`, and any server listening beyond loopback (with its token), refuse every
+    request of the Run part, and the form says it is read-only (the page hides the part); nothing is queued."""
     queue.queue("waiting", {"train.seed": "1"})
     before = (snapshot(repo), states())
-    server = Server(read_only=True) if how == "--read-only" else Server(host="0.0.0.0")
+    server = Server(read_only=True) if how == "without --run" else Server(host="0.0.0.0")
     try:
         assert server.request("GET", "/api/runs/form") == (
             200, {"read_only": True, "fields": [], "base": None, "max_queued": queue.MAX_QUEUED, "cores": 0})

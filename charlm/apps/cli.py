@@ -5,7 +5,7 @@ charlm generate --prompt "Today " --temperature 0.8 --length 300 [--model PATH] 
                 [--top-k K] [--top-p P] [-n COUNT] [--no-stop-at-eos] [--device auto|cpu|cuda]
 charlm plots [REV ...] [--out DIR] [--format png|svg]   # learning curves as files, offline
 charlm compare REV [REV ...]                            # samples of experiments side by side
-charlm serve [--model PATH]... [--port 8000] [--host 127.0.0.1] [--device auto|cpu|cuda] [--read-only]  # the web page
+charlm serve [--model PATH]... [--port 8000] [--host 127.0.0.1] [--device auto|cpu|cuda] [--run]  # the web page
 charlm doctor [--seconds 10]                            # what train does on this machine, and for how long
 """
 
@@ -161,9 +161,9 @@ def add_serve(sub) -> None:
     )
     sv.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="where to run the models (default: auto, CUDA when present)")  # fmt: skip
-    sv.add_argument("--read-only", action="store_true",
-                    help="refuse to queue, start, kill or remove experiments, and hide the Run part (always so "
-                         "beyond loopback)")  # fmt: skip
+    sv.add_argument("--run", action="store_true",
+                    help="show the Run part, which queues, starts, kills and removes experiments (off by default "
+                         "while its hostile review is open, see README; never beyond loopback)")  # fmt: skip
 
 
 def plots_command(args) -> None:
@@ -238,7 +238,7 @@ def generate_command(args) -> None:
 def serve_command(args) -> None:
     from charlm.apps.serve.server import serve  # imports torch and DVC: only for this command
 
-    serve(args.model, args.host, args.port, args.device, read_only=args.read_only)
+    serve(args.model, args.host, args.port, args.device, read_only=not args.run)
 
 
 def doctor_command(args) -> None:

@@ -12,7 +12,7 @@ POST /api/runs/compare {"names": [2..4 names]} -> {"names", "rows": [{"key", "ki
 POST /api/runs/watch   {} -> {"stream": id};  GET /api/runs/streams/<id>/events -> text/event-stream of
      event: state {"experiments": [...], "live": {name: {"train", "val", "sample", "step"}}}, when it changes
 
-Every request here is refused (403) by a read-only server: `--read-only`, or any server listening beyond loopback.
+Every request here is refused (403) by a read-only server: one started without `--run`, or any beyond loopback.
 They pass the server's cross-site checks (Host, Origin, token, and Content-Type: application/json on the POSTs).
 """
 
@@ -35,8 +35,8 @@ KEEPALIVE_S = 15.0  # a stream with no news sends a comment this often, which fi
 STREAMS = 32  # watch ids kept; an old one is forgotten
 META = {"Experiment", "rev", "typ", "Created", "parent", "State", "Executor"}
 READ_ONLY = (
-    "this playground is read-only (--read-only, or listening beyond loopback): queue experiments from a terminal "
-    "with `dvc exp run --queue`"
+    "this playground is read-only (started without --run, or listening beyond loopback): queue experiments from a "
+    "terminal with `dvc exp run --queue`"
 )
 
 

@@ -956,7 +956,7 @@ def few_malloc_arenas() -> None:
         ctypes.CDLL("libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX, before the first request thread starts
 
 
-def serve(files: list[str], host: str, port: int, device: str, read_only: bool = False) -> None:
+def serve(files: list[str], host: str, port: int, device: str, read_only: bool = True) -> None:
     """`charlm serve`: print the URL, serve until Ctrl-C."""
     import warnings
 

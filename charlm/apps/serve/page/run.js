@@ -19,7 +19,7 @@ const RUN_COLOURS = ["#0072b2", "#e69f00", "#009e73", "#cc79a7"];
 async function runForm() {
   const q = run.base ? "?base=" + encodeURIComponent(run.base) : "";
   const data = await api("/api/runs/form" + q);
-  if (data.read_only || !data.fields.length) {  // --read-only, beyond loopback, or no repository: no Run part
+  if (data.read_only || !data.fields.length) {  // no --run, beyond loopback, or no repository: no Run part
     $("run").hidden = true;
     $("run-link").hidden = true;
     return false;
