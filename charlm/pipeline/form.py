@@ -143,6 +143,8 @@ def help_texts(path: str | Path = params.PARAMS_FILE) -> dict[str, str]:
 def _quote(text: str) -> str:
     # Hydra's quoted value: a backslash is literal except before a quote (or a run of them before one).
     body = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", text)
+    # ... and OmegaConf resolves ${...} even in quotes: escaped as \${, the backslashes before it doubled.
+    body = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", body)
     body = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, body)
     return f"'{body}'"
 
@@ -226,8 +228,34 @@ def overrides_of(values: dict[str, str], known: set[str]) -> list[str]:
             raise CharlmError(f"{params.PARAMS_FILE}: unknown key {shown[:80]}; the form's fields are the keys to set")
         if not isinstance(text, str) or not text.strip() or len(text) > MAX_TEXT or not text.isprintable():
             raise CharlmError(f"{key}: the value must be one line of at most {MAX_TEXT} characters, as -S takes it")
+        if "${" in text:  # OmegaConf would resolve it: another key's value, or the server's environment (oc.env)
+            raise CharlmError(f"{key}: a value may not hold ${{...}}, which -S resolves (even the environment's)")
         out.append(f"{key}={text.strip()}")
     return out
+
+
+def _sweep_count(overrides: list[str]) -> int:
+    """How many experiments the overrides make, counted without making them: DVC builds every combination first,
+    and two `range(0,100000)` values are 10**10 of them. 0 when Hydra cannot read them (`sweeps` says why)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ChoiceSweep, RangeSweep
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:  # Hydra's grammar errors; get_hydra_sweeps reports them with their first line
+        return 0
+    count = 1
+    for override in parsed:
+        value = override.value() if override.is_sweep_override() else None
+        if isinstance(value, ChoiceSweep):
+            count *= len(value.list)
+        elif isinstance(value, RangeSweep):
+            start, stop, step = value.start or 0, value.stop or 0, value.step or 1
+            count *= max(0, math.ceil((stop - start) / step)) if step else MAX_SWEEP + 1
+        elif value is not None:  # an interval has no end of values
+            count *= MAX_SWEEP + 1
+        count = min(count, MAX_SWEEP + 1)  # past the cap the exact number does not matter, and may not fit
+    return count
 
 
 def sweeps(overrides: list[str]) -> list[list[str]]:
@@ -235,6 +263,9 @@ def sweeps(overrides: list[str]) -> list[list[str]]:
     values (DVC's own expansion), each a list of plain overrides."""
     from dvc.utils.hydra import get_hydra_sweeps
 
+    count = _sweep_count(overrides)
+    if count > MAX_SWEEP:
+        raise CharlmError(f"the values make {count:,} experiments; at most {MAX_SWEEP} at once")
     try:
         expanded = get_hydra_sweeps({params.PARAMS_FILE: overrides})
     except Exception as e:  # Hydra's grammar errors come in several kinds; the first line says what is wrong
