@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import io
 import json
 import math
 import os
 import re
+import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,9 @@ STATES = ("Queued", "Running", "Success", "Failed")
 # One DVC call at a time in this process, in-process (the Models list's) or a `dvc` command: DVC's repository lock
 # would refuse the second, and its in-process state is not safe to share between threads.
 _LOCK = _DVC_LOCK
+# One queueing at a time, from its checks (the name unused, room under MAX_QUEUED) to `dvc exp run --queue`: two
+# requests at once would both pass them. Readers of params.yaml take it too: queueing rewrites the file meanwhile.
+QUEUEING = threading.Lock()
 _BIN = Path(sys.executable).parent
 
 
@@ -196,6 +200,11 @@ def queue(name: Any, values: dict[str, str], base: str | None = None) -> list[st
     `name-2`, ... for a sweep, as DVC names them); the names queued. Every experiment is checked first, a name in
     use and more than MAX_QUEUED waiting are refused: nothing is queued then."""
     check_name(name)
+    with QUEUEING:
+        return _queue(name, values, base)
+
+
+def _queue(name: str, values: dict[str, str], base: str | None) -> list[str]:
     merged = {**base_values(base), **values}
     if not merged:
         raise CharlmError("nothing differs from the workspace's params; change a value first")
@@ -275,13 +284,37 @@ def worker_pids(root: Path | str = ".") -> list[int]:
 # --------------------------------------------------------------------------- live curves
 
 
-def _read_tsv(text: str, column: str) -> list[list[float]]:
+LIVE_BYTES = 1 << 20  # of a run's log file read, from its end: a page needs the curve's shape, not every row
+LIVE_POINTS = 2_000  # points of a live curve pushed to the page; a longer one is thinned, its last point kept
+
+
+def _tail(path: Path, limit: int = LIVE_BYTES) -> tuple[str, str]:
+    """(the first line, the last `limit` bytes after it) of a regular file, as text: a FIFO would block the reader,
+    a link could lead anywhere (/dev/zero, another user's file), and the run's folder is written by the run.
+    OSError otherwise."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        first = f.readline(4096)
+        start = max(f.tell(), os.fstat(fd).st_size - limit)
+        f.seek(start)
+        rest = f.read(limit)
+    if start > len(first):
+        rest = rest.partition(b"\n")[2]  # the first line of the tail is cut
+    return first.decode("utf-8", errors="replace").rstrip("\n"), rest.decode("utf-8", errors="replace")
+
+
+def _read_tsv(header: str, rows: str, column: str) -> list[list[float]]:
     points = []
-    for row in csv.DictReader(io.StringIO(text), delimiter="\t"):
+    for row in csv.DictReader([header, *rows.splitlines()], delimiter="\t"):
         with contextlib.suppress(KeyError, TypeError, ValueError, OverflowError):
             step, value = int(float(row["step"])), float(row[column])
             if math.isfinite(value):
                 points.append([step, value])
+    if len(points) > LIVE_POINTS:  # thinned evenly, the last point kept
+        every = math.ceil(len(points) / LIVE_POINTS)
+        points = points[::every] + ([points[-1]] if (len(points) - 1) % every else [])
     return points
 
 
@@ -294,7 +327,7 @@ def live(name: str, dvc_dir: Path | str = ".dvc") -> dict | None:
     experiment and `root_dir` the temporary copy it runs in, where DVCLive writes as in the workspace."""
     for info_file in Path(dvc_dir, "tmp", "exps", "run").glob("*/*.run"):
         try:
-            info = json.loads(info_file.read_text(encoding="utf-8"))
+            info = json.loads("\n".join(_tail(info_file)))
         except (OSError, ValueError):  # written as we read, or removed at the run's end
             continue
         if not isinstance(info, dict) or info.get("name") != name or not isinstance(info.get("root_dir"), str):
@@ -305,10 +338,9 @@ def live(name: str, dvc_dir: Path | str = ".dvc") -> dict | None:
         out: dict[str, Any] = {"train": [], "val": [], "sample": None, "step": None}
         for split in ("train", "val"):
             with contextlib.suppress(OSError, UnicodeDecodeError):
-                text = (root / paths.LIVE / "plots/metrics" / split / "bpc.tsv").read_text(encoding="utf-8")
-                out[split] = _read_tsv(text, "bpc")
+                out[split] = _read_tsv(*_tail(root / paths.LIVE / "plots/metrics" / split / "bpc.tsv"), "bpc")
         with contextlib.suppress(OSError, UnicodeDecodeError):
-            samples = (root / paths.TRAIN_SAMPLES).read_text(encoding="utf-8")
+            samples = "\n".join(_tail(root / paths.TRAIN_SAMPLES))
             if "\n## step " in samples:
                 head, _, body = samples.rpartition("\n## step ")[2].partition("\n")
                 out["step"], out["sample"] = int(head) if head.strip().isdigit() else None, body.strip()

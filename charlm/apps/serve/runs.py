@@ -33,6 +33,7 @@ from charlm.pipeline import form, params, queue
 POLL_S = 3.0  # how often the state is read while a page watches (exp_show takes about a second)
 KEEPALIVE_S = 15.0  # a stream with no news sends a comment this often, which finds a closed page
 STREAMS = 32  # watch ids kept; an old one is forgotten
+WATCHERS = 16  # pages watching at once: each holds a server thread while its stream is open
 META = {"Experiment", "rev", "typ", "Created", "parent", "State", "Executor"}
 READ_ONLY = (
     "this playground is read-only (started without --run, or listening beyond loopback): queue experiments from a "
@@ -59,7 +60,7 @@ class Runs:
 
     def __init__(self, read_only: bool):
         self.read_only = read_only
-        self._streams: OrderedDict[str, None] = OrderedDict()
+        self._streams: OrderedDict[str, bool] = OrderedDict()  # watch id -> a connection reads it now
         self._cond = threading.Condition()
         self._state: dict | None = None
         self._version = 0
@@ -91,8 +92,9 @@ class Runs:
         base = query.get("base", [""])[-1] or None
 
         def build() -> dict:
-            fields = form.schema()
-            for key, text in queue.base_values(base).items():
+            with queue.QUEUEING:  # not while a queueing rewrites params.yaml
+                fields, values = form.schema(), queue.base_values(base)
+            for key, text in values.items():
                 for f in fields:
                     if f["key"] == key:
                         f["value"] = text
@@ -142,7 +144,7 @@ class Runs:
         self._writable()
         stream = secrets.token_hex(16)
         with self._cond:
-            self._streams[stream] = None
+            self._streams[stream] = False
             while len(self._streams) > STREAMS:
                 self._streams.popitem(last=False)
         return {"stream": stream}
@@ -175,8 +177,13 @@ class Runs:
         """Send the state whenever it changes, until the page goes away."""
         self._writable()
         with self._cond:
-            if stream not in self._streams:
-                raise _error(404, f"unknown stream {stream!r}; POST /api/runs/watch for one")
+            # One connection per id at a time (the browser's own reconnection opens it again once the old one has
+            # ended), and WATCHERS in all: an id does not buy any number of threads.
+            if self._streams.get(stream, True):
+                raise _error(404, f"unknown stream {stream!r}, or one being read; POST /api/runs/watch for one")
+            if self._watchers >= WATCHERS:
+                raise _error(429, f"{WATCHERS} pages already watch the queue; close one, or retry in a moment")
+            self._streams[stream] = True
             self._watchers += 1
             if self._poller is None:
                 self._poller = threading.Thread(target=self._poll, name="charlm-runs", daemon=True)
@@ -202,6 +209,8 @@ class Runs:
         finally:
             with self._cond:
                 self._watchers -= 1
+                if stream in self._streams:
+                    self._streams[stream] = False
 
 
 def compare(names: list[str]) -> dict:
