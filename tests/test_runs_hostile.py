@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,12 @@ def repo(baseline, tmp_path, monkeypatch) -> Path:
     stop_workers(path)
 
 
-def post(port: int, path: str, body: dict, timeout: float = 120) -> tuple[int, dict]:
+def with_token(path: str, token: str | None) -> str:
+    return path + ("&" if "?" in path else "?") + "token=" + token if token else path
+
+
+def post(port: int, path: str, body: dict, timeout: float = 120, token: str | None = None) -> tuple[int, dict]:
+    path = with_token(path, token)
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     conn.request("POST", path, body=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     resp = conn.getresponse()
@@ -96,6 +102,7 @@ def test_a_value_cannot_read_the_server_s_environment(repo, monkeypatch):
             server.port,
             "/api/runs/queue",
             {"name": "leak", "values": {"train.sample_prompt": "${oc.env:CHARLM_HOSTILE_SECRET}"}},
+            token=server.token,
         )
         rows = queue.experiments() if status == 200 else []
     finally:
@@ -129,13 +136,13 @@ def test_a_string_with_an_interpolation_reads_back_the_same_through_dvc(tmp_path
 # --------------------------------------------------------------------------- 3. the cap and the name under a race
 
 
-def _concurrently(port: int, bodies: list[dict]) -> list[tuple[int, dict]]:
+def _concurrently(port: int, bodies: list[dict], token: str | None = None) -> list[tuple[int, dict]]:
     results: list = [None] * len(bodies)
     go = threading.Barrier(len(bodies))
 
     def one(i: int) -> None:
         go.wait()
-        results[i] = post(port, "/api/runs/queue", bodies[i], timeout=300)
+        results[i] = post(port, "/api/runs/queue", bodies[i], timeout=300, token=token)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(bodies))]
     for t in threads:
@@ -154,7 +161,7 @@ def test_concurrent_requests_cannot_reuse_a_name(repo):
     server = Server()
     try:
         results = _concurrently(server.port, [{"name": "twin", "values": {"train.seed": str(10 + i)}}
-                                              for i in range(4)])  # fmt: skip
+                                              for i in range(4)], server.token)  # fmt: skip
     finally:
         server.close()
     names = [r["name"] for r in queue.experiments()]
@@ -170,7 +177,8 @@ def test_concurrent_requests_cannot_pass_the_queue_cap(repo, monkeypatch):
     monkeypatch.setattr(queue, "MAX_QUEUED", 2)
     server = Server()
     try:
-        _concurrently(server.port, [{"name": f"cap{i}", "values": {"train.seed": str(20 + i)}} for i in range(4)])
+        bodies = [{"name": f"cap{i}", "values": {"train.seed": str(20 + i)}} for i in range(4)]
+        _concurrently(server.port, bodies, server.token)
     finally:
         server.close()
     waiting = [n for n, s in states().items() if s == "Queued"]
@@ -180,7 +188,8 @@ def test_concurrent_requests_cannot_pass_the_queue_cap(repo, monkeypatch):
 # --------------------------------------------------------------------------- 6. reads while DVC rewrites params.yaml
 
 
-def _get(port: int, path: str) -> tuple[int, dict]:
+def _get(port: int, path: str, token: str | None = None) -> tuple[int, dict]:
+    path = with_token(path, token)
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     conn.request("GET", path, headers={"Content-Type": "application/json"})
     resp = conn.getresponse()
@@ -202,7 +211,7 @@ def test_the_form_read_while_another_request_queues_shows_the_workspace(repo):
 
     def reader() -> None:
         while not stop.is_set():
-            status, answer = _get(server.port, "/api/runs/form")
+            status, answer = _get(server.port, "/api/runs/form", server.token)
             hidden = next((f["value"] for f in answer.get("fields", []) if f["key"] == "model.hidden"), None)
             seen.append((status, hidden, answer.get("error")))
 
@@ -214,6 +223,7 @@ def test_the_form_read_while_another_request_queues_shows_the_workspace(repo):
                 server.port,
                 "/api/runs/queue",
                 {"name": f"w{i}", "values": {"model.hidden": "8,9,10,11", "train.seed": str(i)}},
+                token=server.token,
             )
             assert status == 200, answer
     finally:
@@ -243,7 +253,7 @@ def test_the_run_part_keeps_hostile_text_as_text_and_fits_420_px(repo):
     try:
         port = int(info["origin"].rsplit(":", 1)[1])
         status, answer = post(port, "/api/runs/queue", {"name": "html", "values": {
-            "train.sample_prompt": f"'<img src=x id=pwn-param>{long}'"}})  # fmt: skip
+            "train.sample_prompt": f"'<img src=x id=pwn-param>{long}'"}}, token=info["token"])  # fmt: skip
         assert status == 200, answer
         from playwright.sync_api import expect, sync_playwright
 
@@ -292,11 +302,12 @@ def test_event_streams_are_bounded(repo):
     server = Server()
     socks = []
     try:
-        stream = post(server.port, "/api/runs/watch", {})[1]["stream"]
+        stream = post(server.port, "/api/runs/watch", {}, token=server.token)[1]["stream"]
         admitted = 0
         for _ in range(40):
             s = socket.create_connection(("127.0.0.1", server.port), timeout=60)
-            s.sendall(f"GET /api/runs/streams/{stream}/events HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n\r\n"
+            s.sendall(f"GET /api/runs/streams/{stream}/events?token={server.token} HTTP/1.1\r\n"
+                      f"Host: 127.0.0.1:{server.port}\r\n\r\n"
                       .encode())  # fmt: skip
             socks.append(s)
         for s in socks:
@@ -360,3 +371,63 @@ def test_a_live_curve_pushed_to_the_page_is_bounded(tmp_path):
     assert got is not None
     size = len(json.dumps(got))
     assert len(got["train"]) <= 20_000 and size < 1_000_000, f"{len(got['train'])} points, {size:,} bytes a push"
+
+
+# --------------------------------------------------------------------------- 8. names that git resolves first
+
+
+@pytest.mark.slow
+def test_a_name_that_git_resolves_is_refused_or_resolved_as_the_experiment(repo):
+    """check_name() takes any [A-Za-z0-9][A-Za-z0-9_-]* name, and DVC queues `main`, `HEAD`, a tag or a sha prefix
+    as an experiment name; but every later look-up by revision (dvc.scm.resolve_rev: params_show for 'start from',
+    the Models list's and /api/curves' rev:<name>, Write, Read, Inside) tries git first. Starting a run from the
+    finished experiment `main` silently starts it from the branch main's params instead."""
+    dvc_bin = str(Path(sys.executable).parent / "dvc")
+    subprocess.run(
+        [dvc_bin, "exp", "run", "--temp", "-q", "-n", "main", "-S", "train.seed=1", "-S", "train.max_steps=5"],
+        check=True, env=queue.env(), capture_output=True, timeout=600,
+    )  # fmt: skip
+    assert states().get("main") == "Success"  # the Run part lists it as a finished experiment named main
+    problems = []
+    got = queue.base_values("main")
+    if got != {"train.seed": "1", "train.max_steps": "5"}:
+        problems.append(f"starting from experiment 'main' applies {got}, the branch main's params")
+    for name in ("main", "HEAD"):
+        with contextlib.suppress(Exception):
+            queue.check_new_name(name)
+            problems.append(f"{name!r} is accepted as a new experiment's name")
+    assert not problems, problems
+
+
+# --------------------------------------------------------------------------- 9. loopback: no credential at all
+
+
+@pytest.mark.slow
+def test_a_local_process_without_any_secret_cannot_make_the_server_read_its_user_s_files(repo, tmp_path):
+    """On loopback there is no token: any process of any local account that sends JSON with Host 127.0.0.1:<port>
+    (no browser, so no Origin) may queue and start experiments, which run as the server's user with the params it
+    chose. download.train.url is a form field that takes any local path: the run copies a file that only the
+    server's user may read into the experiment (and trains on it: Write then recites it). Before the Run part the
+    loopback API only read the repository; now it needs a secret that only the page knows (as the token, or a
+    per-server header baked into the page)."""
+    secret = tmp_path / "private" / "notes.txt"
+    secret.parent.mkdir()
+    secret.write_text("the password is hunter2, said nobody\n" * 400)
+    secret.chmod(0o600)
+    server = Server()
+    try:
+        status, answer = post(server.port, "/api/runs/queue", {"name": "exfil", "values": {
+            "download.train.url": f"'{secret}'", "download.train.md5": "null", "prepare.format": "lines",
+            "train.max_steps": "5"}})  # fmt: skip
+        started = post(server.port, "/api/runs/start", {"jobs": 1}) if status == 200 else (None, None)
+        deadline = time.monotonic() + 400
+        while status == 200 and states().get("exfil") in ("Queued", "Running") and time.monotonic() < deadline:
+            time.sleep(2)
+    finally:
+        server.close()
+    import dvc.api
+
+    copied = None
+    with contextlib.suppress(Exception):
+        copied = dvc.api.read("data/raw/train.csv", rev="exfil")
+    assert status == 403, (status, answer, started, states().get("exfil"), (copied or "")[:40])

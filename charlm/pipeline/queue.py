@@ -174,6 +174,16 @@ def check_name(name: Any) -> str:
     return name
 
 
+def check_new_name(name: Any) -> str:
+    """A name for a new experiment: also none that git resolves (a branch, a tag, HEAD, a commit's prefix), which
+    every look-up by revision would find before the experiment."""
+    check_name(name)
+    found = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{name}^{{commit}}"], capture_output=True)
+    if found.returncode == 0:
+        raise CharlmError(f"{name!r} already names a git revision (a branch, tag or commit); choose another name")
+    return name
+
+
 # --------------------------------------------------------------------------- acting
 
 
@@ -183,6 +193,9 @@ def base_values(rev: str | None) -> dict[str, str]:
     if rev is None:
         return {}
     import dvc.api
+
+    # An experiment by its own commit: git would resolve a name such as `main` to the branch first.
+    rev = next((r["rev"] for r in experiments() if r["name"] == rev and r.get("rev")), rev)
 
     try:
         with _LOCK:
@@ -199,12 +212,12 @@ def queue(name: Any, values: dict[str, str], base: str | None = None) -> list[st
     """Queue the experiments that `values` ({key: -S text}, over `base`'s params) make, under `name` (`name-1`,
     `name-2`, ... for a sweep, as DVC names them); the names queued. Every experiment is checked first, a name in
     use and more than MAX_QUEUED waiting are refused: nothing is queued then."""
-    check_name(name)
     with QUEUEING:
         return _queue(name, values, base)
 
 
 def _queue(name: str, values: dict[str, str], base: str | None) -> list[str]:
+    check_new_name(name)
     merged = {**base_values(base), **values}
     if not merged:
         raise CharlmError("nothing differs from the workspace's params; change a value first")

@@ -926,17 +926,21 @@ def make_server(
     port: int = 8000,
     device: str = "auto",
     limits: Limits = Limits(),
-    read_only: bool = False,
+    read_only: bool = True,
 ) -> Server:
-    """Bind the server (not yet serving); a port in use, or a --model file that is not there, is a CharlmError."""
+    """Bind the server (not yet serving); a port in use, or a --model file that is not there, is a CharlmError.
+
+    A token guards every request beyond loopback, and on loopback too once the Run part is on: it starts work as
+    this user, which any local process could otherwise ask for (a page's own checks stop only browsers)."""
     for name in files:
         if not Path(name).exists():
             raise CharlmError(f"--model {name}: no such file")
         if not Path(name).is_file():  # a folder, or a pipe that would block the first request for ever
             raise CharlmError(f"--model {name}: not a regular file (a folder, a pipe or a device)")
-    token = None if is_loopback(host) else secrets.token_urlsafe(24)
-    # Beyond loopback the Run part is always read-only: the token guards reading, not queueing work on this machine.
-    app = App(files, pick_device(device, "--device"), limits, token, read_only or token is not None)
+    # Beyond loopback the Run part is always read-only: there the token guards reading, not queueing work here.
+    read_only = read_only or not is_loopback(host)
+    token = None if is_loopback(host) and read_only else secrets.token_urlsafe(24)
+    app = App(files, pick_device(device, "--device"), limits, token, read_only)
     try:
         return Server((host, port), app)
     except OSError as e:
@@ -964,12 +968,14 @@ def serve(files: list[str], host: str, port: int, device: str, read_only: bool =
     warnings.filterwarnings("ignore", message=r"prompt .* not in the vocabulary")
     few_malloc_arenas()
     server = make_server(files, host, port, device, read_only=read_only)
-    if server.app.token:
+    if server.app.token and not is_loopback(host):
         print(
             f"charlm: warning: serving on {host}, reachable from other machines; every request needs the token "
             "in the URL below",
             file=sys.stderr,
         )
+    elif server.app.token:
+        print("charlm: --run: every request needs the token in the URL below (open that URL)", file=sys.stderr)
     print(f"charlm: serving {server.url()} (Ctrl-C to stop)", flush=True)
     try:
         server.serve_forever()
