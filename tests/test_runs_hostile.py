@@ -431,3 +431,17 @@ def test_a_local_process_without_any_secret_cannot_make_the_server_read_its_user
     with contextlib.suppress(Exception):
         copied = dvc.api.read("data/raw/train.csv", rev="exfil")
     assert status == 403, (status, answer, started, states().get("exfil"), (copied or "")[:40])
+
+
+# --------------------------------------------------------------------------- 10. outputs read whole (noted, not proven)
+
+
+def test_a_dvc_commands_output_is_read_from_its_end_within_a_bound():
+    """`dvc queue logs` of a long run (a progress bar in it) can be any size: what a command printed is read
+    from its end, at most OUTPUT_BYTES, so the last lines, which the page shows, are there."""
+    import tempfile
+
+    with tempfile.TemporaryFile() as f:
+        f.write(b"x" * (3 * queue.OUTPUT_BYTES) + b"\nthe last line\n")
+        text = queue._text(f)
+    assert len(text) <= queue.OUTPUT_BYTES and text.endswith("the last line\n")

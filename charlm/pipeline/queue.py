@@ -31,6 +31,7 @@ from charlm.pipeline.experiments import _DVC_LOCK, check_rev
 
 MAX_QUEUED = 16  # experiments waiting in the queue at once, all requests together
 LOG_LINES = 40  # last lines of a log shown
+LOG_LINE_CHARS = 1_000  # of each (a progress bar's carriage returns make one line of a whole run)
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
 PREPARING_STATUS, RUNNING_STATUS = 1, 2  # DVC's TaskStatus in an executor's info file (private layout: live())
 STATES = ("Queued", "Running", "Success", "Failed")
@@ -81,8 +82,12 @@ def dvc(*args: str, timeout: float = 120, jobs: int | None = None) -> str:
     raise AssertionError("unreachable")
 
 
+OUTPUT_BYTES = 1 << 20  # of a dvc command's output kept, from its end: a run's log can be any size
+
+
 def _text(f) -> str:
-    f.seek(0)
+    size = f.seek(0, os.SEEK_END)
+    f.seek(max(0, size - OUTPUT_BYTES))
     return f.read().decode("utf-8", errors="replace")
 
 
@@ -269,7 +274,7 @@ def logs(name: str) -> str:
     """The last LOG_LINES lines of an experiment's output in the queue."""
     _find(check_name(name), experiments())
     text = dvc("queue", "logs", name)
-    return "\n".join(text.splitlines()[-LOG_LINES:])
+    return "\n".join(line[:LOG_LINE_CHARS] for line in text.splitlines()[-LOG_LINES:])
 
 
 def stop(kill_running: bool = False) -> None:
