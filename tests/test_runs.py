@@ -435,7 +435,7 @@ def test_the_form_queue_and_stream_over_http(repo):
         assert status == 400 and "already used" in answer["error"]
         stream = server.request("POST", "/api/runs/watch", {})[1]["stream"]
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-        conn.request("GET", f"/api/runs/streams/{stream}/events")
+        conn.request("GET", f"/api/runs/streams/{stream}/events?token={server.token}")  # --run: a token on loopback too
         resp = conn.getresponse()
         assert resp.status == 200 and resp.getheader("Content-Type").startswith("text/event-stream")
         event = resp.fp.readline().decode() + resp.fp.readline().decode()
