@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from test_browser import browser, start_server, stop_server  # noqa: F401  # browser: the module's Chromium, a fixture
-from test_runs import make_repo, snapshot, stop_workers, test_bpc_of
+from test_runs import make_repo, snapshot, stop_workers, exp_show_test_bpc
 
 pytestmark = pytest.mark.slow
 TIMEOUT_MS = 300_000  # a tiny experiment trains in seconds, but two jobs share two busy cores
@@ -132,7 +132,7 @@ def test_queue_watch_kill_finish_and_compare_in_the_page(browser, served):
     for name in ("pair-1", "pair-2"):
         model_row = page.locator("#models-table tbody tr", has=page.locator("td.name", has_text=name))
         model_row.wait_for()
-        assert model_row.locator("td.num").nth(1).text_content() == f"{test_bpc_of(shown, name):.4f}"
+        assert model_row.locator("td.num").nth(1).text_content() == f"{exp_show_test_bpc(shown, name):.4f}"
 
     row(page, "pair-1").get_by_role("checkbox").check()
     row(page, "pair-2").get_by_role("checkbox").check()

@@ -264,7 +264,7 @@ def test_the_queue_runs_with_threads_shared_is_watched_live_and_killed(repo):
     row = next(r for r in queue.experiments() if r["name"] == "short")
     shown = json.loads(subprocess.run([str(Path(sys.executable).parent / "dvc"), "exp", "show", "--json"],
                                       capture_output=True, text=True, check=True).stdout)  # fmt: skip
-    assert row["test_bpc"] == pytest.approx(test_bpc_of(shown, "short"), abs=1e-9)
+    assert row["test_bpc"] == pytest.approx(exp_show_test_bpc(shown, "short"), abs=1e-9)
     queue.remove("long")
     queue.remove("short")
     assert not {"long", "short"} & set(states())
@@ -280,7 +280,7 @@ def train_pids(root: Path) -> list[int]:
     return found
 
 
-def test_bpc_of(shown, name: str) -> float:
+def exp_show_test_bpc(shown, name: str) -> float:
     """The test bpc of an experiment in `dvc exp show --json`."""
     for baseline in shown:
         for exp in baseline.get("experiments") or []:
@@ -290,7 +290,6 @@ def test_bpc_of(shown, name: str) -> float:
     raise AssertionError(f"{name} not in dvc exp show")
 
 
-test_bpc_of.__test__ = False  # a helper, not a test
 
 
 def test_live_reads_the_layout_of_the_installed_dvc(tmp_path):
@@ -463,7 +462,7 @@ def test_compare_marks_what_differs(repo):
     assert rows["test_bpc"]["kind"] == "metric" and rows["test_bpc"]["differs"]
     shown = json.loads(subprocess.run([str(Path(sys.executable).parent / "dvc"), "exp", "show", "--json"],
                                       capture_output=True, text=True, check=True).stdout)  # fmt: skip
-    assert rows["test_bpc"]["values"] == [pytest.approx(test_bpc_of(shown, n), abs=1e-9) for n in ("a", "b")]
+    assert rows["test_bpc"]["values"] == [pytest.approx(exp_show_test_bpc(shown, n), abs=1e-9) for n in ("a", "b")]
     assert out["rows"][0]["differs"] and out["rows"][0]["kind"] == "param"  # what differs comes first
     assert not any("/" in r["key"] and r["kind"] == "metric" and ":" not in r["key"] for r in out["rows"])
 
