@@ -175,34 +175,36 @@ def hardest_items(model, stream: np.ndarray, batch_size: int, device, which: np.
     return [{"index": int(index[i]), "bpc": float(bpc[i]), "chars": int(lengths[i])} for i in order.tolist()]
 
 
-def step_scores(logits: torch.Tensor, tokens: list[int], names: list[str], top: int = 5) -> list[dict | None]:
-    """`char_scores` for one generation step: each row's {"bits", "top", "rank"} of the token drawn there, from
-    the model's own next-character distribution (temperature 1, nothing filtered), as Read scores the same text;
-    None for a row whose scores are not finite (a model whose numbers overflow), which has no colour to show.
+def step_scores(logits, tokens: list[int], names: list[str], top: int = 5) -> list[dict | None]:
+    """`char_scores` for generation steps: for each row of `logits` (rows, symbols), the {"bits", "top", "rank"} of
+    the token drawn from it, from the model's own next-character distribution (temperature 1, nothing filtered), as
+    Read scores the same text; None for a row whose scores are not finite (a model whose numbers overflow).
 
-    In numpy, a row at a time: a row holds one score per symbol (about a hundred), where each torch call would
-    cost more in dispatch than in arithmetic, and the playground scores every character it streams.
+    In numpy, all rows at once: a row holds one score per symbol (about a hundred), where each call costs more in
+    dispatch than in arithmetic, so the playground scores what it streams a batch of characters at a time.
     """
-    z = logits.float().cpu().numpy()
+    z = np.asarray(logits.detach().float().cpu().numpy() if isinstance(logits, torch.Tensor) else logits)
+    z = z.astype(np.float64).reshape(len(tokens), -1)
+    if not len(tokens):
+        return []
+    rows = np.arange(len(tokens))
+    finite = np.asarray(np.isfinite(z).all(1))
+    shifted = np.where(finite[:, None], z - z.max(1, keepdims=True), 0.0)
+    log_total = np.log(np.exp(shifted).sum(1))
+    picked = shifted[rows, np.asarray(tokens)]
+    bits = ((log_total - picked) / math.log(2)).tolist()
+    ranks = ((shifted > picked[:, None]).sum(1) + 1).tolist()
+    k = min(top, z.shape[1])
+    best = np.argpartition(-shifted, k - 1, axis=1)[:, :k] if k else np.zeros((len(tokens), 0), dtype=np.int64)
+    best = np.take_along_axis(best, np.argsort(-np.take_along_axis(shifted, best, 1), axis=1, kind="stable"), 1)
+    probs = np.exp(np.take_along_axis(shifted, best, 1) - log_total[:, None]).tolist()
     out: list[dict | None] = []
-    for row, token in enumerate(tokens):
-        scores = z[row].astype(np.float64)
-        if not np.isfinite(scores).all():
+    for row, ids in enumerate(best.tolist()):
+        if not finite[row]:
             out.append(None)
             continue
-        log_total = np.logaddexp.reduce(scores)
-        k = min(top, len(scores))
-        best = np.argpartition(-scores, k - 1)[:k] if k else np.zeros(0, dtype=np.int64)
-        best = best[np.argsort(-scores[best], kind="stable")]
-        picked = scores[token]
-        probs = np.exp(scores[best] - log_total).tolist()
-        out.append(
-            {
-                "bits": float(log_total - picked) / math.log(2),
-                "top": [[names[s], p] for s, p in zip(best.tolist(), probs, strict=True)],
-                "rank": int(np.count_nonzero(scores > picked)) + 1,
-            }
-        )
+        top_row = [[names[s], p] for s, p in zip(ids, probs[row], strict=True)]
+        out.append({"bits": bits[row], "top": top_row, "rank": ranks[row]})
     return out
 
 

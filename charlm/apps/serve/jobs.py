@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from charlm.core.inspection import step_scores
 from charlm.core.sampling import text_pieces, token_steps
 
@@ -42,24 +44,38 @@ class Job:
     claimed: bool = False
     sent: int = 0  # positions streamed so far
 
-    def pieces(self) -> Generator[tuple[list[str | None], list[dict | None]], None, None]:
-        """Per position, the text each model adds (None once it has stopped) and how that model scores it
-        (`inspection.step_scores`: bits, rank, top 5, as Read would score the text; None where it adds none).
-        The decoding is the one `charlm generate` prints, one model at a time with the same seed, so a model's
-        text matches the CLI's byte for byte."""
-        generators, seen = [], []
+    def pieces(self) -> Generator[tuple[list[str | None], list[tuple | None]], None, None]:
+        """Per position, the text each model adds (None once it has stopped) and what that model's score of it is
+        made of: (its next-character logits, the token drawn), None where it adds none; `scored` turns a batch of
+        them into `inspection.step_scores`. The decoding is the one `charlm generate` prints, one model at a time
+        with the same seed, so a model's text matches the CLI's byte for byte."""
+        generators, boxes = [], []
         for model, vocab, _ in self.loaded:
             steps, box = self._steps(model, vocab)
             generators.append(text_pieces(steps, vocab, self.request.stop_at_eos))
-            seen.append((box, list(vocab.itos)))
+            boxes.append(box)
         none: list[str | None] = [None]
         for step in itertools.zip_longest(*generators, fillvalue=none):
             pieces = [row[0] for row in step]
-            scores: list[dict | None] = []
-            for piece, (box, names) in zip(pieces, seen, strict=True):
-                drawn = box.pop() if box else None
-                scores.append(None if piece is None or drawn is None else step_scores(drawn[0], drawn[1], names)[0])
-            yield pieces, scores
+            drawn: list[tuple | None] = []
+            for piece, box in zip(pieces, boxes, strict=True):
+                logits, tokens = box.pop() if box else (None, None)
+                # A copy: the model may write its next logits into the same buffer.
+                drawn.append(None if piece is None or logits is None else (logits[0].float().numpy().copy(), tokens[0]))
+            yield pieces, drawn
+
+    def scored(self, batch: list[tuple[list[str | None], list[tuple | None]]]) -> list[list[dict | None]]:
+        """The scores of a batch of positions from `pieces`, per position and model: one `step_scores` call per
+        model for the whole batch."""
+        out: list[list[dict | None]] = [[None] * len(self.loaded) for _ in batch]
+        for m, (_, vocab, _) in enumerate(self.loaded):
+            rows = [(i, d) for i, (_, drawn) in enumerate(batch) if (d := drawn[m]) is not None]
+            if not rows:
+                continue
+            logits = np.stack([d[0] for _, d in rows])
+            for (i, _), score in zip(rows, step_scores(logits, [d[1] for _, d in rows], list(vocab.itos)), strict=True):
+                out[i][m] = score
+        return out
 
     def _steps(self, model, vocab) -> tuple[Iterator[list[int | None]], list[tuple]]:
         """The model's token steps, and a list that receives each step's logits and drawn tokens."""
@@ -77,6 +93,9 @@ class Job:
             observe=lambda logits, tokens: box.append((logits, tokens)),
         )
         return steps, box
+
+
+BATCH_S = 0.02  # positions generated within this are scored and sent together (the event writer's own window)
 
 
 class TooMany(Exception):
@@ -136,12 +155,26 @@ def run(job: Job, send: Callable[[str, dict], None]) -> str:
     """Stream a job through `send(event, data)`; return how it ended. An OSError from `send` (the client went
     away) ends it at once; the caller frees the slot."""
     send("start", {"seed": job.request.seed, "models": job.model_ids})
-    with contextlib.closing(job.pieces()) as pieces:  # closed at once, also when `send` raises
-        for step in pieces:
+    batch: list = []
+    last = 0.0
+
+    def flush() -> None:
+        # Scored together: one numpy pass per model for the positions of a FLUSH_S window, not one per character.
+        for (pieces, _), scores in zip(batch, job.scored(batch), strict=True):
+            send("piece", {"pieces": pieces, "scores": scores})
+        batch.clear()
+
+    with contextlib.closing(job.pieces()) as steps:  # closed at once, also when `send` raises
+        for step in steps:
             if job.stop.is_set():
                 break
-            send("piece", {"pieces": step[0], "scores": step[1]})
+            batch.append(step)
             job.sent += 1
+            now = time.monotonic()
+            if job.sent == 1 or now - last >= BATCH_S:  # the first character at once
+                flush()
+                last = now
+    flush()
     reason = "stopped" if job.stop.is_set() else "finished"
     send("done", {"reason": reason})
     return reason
