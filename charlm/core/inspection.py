@@ -189,7 +189,8 @@ def step_scores(logits, tokens: list[int], names: list[str], top: int = 5) -> li
         return []
     rows = np.arange(len(tokens))
     finite = np.asarray(np.isfinite(z).all(1))
-    shifted = np.where(finite[:, None], z - z.max(1, keepdims=True), 0.0)
+    with np.errstate(invalid="ignore"):  # inf - inf in a row that is not finite: that row is None anyway
+        shifted = np.where(finite[:, None], z - z.max(1, keepdims=True), 0.0)
     log_total = np.log(np.exp(shifted).sum(1))
     picked = shifted[rows, np.asarray(tokens)]
     bits = ((log_total - picked) / math.log(2)).tolist()
