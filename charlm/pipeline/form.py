@@ -263,9 +263,8 @@ def sweeps(overrides: list[str]) -> list[list[str]]:
     values (DVC's own expansion), each a list of plain overrides."""
     from dvc.utils.hydra import get_hydra_sweeps
 
-    count = _sweep_count(overrides)
-    if count > MAX_SWEEP:
-        raise CharlmError(f"the values make {count:,} experiments; at most {MAX_SWEEP} at once")
+    if _sweep_count(overrides) > MAX_SWEEP:  # counted up to the cap only
+        raise CharlmError(f"the values make more than {MAX_SWEEP} experiments; at most {MAX_SWEEP} at once")
     try:
         expanded = get_hydra_sweeps({params.PARAMS_FILE: overrides})
     except Exception as e:  # Hydra's grammar errors come in several kinds; the first line says what is wrong
