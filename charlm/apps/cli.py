@@ -162,8 +162,9 @@ def add_serve(sub) -> None:
     sv.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="where to run the models (default: auto, CUDA when present)")  # fmt: skip
     sv.add_argument("--run", action="store_true",
-                    help="show the Run part, which queues, starts, kills and removes experiments (off by default "
-                         "while its hostile review is open, see README; never beyond loopback)")  # fmt: skip
+                    help="show the Run part, which queues, starts, kills and removes experiments as you; "
+                         "every request then needs the token in the printed URL, on loopback too "
+                         "(never beyond loopback)")  # fmt: skip
 
 
 def plots_command(args) -> None:
