@@ -196,6 +196,34 @@ def test_each_streamed_character_comes_with_the_score_read_gives_it(in_plain):
                 assert [p for _, p in streamed["top"]] == pytest.approx([p for _, p in scored["top"]], abs=1e-5)
 
 
+def test_models_taking_turns_in_chunks_give_each_position_of_every_model_in_order(tmp_path):
+    # Job.pieces steps each model CHUNK positions before the next one's turn (cache locality); what it yields must
+    # still be the lockstep: position by position, each model's piece, None once that model has stopped.
+    from charlm.apps.serve import jobs
+    from charlm.core.sampling import text_pieces, token_steps
+
+    loaded = [(*artifact.load_model(tiny_model(tmp_path / f"m{i}.pt", seed=i), "cpu")[:2], {}) for i in range(3)]
+    for (model, _, _), eos_bias in zip(loaded, (-30.0, 0.0, 2.5), strict=True):  # never, sometimes, soon at <eos>
+        with torch.no_grad():
+            model.head.bias[EOS_ID] = eos_bias
+    length = 3 * jobs.CHUNK + 5
+    for stop_at_eos in (True, False):
+        request = jobs.Request("ab", 1.5, 0, 1.0, length, 4, stop_at_eos)
+        job = jobs.Job("j", ["a", "b", "c"], [(m.eval(), v, i) for m, v, i in loaded], request)
+        got = list(job.pieces())
+        rows = []
+        for model, vocab, _ in loaded:
+            steps = token_steps(model, vocab, ["ab"], [1.5], length, 0, 1.0, 4, stop_at_eos)
+            rows.append([piece for (piece,) in text_pieces(steps, vocab, stop_at_eos)])
+        expected = [[row[i] if i < len(row) else None for row in rows] for i in range(max(map(len, rows)))]
+        assert [pieces for pieces, _ in got] == expected
+        assert all((d is None) == (p is None) for pieces, drawn in got for p, d in zip(pieces, drawn, strict=True))
+        if stop_at_eos:  # rows of different lengths, over a chunk's edge: the case the padding is for
+            assert len({len(row) for row in rows}) > 1 and max(map(len, rows)) > jobs.CHUNK
+        else:
+            assert len(got) == length
+
+
 def test_greedy_without_stop_at_eos_and_a_random_seed_reported(in_plain, capsys):
     s = in_plain
     events = s.events(s.job(models=["file:2"], prompt="ab", temperature=0, length=30, stop_at_eos=False))
