@@ -224,6 +224,27 @@ def test_models_taking_turns_in_chunks_give_each_position_of_every_model_in_orde
             assert len(got) == length
 
 
+def test_a_model_whose_logits_are_not_float32_is_scored_as_read_scores_it(tmp_path):
+    # A job keeps each step's logits where and as the model makes them (bf16 here; on CUDA, on the device) and
+    # brings a batch to the host as float32 at once: the path a CUDA model's scores take, run on a CPU.
+    from charlm.apps.serve import jobs
+
+    model, vocab, _ = artifact.load_model(tiny_model(tmp_path / "m.pt", seed=1), "cpu")
+    with torch.no_grad():
+        model.head.bias[EOS_ID] = -30.0  # one item of 40 characters, as Read scores it
+    model = model.to(torch.bfloat16).eval()
+    job = jobs.Job("j", ["a"], [(model, vocab, {})], jobs.Request("ab", 1.0, 0, 1.0, 40, 3, True))
+    batch = list(job.pieces())
+    assert all(logits.dtype == torch.bfloat16 for _, ((logits, _),) in batch)
+    streamed = [score for (score,) in job.scored(batch)]
+    text = "".join(piece for (piece,), _ in batch)
+    read = inspection.char_scores(model, vocab, ["ab" + text], top=5)[0][2:]
+    assert len(streamed) == len(read) == 40
+    for got, want in zip(streamed, read, strict=True):
+        assert got["bits"] == pytest.approx(want["bits"], abs=0.05) and isinstance(got["bits"], float)
+        assert [name for name, _ in got["top"]][:1] == [name for name, _ in want["top"]][:1]
+
+
 def test_greedy_without_stop_at_eos_and_a_random_seed_reported(in_plain, capsys):
     s = in_plain
     events = s.events(s.job(models=["file:2"], prompt="ab", temperature=0, length=30, stop_at_eos=False))

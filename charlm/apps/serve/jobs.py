@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 
-import numpy as np
+import torch
 
 from charlm.core.inspection import step_scores
 from charlm.core.sampling import text_pieces, token_steps
@@ -73,8 +73,9 @@ class Job:
         r, box = self.request, []
 
         def observe(logits, tokens) -> None:
-            # A copy: the model may write its next logits into the same buffer.
-            box.append((logits[0].float().numpy().copy(), tokens[0]))
+            # A copy: the model may write its next logits into the same buffer. Kept where the model made it (on
+            # CUDA, one copy to the host per batch in `scored`, not one per character).
+            box.append((logits[:1].clone(), tokens[0]))
 
         steps = token_steps(
             model, vocab, [r.prompt], [r.temperature], r.length, r.top_k, r.top_p, r.seed, r.stop_at_eos, observe
@@ -91,7 +92,7 @@ class Job:
             rows = [(i, d) for i, (_, drawn) in enumerate(batch) if (d := drawn[m]) is not None]
             if not rows:
                 continue
-            logits = np.stack([d[0] for _, d in rows])
+            logits = torch.cat([d[0] for _, d in rows]).to("cpu", torch.float32).numpy()
             for (i, _), score in zip(rows, step_scores(logits, [d[1] for _, d in rows], names), strict=True):
                 out[i][m] = score
         return out
