@@ -29,8 +29,10 @@ NO_MODEL_HINT = "No model yet: run `dvc repro` (or `make run`), or pass --model 
 NO_REPO_HINT = "No model: pass --model PATH, or run `charlm serve` in a charlm repository"
 FIX = "train one with `dvc repro` or pass --model PATH"
 MAX_REV = 200
-# DVC's own state is not safe to share between threads (its index and lock files); one call at a time.
-_DVC_LOCK = threading.Lock()
+# One DVC call at a time in this process, in-process (Models) or a `dvc` command (the Run part's queue): DVC's
+# state is not safe to share between threads (its index and lock files), and its repository lock would refuse the
+# second.
+DVC_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,7 @@ def commit_of(name: str) -> str:
     from dvc.scm import resolve_rev
 
     try:
-        with _DVC_LOCK, Repo(".") as repo:
+        with DVC_LOCK, Repo(".") as repo:
             return repo.scm.resolve_rev(resolve_rev(repo.scm, check_rev(name)) + "^{commit}")
     except CharlmError:
         raise
@@ -183,7 +185,7 @@ def _exp_table():
     import pandas as pd
     from dvc.repo import Repo
 
-    with _DVC_LOCK, Repo(".") as repo:
+    with DVC_LOCK, Repo(".") as repo:
         scm = repo.scm
         try:
             head = scm.get_rev()
@@ -418,7 +420,7 @@ class ModelCache:
                         return self._models[key]
                 with self._loads:
                     if source.rev is not None:
-                        with _DVC_LOCK:
+                        with DVC_LOCK:
                             loaded = artifact.load_model(source.path, self.device, fix=FIX, rev=source.rev)
                     else:
                         loaded = artifact.load_model(source.path, self.device, fix=FIX)
@@ -463,7 +465,7 @@ def curves(source: Source) -> dict[str, list[list[float]]]:
 
         for name, path in CURVES.items():
             try:
-                with _DVC_LOCK, dvc.api.open(str(path), rev=source.rev, encoding="utf-8") as f:
+                with DVC_LOCK, dvc.api.open(str(path), rev=source.rev, encoding="utf-8") as f:
                     out[name] = _read_curve(f.read())
             except Exception:  # a revision without logs, or whose logs were never pushed: no curve, not an error
                 pass

@@ -27,7 +27,7 @@ from typing import Any
 
 from charlm.base.errors import CharlmError
 from charlm.pipeline import form, params, paths
-from charlm.pipeline.experiments import _DVC_LOCK, check_rev
+from charlm.pipeline.experiments import DVC_LOCK, check_rev
 
 MAX_QUEUED = 16  # experiments waiting in the queue at once, all requests together
 LOG_LINES = 40  # last lines of a log shown
@@ -35,9 +35,6 @@ LOG_LINE_CHARS = 1_000  # of each (a progress bar's carriage returns make one li
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
 PREPARING_STATUS, RUNNING_STATUS = 1, 2  # DVC's TaskStatus in an executor's info file (private layout: live())
 STATES = ("Queued", "Running", "Success", "Failed")
-# One DVC call at a time in this process, in-process (the Models list's) or a `dvc` command: DVC's repository lock
-# would refuse the second, and its in-process state is not safe to share between threads.
-_LOCK = _DVC_LOCK
 # One queueing at a time, from its checks (the name unused, room under MAX_QUEUED) to `dvc exp run --queue`: two
 # requests at once would both pass them. Readers of params.yaml take it too: queueing rewrites the file meanwhile.
 QUEUEING = threading.Lock()
@@ -64,7 +61,7 @@ def dvc(*args: str, timeout: float = 120, jobs: int | None = None) -> str:
     """Run `dvc ARGS` under the lock and return its output; a CharlmError with DVC's own line when it fails. DVC's
     repository lock, held a moment by a worker saving its result, is waited for."""
     command = [str(_BIN / "dvc"), *args]
-    with _LOCK:
+    with DVC_LOCK:
         for attempt in range(20):
             # Files, not pipes: the workers that `dvc queue start` leaves running inherit its output, and reading
             # a pipe would wait for them to end.
@@ -111,7 +108,7 @@ _EXP_SHOW = "import dvc.api, json, sys; json.dump(dvc.api.exp_show(force=True), 
 
 def exp_show(timeout: float = 60) -> list[dict]:
     """`dvc.api.exp_show()`: one flat row per revision and experiment, DVC's documented table."""
-    with _LOCK:
+    with DVC_LOCK:
         for attempt in range(2):
             try:
                 proc = subprocess.run([sys.executable, "-c", _EXP_SHOW], capture_output=True, text=True,
@@ -203,7 +200,7 @@ def base_values(rev: str | None) -> dict[str, str]:
     rev = next((r["rev"] for r in experiments() if r["name"] == rev and r.get("rev")), rev)
 
     try:
-        with _LOCK:
+        with DVC_LOCK:
             theirs = form.flat(dvc.api.params_show(rev=check_rev(rev)))
     except CharlmError:
         raise
