@@ -1,8 +1,9 @@
 """Generation jobs: admitted with a bounded number of slots, run by the thread that streams their events.
 
 A job is created by POST /api/generate (its models already loaded, so a bad id fails there) and runs when its
-event stream is read: that thread steps every model of the job in lockstep and writes each position as one
-event, so a client that goes away stops the generation at its next write and frees the slot at once. A job
+event stream is read: that thread steps the models of the job in turns of CHUNK positions and writes each
+position (every model's piece and score) as one event, so a client that goes away stops the generation at its
+next write and frees the slot at once. A job
 whose events are never read gives its slot back after `unclaimed_s`.
 """
 
