@@ -681,6 +681,9 @@ def test_write_colours_each_character_by_reads_bits_and_its_command_writes_the_s
     command = page.text_content("#write-command-text")
     argv = shlex.split(command)
     assert argv[:2] == ["charlm", "generate"] and "--seed=11" in argv and f"--model={model_files['small']}" in argv
+    # One box per shell word, so that a narrow screen wraps between words, never inside an option.
+    words = page.locator("#write-command-text .word").all_text_contents()
+    assert [shlex.split(word)[0] for word in words] == argv
     assert run_cli([*argv[1:], "--device", "cpu"]) == written(page) + "\n"
     page.click("#write-copy")
     expect(page.locator("#write-copied")).not_to_have_text("")

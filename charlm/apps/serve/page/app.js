@@ -356,9 +356,13 @@ function showCommand(body, seed) {
       "--top-k=" + body.top_k, "--top-p=" + body.top_p, "--length=" + body.length, "--seed=" + seed];
     if (!body.stop_at_eos) args.push("--no-stop-at-eos");
     args.push(...(modelById(id).cli || []));
-    return args.map(shellWord).join(" ");
+    return args.map(shellWord);
   });
-  $("write-command-text").textContent = lines.join("\n");
+  // Each word its own box, so a narrow screen wraps the line between words, never after the "--" of an option.
+  $("write-command-text").replaceChildren(...lines.flatMap((words, i) => [
+    ...(i ? ["\n"] : []),
+    ...words.flatMap((word, j) => [...(j ? [" "] : []), el("span", { class: "word", text: word })]),
+  ]));
   $("write-copied").textContent = "";
   $("write-command").hidden = false;
 }
