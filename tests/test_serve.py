@@ -196,32 +196,44 @@ def test_each_streamed_character_comes_with_the_score_read_gives_it(in_plain):
                 assert [p for _, p in streamed["top"]] == pytest.approx([p for _, p in scored["top"]], abs=1e-5)
 
 
-def test_models_taking_turns_in_chunks_give_each_position_of_every_model_in_order(tmp_path):
-    # Job.pieces steps each model CHUNK positions before the next one's turn (cache locality); what it yields must
-    # still be the lockstep: position by position, each model's piece, None once that model has stopped.
+@pytest.mark.parametrize("turn_s", [0.0, 0.0003, None])
+def test_models_taking_turns_give_each_position_of_every_model_in_order(tmp_path, monkeypatch, turn_s):
+    # Job.turns steps each model up to CHUNK positions (fewer after TURN_S) before the next one's turn (cache
+    # locality); what it yields must still be the lockstep: position by position, each model's piece, None once
+    # that model has stopped, however long the turns were (TURN_S 0: one position a turn; the default: CHUNK).
     from charlm.apps.serve import jobs
     from charlm.core.sampling import text_pieces, token_steps
 
-    loaded = [(*artifact.load_model(tiny_model(tmp_path / f"m{i}.pt", seed=i), "cpu")[:2], {}) for i in range(3)]
-    for (model, _, _), eos_bias in zip(loaded, (-30.0, 0.0, 2.5), strict=True):  # never, sometimes, soon at <eos>
+    if turn_s is not None:
+        monkeypatch.setattr(jobs, "TURN_S", turn_s)
+    shapes = [(8, -30.0), (64, 0.0), (16, 2.5)]  # (hidden, <eos> bias): never, sometimes, soon at <eos>
+    loaded = []
+    for i, (hidden, eos_bias) in enumerate(shapes):
+        model, vocab, _ = artifact.load_model(tiny_model(tmp_path / f"m{i}.pt", seed=i, hidden=hidden), "cpu")
         with torch.no_grad():
             model.head.bias[EOS_ID] = eos_bias
+        loaded.append((model.eval(), vocab, {}))
     length = 3 * jobs.CHUNK + 5
-    for stop_at_eos in (True, False):
-        request = jobs.Request("ab", 1.5, 0, 1.0, length, 4, stop_at_eos)
-        job = jobs.Job("j", ["a", "b", "c"], [(m.eval(), v, i) for m, v, i in loaded], request)
-        got = list(job.pieces())
-        rows = []
-        for model, vocab, _ in loaded:
-            steps = token_steps(model, vocab, ["ab"], [1.5], length, 0, 1.0, 4, stop_at_eos)
-            rows.append([piece for (piece,) in text_pieces(steps, vocab, stop_at_eos)])
-        expected = [[row[i] if i < len(row) else None for row in rows] for i in range(max(map(len, rows)))]
-        assert [pieces for pieces, _ in got] == expected
-        assert all((d is None) == (p is None) for pieces, drawn in got for p, d in zip(pieces, drawn, strict=True))
-        if stop_at_eos:  # rows of different lengths, over a chunk's edge: the case the padding is for
-            assert len({len(row) for row in rows}) > 1 and max(map(len, rows)) > jobs.CHUNK
-        else:
-            assert len(got) == length
+    for order in ([0, 1, 2], [2, 1, 0]):  # reversed: the model that sets the turn's length ends first
+        models = [loaded[i] for i in order]
+        for stop_at_eos in (True, False):
+            job = jobs.Job("j", ["a", "b", "c"], models, jobs.Request("ab", 1.5, 0, 1.0, length, 4, stop_at_eos))
+            turns = list(job.turns())
+            assert len(turns[0]) == 1 and all(1 <= len(turn) <= jobs.CHUNK for turn in turns)  # the first alone
+            if turn_s == 0.0 and not stop_at_eos:  # no time for a second position in any turn
+                assert all(len(turn) == 1 for turn in turns)
+            got = [position for turn in turns for position in turn]
+            rows = []
+            for model, vocab, _ in models:
+                steps = token_steps(model, vocab, ["ab"], [1.5], length, 0, 1.0, 4, stop_at_eos)
+                rows.append([piece for (piece,) in text_pieces(steps, vocab, stop_at_eos)])
+            expected = [[row[i] if i < len(row) else None for row in rows] for i in range(max(map(len, rows)))]
+            assert [pieces for pieces, _ in got] == expected
+            assert all((d is None) == (p is None) for pieces, drawn in got for p, d in zip(pieces, drawn, strict=True))
+            if stop_at_eos:  # rows of different lengths, over a chunk's edge: the case the padding is for
+                assert len({len(row) for row in rows}) > 1 and max(map(len, rows)) > jobs.CHUNK
+            else:
+                assert len(got) == length
 
 
 def test_a_model_whose_logits_are_not_float32_is_scored_as_read_scores_it(tmp_path):
@@ -234,7 +246,7 @@ def test_a_model_whose_logits_are_not_float32_is_scored_as_read_scores_it(tmp_pa
         model.head.bias[EOS_ID] = -30.0  # one item of 40 characters, as Read scores it
     model = model.to(torch.bfloat16).eval()
     job = jobs.Job("j", ["a"], [(model, vocab, {})], jobs.Request("ab", 1.0, 0, 1.0, 40, 3, True))
-    batch = list(job.pieces())
+    batch = [position for turn in job.turns() for position in turn]
     assert all(logits.dtype == torch.bfloat16 for _, ((logits, _),) in batch)
     streamed = [score for (score,) in job.scored(batch)]
     text = "".join(piece for (piece,), _ in batch)
@@ -703,7 +715,7 @@ def test_requests_the_base_server_refuses_are_answered_in_json(in_plain):
     assert status == 501 and resp.getheader("X-Content-Type-Options") == "nosniff" and "DELETE" in out["error"]
 
 
-def test_pieces_that_come_fast_are_written_together_but_the_first_and_the_end_at_once():
+def test_pieces_wait_for_a_flush_and_every_other_event_goes_out_at_once():
     class Counting(io.BytesIO):
         writes = 0
 
@@ -712,17 +724,88 @@ def test_pieces_that_come_fast_are_written_together_but_the_first_and_the_end_at
             return super().write(data)
 
     out = Counting()
-    send = srv.EventWriter(out).send
-    send("start", {"seed": 1, "models": ["a"]})
-    send("piece", {"pieces": ["x"]})
-    assert Counting.writes == 2, "the first character is not held back"
+    writer = srv.EventWriter(out)
+    writer.send("start", {"seed": 1, "models": ["a"]})
+    assert Counting.writes == 1
     for _ in range(50):
-        send("piece", {"pieces": ["y"]})
-    assert Counting.writes < 10, "fast pieces share writes"
-    send("done", {"reason": "finished"})
+        writer.send("piece", {"pieces": ["y"]})
+    assert Counting.writes == 1, "pieces share a write"
+    writer.flush()
+    writer.flush()
+    assert Counting.writes == 2, "a flush writes what waits, once"
+    writer.send("piece", {"pieces": ["z"]})
+    writer.send("done", {"reason": "finished"})
+    assert Counting.writes == 3, "the end goes out at once, with the piece before it"
     events = parse_events(out.getvalue().decode())
     assert [e for e, _ in events] == ["start"] + ["piece"] * 51 + ["done"]
-    assert "".join(d["pieces"][0] for e, d in events if e == "piece") == "x" + "y" * 50
+    assert "".join(d["pieces"][0] for e, d in events if e == "piece") == "y" * 50 + "z"
+
+
+def test_a_job_sends_its_first_character_alone_and_then_a_batch_at_a_time(tmp_path):
+    from charlm.apps.serve import jobs
+
+    loaded = [artifact.load_model(tiny_model(tmp_path / f"m{i}.pt", seed=i), "cpu") for i in range(2)]
+    job = jobs.Job("j", ["a", "b"], loaded, jobs.Request("a", 1.0, 0, 1.0, 300, 1, False))
+    log: list = []
+    assert jobs.run(job, lambda event, data: log.append(event), lambda: log.append("flush")) == "finished"
+    assert log[:4] == ["start", "piece", "flush", "piece"]
+    batches = "".join("p" if e == "piece" else "|" if e == "flush" else "" for e in log).strip("|").split("|")
+    assert sum(map(len, batches)) == 300 and len(batches) < 300 / 2, "positions go out in batches"
+    assert log[-2:] == ["flush", "done"]
+
+
+def counting_steps(model, steps: list, fail_at: int | None = None) -> None:
+    """Count a model's generation steps in `steps`; raise at step `fail_at` (as a CUDA out-of-memory would)."""
+    real = model.stepper
+
+    def stepper():
+        step = real()
+
+        def counted(token, state):
+            steps.append(model)
+            if fail_at is not None and sum(m is model for m in steps) == fail_at:
+                raise RuntimeError("out of memory (a test's)")
+            return step(token, state)
+
+        return counted
+
+    model.stepper = stepper
+
+
+def test_a_stop_costs_at_most_one_step_of_each_model(tmp_path):
+    # Models take turns of up to CHUNK positions; a stop must not wait for the turn to end (hostile review).
+    from charlm.apps.serve import jobs
+
+    loaded = [artifact.load_model(tiny_model(tmp_path / f"m{i}.pt", seed=i), "cpu") for i in range(4)]
+    steps: list = []
+    for model, _, _ in loaded:
+        counting_steps(model, steps)
+    job = jobs.Job("j", list("abcd"), loaded, jobs.Request("a", 1.0, 0, 1.0, 5000, 1, False))
+    at_stop: list[int] = []
+
+    def send(event: str, data: dict) -> None:
+        if event == "piece" and job.sent > 40 and not at_stop:  # the user presses Stop mid-stream
+            at_stop.append(len(steps))
+            job.stop.set()
+
+    assert jobs.run(job, send) == "stopped"
+    assert len(steps) - at_stop[0] <= 4, f"{len(steps) - at_stop[0]} model steps after the stop"
+
+
+def test_what_was_made_before_a_model_fails_is_sent_before_the_error(tmp_path):
+    from charlm.apps.serve import jobs
+
+    loaded = [artifact.load_model(tiny_model(tmp_path / f"m{i}.pt", seed=i), "cpu") for i in range(2)]
+    steps: list = []
+    counting_steps(loaded[1][0], steps, fail_at=40)
+    job = jobs.Job("j", ["a", "b"], loaded, jobs.Request("a", 1.0, 0, 1.0, 300, 1, False))
+    yielded: list = []
+    real_turns = job.turns
+    job.turns = lambda: (yielded.extend(turn) or turn for turn in real_turns())  # type: ignore[method-assign]
+    sent: list = []
+    with pytest.raises(RuntimeError, match="out of memory"):
+        jobs.run(job, lambda event, data: sent.append(data["pieces"]) if event == "piece" else None)
+    assert sent == [pieces for pieces, _ in yielded] and len(sent) > 1
 
 
 # --------------------------------------------------------------------------- connections and cross-site requests

@@ -9,8 +9,9 @@ whose events are never read gives its slot back after `unclaimed_s`.
 
 from __future__ import annotations
 
+import collections
 import contextlib
-import itertools
+import math
 import secrets
 import threading
 import time
@@ -49,25 +50,40 @@ class Job:
     def __post_init__(self) -> None:
         self.names = [list(vocab.itos) for _, vocab, _ in self.loaded]
 
-    def pieces(self) -> Generator[tuple[list[str | None], list[tuple | None]], None, None]:
-        """Per position, the text each model adds (None once it has stopped) and what that model's score of it is
-        made of: (its next-character logits, the token drawn), None where it adds none; `scored` turns a batch of
-        them into `inspection.step_scores`. The decoding is the one `charlm generate` prints, one model at a time
-        with the same seed, so a model's text matches the CLI's byte for byte.
+    def turns(self) -> Generator[list[tuple[list[str | None], list[tuple | None]]], None, None]:
+        """The positions generated, a turn at a time. A position is the text each model adds (None once it has
+        stopped) and what that model's score of it is made of: (its next-character logits, the token drawn), None
+        where it adds none; `scored` turns a batch of them into `inspection.step_scores`. The decoding is the one
+        `charlm generate` prints, one model at a time with the same seed, so a model's text matches the CLI's byte
+        for byte.
 
-        The models take turns CHUNK positions at a time (the first position alone, so that it is sent at once):
-        stepped in lockstep, each step of one model would evict the others' weights from the caches, which cost
-        10-30% of the rate with four models on a CPU."""
+        The models take turns instead of stepping in lockstep, where each step of one model would evict the
+        others' weights from the caches (10-30% of the rate with four models on a CPU). The first model still
+        generating makes up to CHUNK positions, fewer once TURN_S has passed, and each other one as many, so that
+        a turn of four models lasts about one BATCH_S and what it makes goes out at once. The first turn is one
+        position: the first character is sent at once."""
         streams = [self._stream(model, vocab) for model, vocab, _ in self.loaded]
-        size = 1
-        while True:
-            chunks = [list(itertools.islice(stream, size)) for stream in streams]
-            if not any(chunks):
-                return
-            for i in range(max(map(len, chunks))):
-                cells = [chunk[i] if i < len(chunk) else (None, None) for chunk in chunks]
-                yield [piece for piece, _ in cells], [drawn for _, drawn in cells]
-            size = CHUNK
+        made: list[collections.deque] = [collections.deque() for _ in streams]  # made, not yet yielded
+        ended = [False] * len(streams)
+        most = 1
+        while not all(ended) or any(made):
+            size = None  # the turn's length, set by the first model still generating
+            for m, stream in enumerate(streams):
+                if not ended[m]:
+                    cells, ended[m] = _take(stream, size or most, None if size else TURN_S)
+                    made[m].extend(cells)
+                    if size is None and not ended[m]:
+                        size = len(cells)
+            # Models still generating have made `size` positions each; one that ended may have made more, kept
+            # for the next turn, or fewer, the rest of its column None.
+            count = size if size is not None else max(map(len, made))
+            turn = []
+            for _ in range(count):
+                cells = [column.popleft() if column else (None, None) for column in made]
+                turn.append(([piece for piece, _ in cells], [drawn for _, drawn in cells]))
+            if turn:  # empty when the last model's stream ended with its last position already made
+                yield turn
+            most = CHUNK
 
     def _stream(self, model, vocab) -> Iterator[tuple[str | None, tuple | None]]:
         """One model's (piece, (logits, token drawn)) per position; (None, None) for the <eos> that stops it."""
@@ -84,6 +100,8 @@ class Job:
         for (piece,) in text_pieces(steps, vocab, r.stop_at_eos):
             drawn = box.pop()
             yield piece, None if piece is None else drawn
+            if self.stop.is_set():  # a stop ends the turn too, so it costs at most one step per model
+                return
 
     def scored(self, batch: list[tuple[list[str | None], list[tuple | None]]]) -> list[list[dict | None]]:
         """The scores of a batch of positions from `pieces`, per position and model: one `step_scores` call per
@@ -99,8 +117,20 @@ class Job:
         return out
 
 
-CHUNK = 16  # positions a model generates before the next model's turn (see Job.pieces)
-BATCH_S = 0.02  # positions generated within this are scored and sent together (the event writer's own window)
+CHUNK, TURN_S = 16, 0.005  # a model's turn: at most this many positions, fewer once this long has passed
+BATCH_S = 0.02  # positions generated within this are scored and sent together
+
+
+def _take(stream: Iterator, most: int, seconds: float | None) -> tuple[list, bool]:
+    """Up to `most` items of `stream` (at least one, unless it has ended), fewer once `seconds` have passed; and
+    whether it has ended."""
+    cells: list = []
+    end = None if seconds is None else time.monotonic() + seconds
+    for cell in stream:
+        cells.append(cell)
+        if len(cells) >= most or (end is not None and time.monotonic() >= end):
+            return cells, False
+    return cells, True
 
 
 class TooMany(Exception):
@@ -156,30 +186,38 @@ class Jobs:
             return len(self._jobs)
 
 
-def run(job: Job, send: Callable[[str, dict], None]) -> str:
-    """Stream a job through `send(event, data)`; return how it ended. An OSError from `send` (the client went
-    away) ends it at once; the caller frees the slot."""
+def run(job: Job, send: Callable[[str, dict], None], flush: Callable[[], None] = lambda: None) -> str:
+    """Stream a job through `send(event, data)`; return how it ended. `flush()` follows each batch of pieces: a
+    sender may hold pieces until then (one write and one wake-up of the reader per batch, not per character). An
+    OSError from either (the client went away) ends it at once; the caller frees the slot."""
     send("start", {"seed": job.request.seed, "models": job.model_ids})
     batch: list = []
-    last = 0.0
+    last = -math.inf  # so the first turn, one position, goes out at once
 
-    def flush() -> None:
-        # Scored together: one numpy pass per model for the positions of a FLUSH_S window, not one per character.
+    def send_batch() -> None:
+        # Scored together: one numpy pass per model for the positions of a BATCH_S window, not one per character.
         for (pieces, _), scores in zip(batch, job.scored(batch), strict=True):
             send("piece", {"pieces": pieces, "scores": scores})
         batch.clear()
+        flush()
 
-    with contextlib.closing(job.pieces()) as steps:  # closed at once, also when `send` raises
-        for step in steps:
-            if job.stop.is_set():
-                break
-            batch.append(step)
-            job.sent += 1
-            now = time.monotonic()
-            if job.sent == 1 or now - last >= BATCH_S:  # the first character at once
-                flush()
-                last = now
-    flush()
+    with contextlib.closing(job.turns()) as turns:  # closed at once, also when `send` raises
+        try:
+            for turn in turns:
+                if job.stop.is_set():  # a turn cut short by the stop is not sent: its stopped columns read None
+                    break
+                batch.extend(turn)
+                job.sent += len(turn)
+                now = time.monotonic()
+                if now - last >= BATCH_S:
+                    send_batch()
+                    last = now
+        except OSError:
+            raise
+        except Exception:
+            send_batch()  # what was made before a model failed still goes out, then the error
+            raise
+    send_batch()
     reason = "stopped" if job.stop.is_set() else "finished"
     send("done", {"reason": reason})
     return reason

@@ -797,14 +797,14 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self._headers(200, "text/event-stream; charset=utf-8", None)
 
-            send = EventWriter(self.wfile).send
+            writer = EventWriter(self.wfile)
             try:
-                run(job, send)
+                run(job, writer.send, writer.flush)
             except OSError:
                 return  # the client went away: the generation ends here, and `finally` frees its slot
             except Exception as e:
                 with contextlib.suppress(OSError):
-                    send("error", {"error": _one_line(f"generation failed: {type(e).__name__}: {e}")})
+                    writer.send("error", {"error": _one_line(f"generation failed: {type(e).__name__}: {e}")})
         finally:
             app.jobs.finish(job)
             if app.jobs.running() == 0:
@@ -813,24 +813,23 @@ class Handler(BaseHTTPRequestHandler):
 
 class EventWriter:
     """Server-Sent Events onto a connection. A write per generated position would cost a system call and a wake-up
-    of the reader per character: pieces are written together when they come faster than FLUSH_S apart, while the
-    first piece and every other event go out at once, so the first character is not held back."""
-
-    FLUSH_S = 0.02
+    of the reader per character: pieces wait for `flush()`, which `jobs.run` calls after each batch (the first
+    character alone), while every other event goes out at once."""
 
     def __init__(self, out):
-        self.out, self.pending, self.last, self.pieces = out, [], 0.0, 0
+        self.out, self.pending = out, []
 
     def send(self, event: str, data: dict) -> None:
         payload = json.dumps(data, ensure_ascii=False, allow_nan=False)
         self.pending.append(f"event: {event}\ndata: {payload}\n\n".encode())
-        now = time.monotonic()
-        if event != "piece" or self.pieces == 0 or now - self.last >= self.FLUSH_S:
+        if event != "piece":
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
             self.out.write(b"".join(self.pending))
             self.out.flush()
             self.pending.clear()
-            self.last = now
-        self.pieces += event == "piece"
 
 
 def _bad_constant(name: str) -> Any:
