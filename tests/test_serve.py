@@ -196,16 +196,16 @@ def test_each_streamed_character_comes_with_the_score_read_gives_it(in_plain):
                 assert [p for _, p in streamed["top"]] == pytest.approx([p for _, p in scored["top"]], abs=1e-5)
 
 
-@pytest.mark.parametrize("turn_s", [0.0, 0.0003, None])
-def test_models_taking_turns_give_each_position_of_every_model_in_order(tmp_path, monkeypatch, turn_s):
-    # Job.turns steps each model up to CHUNK positions (fewer after TURN_S) before the next one's turn (cache
-    # locality); what it yields must still be the lockstep: position by position, each model's piece, None once
-    # that model has stopped, however long the turns were (TURN_S 0: one position a turn; the default: CHUNK).
+@pytest.mark.parametrize("round_s", [0.0, 0.001, None])
+def test_models_taking_turns_give_each_position_of_every_model_in_order(tmp_path, monkeypatch, round_s):
+    # Job.turns steps each model up to CHUNK positions (fewer after its share of ROUND_S) before the next one's turn
+    # (cache locality); what it yields must still be the lockstep: position by position, each model's piece, None
+    # once that model has stopped, however long the turns were (ROUND_S 0: one position a turn).
     from charlm.apps.serve import jobs
     from charlm.core.sampling import text_pieces, token_steps
 
-    if turn_s is not None:
-        monkeypatch.setattr(jobs, "TURN_S", turn_s)
+    if round_s is not None:
+        monkeypatch.setattr(jobs, "ROUND_S", round_s)
     shapes = [(8, -30.0), (64, 0.0), (16, 2.5)]  # (hidden, <eos> bias): never, sometimes, soon at <eos>
     loaded = []
     for i, (hidden, eos_bias) in enumerate(shapes):
@@ -213,14 +213,14 @@ def test_models_taking_turns_give_each_position_of_every_model_in_order(tmp_path
         with torch.no_grad():
             model.head.bias[EOS_ID] = eos_bias
         loaded.append((model.eval(), vocab, {}))
-    length = 3 * jobs.CHUNK + 5
+    length = 2 * jobs.CHUNK + 5
     for order in ([0, 1, 2], [2, 1, 0]):  # reversed: the model that sets the turn's length ends first
         models = [loaded[i] for i in order]
         for stop_at_eos in (True, False):
             job = jobs.Job("j", ["a", "b", "c"], models, jobs.Request("ab", 1.5, 0, 1.0, length, 4, stop_at_eos))
             turns = list(job.turns())
             assert len(turns[0]) == 1 and all(1 <= len(turn) <= jobs.CHUNK for turn in turns)  # the first alone
-            if turn_s == 0.0 and not stop_at_eos:  # no time for a second position in any turn
+            if round_s == 0.0 and not stop_at_eos:  # no time for a second position in any turn
                 assert all(len(turn) == 1 for turn in turns)
             got = [position for turn in turns for position in turn]
             rows = []
@@ -792,12 +792,15 @@ def test_a_stop_costs_at_most_one_step_of_each_model(tmp_path):
     assert len(steps) - at_stop[0] <= 4, f"{len(steps) - at_stop[0]} model steps after the stop"
 
 
-def test_what_was_made_before_a_model_fails_is_sent_before_the_error(tmp_path):
+def test_what_was_made_before_a_model_fails_is_sent_before_the_error(tmp_path, monkeypatch):
+    # Every turn made before the one that failed goes out, then the error (hostile review: they were dropped).
     from charlm.apps.serve import jobs
+
+    monkeypatch.setattr(jobs, "BATCH_S", 3600.0)  # nothing goes out on time after the first character
 
     loaded = [artifact.load_model(tiny_model(tmp_path / f"m{i}.pt", seed=i), "cpu") for i in range(2)]
     steps: list = []
-    counting_steps(loaded[1][0], steps, fail_at=40)
+    counting_steps(loaded[1][0], steps, fail_at=150)  # in the fourth turn: 1 + 64 + 64 positions came before
     job = jobs.Job("j", ["a", "b"], loaded, jobs.Request("a", 1.0, 0, 1.0, 300, 1, False))
     yielded: list = []
     real_turns = job.turns

@@ -1,7 +1,7 @@
 """Generation jobs: admitted with a bounded number of slots, run by the thread that streams their events.
 
 A job is created by POST /api/generate (its models already loaded, so a bad id fails there) and runs when its
-event stream is read: that thread steps the models of the job in turns of CHUNK positions and writes each
+event stream is read: that thread steps the models of the job in turns (Job.turns) and writes each
 position (every model's piece and score) as one event, so a client that goes away stops the generation at its
 next write and frees the slot at once. A job
 whose events are never read gives its slot back after `unclaimed_s`.
@@ -58,19 +58,19 @@ class Job:
         for byte.
 
         The models take turns instead of stepping in lockstep, where each step of one model would evict the
-        others' weights from the caches (10-30% of the rate with four models on a CPU). The first model still
-        generating makes up to CHUNK positions, fewer once TURN_S has passed, and each other one as many, so that
-        a turn of four models lasts about one BATCH_S and what it makes goes out at once. The first turn is one
-        position: the first character is sent at once."""
+        others' weights from the caches (10-30% of the rate with four models on a CPU; the longer the turns, the
+        less). The first model still generating makes up to CHUNK positions, fewer once its share of ROUND_S has
+        passed, and each other one as many, so that a round of turns lasts about ROUND_S and what it made goes out
+        then. The first turn is one position: the first character is sent at once."""
         streams = [self._stream(model, vocab) for model, vocab, _ in self.loaded]
         made: list[collections.deque] = [collections.deque() for _ in streams]  # made, not yet yielded
         ended = [False] * len(streams)
-        most = 1
+        most, seconds = 1, ROUND_S / len(streams)
         while not all(ended) or any(made):
             size = None  # the turn's length, set by the first model still generating
             for m, stream in enumerate(streams):
                 if not ended[m]:
-                    cells, ended[m] = _take(stream, size or most, None if size else TURN_S)
+                    cells, ended[m] = _take(stream, size or most, None if size else seconds)
                     made[m].extend(cells)
                     if size is None and not ended[m]:
                         size = len(cells)
@@ -117,7 +117,9 @@ class Job:
         return out
 
 
-CHUNK, TURN_S = 16, 0.005  # a model's turn: at most this many positions, fewer once this long has passed
+# A round of turns, every model's, lasts about ROUND_S: the page shows what it made 25 times a second. A turn is at
+# most CHUNK positions (a fast model's bursts stay short).
+ROUND_S, CHUNK = 0.04, 64
 BATCH_S = 0.02  # positions generated within this are scored and sent together
 
 
