@@ -658,10 +658,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", help="model file (default: an untrained model of params.yaml's shape)")
     parser.add_argument("--out", help="also write the Markdown section here")
     parser.add_argument("--rounds", type=int, default=10, help="browser rounds (each: Write with 1 and 4 models, Read)")
-    parser.add_argument("--stream-rounds", type=int, default=5, help="streaming rounds with one torch thread")
+    parser.add_argument("--stream-rounds", type=int, default=9, help="streaming rounds with one torch thread")
     parser.add_argument("--length", type=int, default=2000, help="characters per model, streaming with one thread")
     # Long enough that a request's fixed cost (POST, job, event stream) is not what the rate measures.
-    parser.add_argument("--default-rounds", type=int, default=5, help="streaming rounds with default threads")
+    parser.add_argument("--default-rounds", type=int, default=9, help="streaming rounds with default threads")
     parser.add_argument("--default-length", type=int, default=2000, help="characters per model, default threads")
     parser.add_argument("--load-rounds", type=int, default=8, help="load-test rounds after the warm-up one")
     args = parser.parse_args(argv)
