@@ -447,6 +447,9 @@ def kill_and_heal(p: Project, ref: Reference, tally: Tally, stage: str, plan: li
             armed = time.monotonic()
             if wait_until(proc, ready):
                 kill(proc)
+                # The stage under `dvc repro` can take a moment longer to die than dvc, and the heal's sweep leaves
+                # a temp file alone while its writer lives (CI saw one left behind so, under load).
+                wait_for_group(proc)
                 if proc.returncode != 0:  # 0: the run ended between the kill point and the signal, a miss
                     break
             assert proc.returncode == 0, log.read_text()[-3000:]

@@ -496,3 +496,20 @@ def test_outside_a_repository_the_form_is_empty_and_not_an_error(tmp_path, monke
             200, {"read_only": False, "fields": [], "base": None, "max_queued": queue.MAX_QUEUED, "cores": 0})
     finally:
         server.close()
+
+
+def test_reading_the_experiments_is_tried_again_once_after_a_failure(tmp_path, monkeypatch):
+    # DVC fails now and then on the temporary folder of a run that ended while it read (CI saw
+    # "directory '.dvc/tmp/exps/tmp…/.dvc' does not exist"): one more read sees the run ended. Twice is an error.
+    marker = tmp_path / "failed-once"
+    flaky = (
+        "import pathlib, sys; m = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else %r)\n"
+        "if not m.exists():\n"
+        "    m.touch(); sys.exit(\"dvc.exceptions.NotDvcRepoError: directory '.dvc/tmp/exps/tmp1/.dvc' does not exist\")\n"
+        "print('[{\"rev\": \"workspace\"}]')" % str(marker)
+    )
+    monkeypatch.setattr(queue, "_EXP_SHOW", flaky)
+    assert queue.exp_show(timeout=30) == [{"rev": "workspace"}] and marker.exists()
+    monkeypatch.setattr(queue, "_EXP_SHOW", "import sys; sys.exit('dvc.exceptions.DvcException: broken for good')")
+    with pytest.raises(CharlmError, match="could not be read.*broken for good"):
+        queue.exp_show(timeout=30)
