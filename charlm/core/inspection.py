@@ -183,10 +183,10 @@ def step_scores(logits, tokens: list[int], names: list[str], top: int = 5) -> li
     In numpy, all rows at once: a row holds one score per symbol (about a hundred), where each call costs more in
     dispatch than in arithmetic, so the playground scores what it streams a batch of characters at a time.
     """
-    z = np.asarray(logits.detach().float().cpu().numpy() if isinstance(logits, torch.Tensor) else logits)
-    z = z.astype(np.float64).reshape(len(tokens), -1)
     if not len(tokens):
         return []
+    z = np.asarray(logits.detach().float().cpu().numpy() if isinstance(logits, torch.Tensor) else logits)
+    z = z.astype(np.float64).reshape(len(tokens), -1)
     rows = np.arange(len(tokens))
     finite = np.asarray(np.isfinite(z).all(1))
     with np.errstate(invalid="ignore"):  # inf - inf in a row that is not finite: that row is None anyway

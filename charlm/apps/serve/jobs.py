@@ -1,10 +1,9 @@
 """Generation jobs: admitted with a bounded number of slots, run by the thread that streams their events.
 
 A job is created by POST /api/generate (its models already loaded, so a bad id fails there) and runs when its
-event stream is read: that thread steps the models of the job in turns (Job.turns) and writes each
-position (every model's piece and score) as one event, so a client that goes away stops the generation at its
-next write and frees the slot at once. A job
-whose events are never read gives its slot back after `unclaimed_s`.
+event stream is read: that thread steps the models of the job in turns (Job.turns) and writes each position
+(every model's piece and score) as one event, so a client that goes away stops the generation at its next write
+and frees the slot at once. A job whose events are never read gives its slot back after `unclaimed_s`.
 """
 
 from __future__ import annotations
@@ -104,7 +103,7 @@ class Job:
                 return
 
     def scored(self, batch: list[tuple[list[str | None], list[tuple | None]]]) -> list[list[dict | None]]:
-        """The scores of a batch of positions from `pieces`, per position and model: one `step_scores` call per
+        """The scores of a batch of positions from `turns`, per position and model: one `step_scores` call per
         model for the whole batch."""
         out: list[list[dict | None]] = [[None] * len(self.loaded) for _ in batch]
         for m, names in enumerate(self.names):

@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hmac
 import ipaddress
 import json
@@ -950,18 +951,22 @@ def make_server(
         raise CharlmError(f"cannot listen on {host}:{port} ({e.strerror or e}); check --host and --port") from None
 
 
-_LIBC = None
+@functools.cache
+def _glibc() -> Any:
+    """The C library, loaded once, for its malloc calls (glibc's; elsewhere they are missing)."""
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
 
 
 def give_back_memory() -> None:
     """Return the malloc arenas' free pages to the system once no generation runs: their high-water mark, set while
     16 generations allocated at once, otherwise stays in the server's memory. glibc only; elsewhere a no-op."""
-    import ctypes
-
-    global _LIBC
-    with contextlib.suppress(OSError, AttributeError):
-        _LIBC = _LIBC or ctypes.CDLL("libc.so.6")
-        _LIBC.malloc_trim(0)
+    with contextlib.suppress(AttributeError):
+        _glibc().malloc_trim(0)
 
 
 def few_malloc_arenas() -> None:
@@ -969,10 +974,8 @@ def few_malloc_arenas() -> None:
     (up to 8 per core), which keeps the memory it once held: after a load test of 16 clients the server's memory
     stayed tens of MB above where it started (bench/serve_speed.py). Two arenas serve a few threads as fast.
     Linux with glibc only; elsewhere a no-op."""
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX, before the first request thread starts
+    with contextlib.suppress(AttributeError):
+        _glibc().mallopt(-8, 2)  # M_ARENA_MAX, before the first request thread starts
 
 
 def serve(files: list[str], host: str, port: int, device: str, read_only: bool = True) -> None:
